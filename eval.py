@@ -129,7 +129,6 @@ def score_gsm8k_rows(rows, responses):
         "response": response, "answer": row["answer"], "extracted": rewards.extract_answer(response),
     } for row, response in zip(rows, responses, strict=True)]
     summary = rewards.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
-    summary["total"] = len(records)
     return records, summary
 
 
@@ -346,8 +345,9 @@ TABLE_ROWS = {
         ("Answer Extraction", "answer_extraction_rate", _pct),
         ("Refusal Rate", "refusal_rate", _pct),
         ("Accuracy", "accuracy", _pct),
-        ("Mean Length", "mean_length", _num(1)),
-        ("Mean Wrong-Answer Length", "mean_wrong_length", _num(1)),
+        ("Mean Length (chars)", "mean_length", _num(1)),
+        ("Mean Wrong-Answer Length (chars)", "mean_wrong_length", _num(1)),
+        ("Strict Format Rate", "format_rate", _pct),
     ],
 }
 
@@ -390,6 +390,7 @@ PLOT_METRICS = {
              ("refusal_rate", "Refusal", "#7f7f7f", "D")],
     "gsm8k": [("answer_extraction_rate", "Answer extraction", "#386cb0", "^"),
               ("accuracy", "Accuracy", "#1b9e77", "o"),
+              ("format_rate", "Strict format", "#d95f02", "s"),
               ("refusal_rate", "Refusal", "#7f7f7f", "D")],
 }
 BLOCK_COLOURS = {"soft": "#cfe8cf", "medium": "#f7d3b5", "format": "#dbe4f3", "correctness": "#cfe8cf",
@@ -454,8 +455,9 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
             continue
         ys = [100 * v if v is not None else math.nan for v in values]
         shifted = [x + (i - 1.5) * dodge for x in xs]
-        lows = [y - 100 * s[f"{key}_ci"][0] if s.get(f"{key}_ci") else 0 for y, s in zip(ys, points)]
-        highs = [100 * s[f"{key}_ci"][1] - y if s.get(f"{key}_ci") else 0 for y, s in zip(ys, points)]
+        cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
+        lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
+        highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
         minor = key == "refusal_rate"
         top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
                      lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,

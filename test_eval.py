@@ -195,3 +195,25 @@ def test_generation_path_writes_responses_and_summary(tmp_path):
     with pytest.raises(ValueError, match="max_new_tokens.*--overwrite"):
         ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny", max_new_tokens=5,
                         batch_size=2, kv_cache_size=1024, out_dir=tmp_path / "base")
+
+
+def test_gsm8k_responses_give_the_phase_kpis(tmp_path):
+    texts = ["<reasoning>6 * 7 = 42</reasoning><answer>42</answer>",  # extracted, strict format, right
+             "<reasoning>a guess</reasoning><answer>40</answer>",       # extracted, strict format, wrong
+             "I cannot answer this.",                                   # refusal, nothing extracted
+             "The answer is 8"]                                         # no tags: nothing extracted
+    golds = ["42", "42", "8", "8"]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps({"answer": g, "response": t}) + "\n" for t, g in zip(texts, golds)))
+    ev.main(["--task", "gsm8k", "--responses", str(path), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "gsm" / "summary.json").read_text())
+    check_summary(summary, {"total": 4, "answer_extraction_rate": 0.5, "format_rate": 0.5, "refusal_rate": 0.25,
+                            "accuracy": 0.25, "mean_length": sum(map(len, texts)) / 4,
+                            "mean_wrong_length": sum(map(len, texts[1:])) / 3})
+    records = [json.loads(line) for line in (tmp_path / "out" / "gsm" / "responses.jsonl").open()]
+    assert [r["extracted"] for r in records] == ["42", "40", None, None]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| Accuracy | 25% |" in table and "| Answer Extraction | 50% |" in table
+    (tmp_path / "no_gold.jsonl").write_text(json.dumps({"response": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no_gold.jsonl, row 1: missing key 'answer'"):
+        ev.read_responses(tmp_path / "no_gold.jsonl", task="gsm8k")
