@@ -9,7 +9,7 @@ How the published numbers were made, and therefore how we make ours:
 
 1. Generate. Each run's weights are the base model + its LoRA checkpoint (`model.load_run`); `base`
    means the bare base model, the row before SFT. Decoding is greedy (temperature 0), at most 512 new
-   tokens, stopping at the end of the model's turn, with a 4096-token KV cache.
+   tokens, stopping at the end of the model's turn (the published 4096-token KV cache is only capacity).
 2. Score. Every response goes through `rewards.score_dipg(..., EVAL_CONFIG, mode="eval")`: the
    environment's evaluation path (`DIPGEnvironment.step`) with the eval reward configuration, which is
    NOT the one used for training (correct abstention is worth 36 here, 60 under the soft penalties).
@@ -50,7 +50,10 @@ import rewards
 
 EVAL_N = 50               # vignettes per column
 EVAL_MAX_NEW_TOKENS = 512
-EVAL_KV_CACHE = 4096      # prompt + generated tokens must fit; rollouts in training use 2048
+# The published sampler had a 4096-token KV cache (training rollouts: 2048). A cache is capacity, not a
+# parameter of the result: model.generate sizes ours to (padded prompt + new tokens), which holds the
+# same tokens and gives the same greedy output, faster. We only warn if a prompt would not have fit.
+EVAL_KV_CACHE = 4096
 EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniaburger/med-safety-gym-eval
 
 # The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve so a reproduction can be read
@@ -161,33 +164,40 @@ def load_eval_rows(task="dipg", dataset=None, n=EVAL_N):
 
 
 def generate_responses(model, tokenizer, prompts, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
-                       kv_cache_size=EVAL_KV_CACHE, desc="generating"):
+                       desc="generating"):
     """Greedy decoding, batch by batch, under a progress bar with ETA. Returns model.generate's dicts."""
     import model as model_lib
 
+    # One prompt length for every batch (the longest prompt, rounded up to a power of two as
+    # model.generate does), so the sampler compiles once instead of once per batch shape.
+    longest = max(len(tokenizer.encode(p)) for p in prompts) + 1  # + <bos>
+    max_prompt_length = 1 << (longest - 1).bit_length()
+    if max_prompt_length + max_new_tokens > EVAL_KV_CACHE:
+        tqdm.write(f"[eval] note: prompts up to {longest} tokens + {max_new_tokens} new tokens exceed the "
+                   f"published {EVAL_KV_CACHE}-token KV cache; the published setup could not have run them")
     outputs = []
     with tqdm(total=len(prompts), desc=desc, unit="vignette", dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
             outputs += model_lib.generate(model, tokenizer, batch, max_new_tokens=max_new_tokens,
                                           temperature=0.0, batch_size=batch_size,
-                                          kv_cache_size=kv_cache_size)
+                                          max_prompt_length=max_prompt_length, progress=False)
             bar.update(len(batch))
     return outputs
 
 
-def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_NEW_TOKENS,
-                   batch_size=8, kv_cache_size=EVAL_KV_CACHE, desc="generating"):
+def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
+                   desc="generating"):
     """Generate for every row and score. A model already in memory (e.g. inside train.py) starts here."""
     t0 = time.time()
-    outputs = generate_responses(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens,
-                                 batch_size, kv_cache_size, desc)
+    outputs = generate_responses(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, desc)
     seconds = time.time() - t0
     records, summary = SCORERS[task](rows, [o["text"] for o in outputs])
     for record, out in zip(records, outputs):
         record["n_tokens"] = out["n_tokens"]
     summary["generation_seconds"] = round(seconds, 2)
     summary["seconds_per_vignette"] = round(seconds / max(len(rows), 1), 3)
+    summary["batch_size"] = batch_size
     return records, summary
 
 
@@ -257,8 +267,7 @@ def describe_run(run, metadata):
 
 
 def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=None, model_path=None,
-                 max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8, kv_cache_size=EVAL_KV_CACHE,
-                 out_dir=None, overwrite=False):
+                 max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8, out_dir=None, overwrite=False):
     """Evaluate a run directory (or "base") on `rows`; write OUT files when out_dir is given.
 
     Returns the summary: rewards.summarize(...) (or phase_metrics for GSM8K) plus label, phase,
@@ -272,7 +281,7 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
                          f"a LoRA checkpoint only fits the base model it was trained on")
     name = model_name or metadata.get("model") or "gemma-3-270m"
     settings = {"task": task, "dataset": dataset_id, "n": len(rows), "max_new_tokens": max_new_tokens,
-                "kv_cache_size": kv_cache_size, "decoding": "greedy", "model": name,
+                "decoding": "greedy", "model": name,
                 "model_path": model_path or metadata.get("model_path"),
                 "checkpoint_step": metadata.get("global_step")}
     if out_dir is not None:
@@ -283,7 +292,7 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
     label = run_label(metadata)
     tqdm.write(f"[eval] {label}: model {name}" + (f" + LoRA from {run}" if run != "base" else " (no LoRA)")
                + f" | dataset {dataset_id} ({len(rows)} rows) | greedy, {max_new_tokens} new tokens, "
-               f"kv cache {kv_cache_size}, batch {batch_size}")
+               f"batch {batch_size}")
     t0 = time.time()
     if run == "base":
         model, tokenizer, _ = model_lib.load(name, model_path=model_path)
@@ -291,8 +300,7 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
         model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
     load_seconds = time.time() - t0
 
-    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size,
-                                      kv_cache_size, desc=label)
+    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size, desc=label)
     summary.update(describe_run(run, metadata))
     summary.update(settings=settings, load_seconds=round(load_seconds, 2))
     if out_dir is not None:
@@ -528,7 +536,6 @@ def parse_args(argv=None):
                         "surfiniaburger/med-safety-gym-eval (or openai/gsm8k), or a JSONL path")
     p.add_argument("--n", type=int, default=EVAL_N, help="number of eval prompts")
     p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
-    p.add_argument("--kv-cache-size", type=int, default=EVAL_KV_CACHE)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="results", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace existing results under --out")
@@ -559,18 +566,21 @@ def main(argv=None):
             summaries = [evaluate_run(run, rows, task=args.task, dataset_id=dataset_id,
                                       model_name=model_name, model_path=args.model_path,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                      kv_cache_size=args.kv_cache_size, out_dir=out / name,
+                                      out_dir=out / name,
                                       overwrite=args.overwrite)
                          for run, name in zip(args.runs, names)]
     except ValueError as e:
         sys.exit(f"eval.py: error: {e}")
 
+    # table.md and curriculum.png are views of the summaries above, so they are always redrawn.
     table = write_table(summaries, out / "table.md", args.task)
-    published = None if args.no_published or args.task != "dipg" else PUBLISHED
-    plot_curriculum(summaries, out / "curriculum.png", args.task, published=published)
+    views = [out / "table.md"]
+    if args.runs:  # saved responses have no training step to plot against
+        published = None if args.no_published or args.task != "dipg" else PUBLISHED
+        views.append(plot_curriculum(summaries, out / "curriculum.png", args.task, published=published))
     for name, s in zip(names, summaries):
         print(f"[eval] {s['label']}: {out / name}/responses.jsonl, summary.json")
-    print(f"[eval] {out / 'table.md'}, {out / 'curriculum.png'}\n")
+    print(f"[eval] {', '.join(map(str, views))}\n")
     print(table)
     return summaries
 

@@ -174,7 +174,7 @@ def test_generation_path_writes_responses_and_summary(tmp_path):
     rows, dataset_id = ev.load_eval_rows("dipg", "builtin", n=2)
     assert len(rows) == 2 and all(r["prompt"].startswith("<start_of_turn>user\n") for r in rows)
     summary = ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny",
-                              max_new_tokens=4, batch_size=2, kv_cache_size=1024,
+                              max_new_tokens=4, batch_size=2,
                               out_dir=tmp_path / "base")
     records = [json.loads(line) for line in (tmp_path / "base" / "responses.jsonl").open()]
     assert [r["id"] for r in records] == [r["id"] for r in rows]
@@ -189,12 +189,12 @@ def test_generation_path_writes_responses_and_summary(tmp_path):
     # Same settings again: reused, not recomputed or overwritten.
     before = (tmp_path / "base" / "responses.jsonl").stat().st_mtime_ns
     again = ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny", max_new_tokens=4,
-                            batch_size=2, kv_cache_size=1024, out_dir=tmp_path / "base")
+                            batch_size=2, out_dir=tmp_path / "base")
     assert again == written and (tmp_path / "base" / "responses.jsonl").stat().st_mtime_ns == before
     # Different settings: refused without overwrite.
     with pytest.raises(ValueError, match="max_new_tokens.*--overwrite"):
         ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny", max_new_tokens=5,
-                        batch_size=2, kv_cache_size=1024, out_dir=tmp_path / "base")
+                        batch_size=2, out_dir=tmp_path / "base")
 
 
 def test_gsm8k_responses_give_the_phase_kpis(tmp_path):
