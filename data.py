@@ -31,6 +31,7 @@ the phase-3 mixed-domain stream. The CLI at the bottom writes rows to a file so 
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -555,17 +556,21 @@ def _vignette(rng: random.Random, split: str, kind: str) -> dict:
                 gold=_gold(think, proofs, answer), family=target_name if kind != "unrelated" else "unrelated")
 
 
-def _kind_schedule(total: int, mix: dict, rng: random.Random) -> list[str]:
-    """Exact kind counts for `total` rows (largest remainder), in a seeded random order."""
-    unknown = set(mix) - set(KINDS)
-    if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(f"bad mix {mix!r}: give non-negative weights for kinds among {KINDS}")
-    weights = {k: mix.get(k, 0.0) / sum(mix.values()) for k in KINDS}
-    counts = {k: int(weights[k] * total) for k in KINDS}
-    by_remainder = sorted(KINDS, key=lambda k: weights[k] * total - counts[k], reverse=True)
-    for k in by_remainder[:total - sum(counts.values())]:
+def _split_counts(n: int, weights: dict) -> dict:
+    """Integer counts summing to n, proportional to weights (largest remainder)."""
+    total = sum(weights.values())
+    counts = {k: int(w / total * n) for k, w in weights.items()}
+    for k in sorted(weights, key=lambda k: weights[k] / total * n - counts[k], reverse=True)[:n - sum(counts.values())]:
         counts[k] += 1
-    kinds = [k for k in KINDS for _ in range(counts[k])]
+    return counts
+
+
+def _kind_schedule(total: int, mix: dict, rng: random.Random) -> list[str]:
+    """Exact kind counts for `total` rows, in a seeded random order."""
+    if not mix or set(mix) - set(KINDS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"bad mix {mix!r}: give non-negative weights for kinds among {KINDS}")
+    counts = _split_counts(total, mix)
+    kinds = [k for k in KINDS for _ in range(counts.get(k, 0))]
     rng.shuffle(kinds)
     return kinds
 
@@ -718,16 +723,17 @@ GSM8K_HUB_ID = "openai/gsm8k"
 GSM_SPLIT_SIZES = {"train": 7473, "test": 1319}  # the sizes of openai/gsm8k, kept for the builtin splits
 
 
-def _rg_items(task: str, seed: int, size: int, **config) -> list[dict]:
-    """`size` reasoning-gym entries of one task (its generators print progress dots: silenced)."""
+def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
+    """Entries start..start+count-1 of a reasoning-gym task (its generators print progress dots: silenced)."""
     import reasoning_gym  # imported late: ~3 s
 
     with contextlib.redirect_stdout(io.StringIO()):
-        ds = reasoning_gym.create_dataset(task, seed=seed, size=size, **config)
-        return [ds[i] for i in range(size)]
+        ds = reasoning_gym.create_dataset(task, seed=seed, size=start + count)
+        return [ds[i] for i in range(start, start + count)]
 
 
-def _gsm_symbolic(split: str, seed: int) -> list[dict]:
+@functools.lru_cache(maxsize=4)
+def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
     """A builtin GSM split. Test and train use different seeds, and train drops any question that is in
     test, so the two never share a problem. Repeated questions within a split are dropped, and so are
     the few items with a negative answer (a template bug: a negative age)."""
@@ -747,8 +753,8 @@ def _gsm_symbolic(split: str, seed: int) -> list[dict]:
     else:
         items = clean(_rg_items("gsm_symbolic", seed * 20_000, GSM_SPLIT_SIZES["train"] + 400),
                       exclude={e["question"] for e in test})[:GSM_SPLIT_SIZES["train"]]
-    return [{"question": e["question"], "answer": str(e["answer"]), "id": f"gsm_symbolic-{split}-{seed}-{i}"}
-            for i, e in enumerate(items)]
+    return tuple({"question": e["question"], "answer": str(e["answer"]), "id": f"gsm_symbolic-{split}-{seed}-{i}"}
+                 for i, e in enumerate(items))
 
 
 def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
@@ -760,7 +766,7 @@ def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = No
         raise ValueError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
     if source == "builtin":
         logger.info("GSM8K %s: reasoning-gym gsm_symbolic (generated, not openai/gsm8k), seed %s", split, seed)
-        return _gsm_symbolic(split, seed)[:n]
+        return [dict(row) for row in _gsm_symbolic(split, seed)[:n]]  # copies: callers may add fields
     if source == "hub":
         source = GSM8K_HUB_ID
     table = _load_table(source, split, **({} if _is_local(source) else {"name": "main"}))
@@ -794,32 +800,38 @@ MIXED_DOMAINS = {"gsm8k": 0.5, "code": 0.25, "qa": 0.25}
 MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "letter_counting", "number_sequence"]}
 
 
-def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
-    """n items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
-    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items)."""
-    mix = mix or MIXED_DOMAINS
-    rng = random.Random(f"mixed/{seed}")
-    counts = {d: int(w * n) for d, w in mix.items()}
-    for d in sorted(mix, key=lambda d: mix[d] * n - counts[d], reverse=True)[:n - sum(counts.values())]:
-        counts[d] += 1
-    items = [dict(g, domain="gsm8k", task="gsm8k" if gsm_source != "builtin" else "gsm_symbolic", entry=None)
-             for g in load_gsm8k(gsm_source, "train", seed=seed)[:counts.get("gsm8k", 0)]]
+def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, mix: dict) -> list[dict]:
+    """Block `block` of the stream: n items in exact proportions. Block b takes the b-th run of GSM rows
+    and of each task's entries, so consecutive blocks never repeat an item (until GSM wraps around)."""
+    if not mix or set(mix) - set(MIXED_DOMAINS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"bad mix {mix!r}: give non-negative weights for domains among {list(MIXED_DOMAINS)}")
+    counts = _split_counts(n, mix)
+    k = counts.get("gsm8k", 0)
+    items = [dict(gsm[(block * k + j) % len(gsm)], domain="gsm8k", task=gsm_task, entry=None) for j in range(k)]
     for domain in ("code", "qa"):
-        tasks = MIXED_TASKS[domain]
-        per_task = [counts.get(domain, 0) // len(tasks) + (t < counts.get(domain, 0) % len(tasks)) for t in range(len(tasks))]
-        for task, k in zip(tasks, per_task):
-            for j, entry in enumerate(_rg_items(task, seed, k) if k else []):
+        for task, count in _split_counts(counts.get(domain, 0), dict.fromkeys(MIXED_TASKS[domain], 1)).items():
+            start = block * count
+            for j, entry in enumerate(_rg_items(task, seed, count, start) if count else []):
                 items.append({"question": entry["question"], "answer": str(entry["answer"]),
-                              "id": f"{task}-{seed}-{j}", "domain": domain, "task": task, "entry": entry})
-    rng.shuffle(items)
+                              "id": f"{task}-{seed}-{start + j}", "domain": domain, "task": task, "entry": entry})
+    random.Random(f"mixed/{seed}/{block}").shuffle(items)
     return items
 
 
-def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: str = "builtin"):
-    """An endless mixed-domain stream: consecutive blocks of `load_mixed(block, ...)` with fresh seeds, so
-    every window of `block` items has the exact proportions."""
+def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
+    """n phase-3 items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
+    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items)."""
+    gsm = load_gsm8k(gsm_source, "train", seed=seed)
+    return _mixed_block(n, seed, 0, gsm, "gsm_symbolic" if gsm_source == "builtin" else "gsm8k", mix or MIXED_DOMAINS)
+
+
+def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: str = "builtin", mix: dict | None = None):
+    """The endless phase-3 stream: blocks of `block` items, each in the exact proportions (the first block
+    is `load_mixed(block, seed)`); GSM rows are walked in order and task entries never repeat."""
+    gsm = load_gsm8k(gsm_source, "train", seed=seed)
+    task = "gsm_symbolic" if gsm_source == "builtin" else "gsm8k"
     for b in range(sys.maxsize):
-        yield from load_mixed(block, seed=seed * 1_000_003 + b, gsm_source=gsm_source)
+        yield from _mixed_block(block, seed, b, gsm, task, mix or MIXED_DOMAINS)
 
 
 def rg_score(item: dict, answer: str | None) -> float:
