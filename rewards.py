@@ -45,6 +45,7 @@ import logging
 import math
 import re
 import statistics
+from collections import Counter
 from fractions import Fraction
 
 import yaml  # PyYAML: the package parses YAML with yaml.safe_load; only PyYAML gives identical results.
@@ -314,30 +315,57 @@ def _context_matcher(context: str) -> difflib.SequenceMatcher:
     return difflib.SequenceMatcher(None, "", context)
 
 
-def _max_similarity(needle: str, haystack: str) -> float:
-    """DIPGEnvironment._get_max_similarity: ratio of the needle to the window
-    around its longest common block with the haystack."""
+def _similar_at_least(needle: str, haystack: str, threshold: float) -> bool:
+    """`DIPGEnvironment._get_max_similarity(needle, haystack) >= threshold`.
+
+    The package finds the longest common block of needle and haystack, takes
+    the haystack window around it (10 characters of slack each side, widened by
+    the unmatched length of the needle) and returns the difflib ratio of needle
+    and window.  Only the comparison with the threshold is ever used, so the
+    ratio is computed lazily: real_quick_ratio() and quick_ratio() are upper
+    bounds of ratio() (difflib's own get_close_matches filters the same way).
+    """
     matcher = copy.copy(_context_matcher(haystack))  # shallow: shares the read-only index
     matcher.set_seq1(needle)
     match = matcher.find_longest_match(0, len(needle), 0, len(haystack))
     if match.size == 0:
-        return 0.0
+        return 0.0 >= threshold
     start = max(0, match.b - 10)
     end = min(len(haystack), match.b + match.size + (len(needle) - match.size) + 10)
-    return difflib.SequenceMatcher(None, needle, haystack[start:end]).ratio()
+    return _ratio_at_least(needle, haystack[start:end], threshold)
+
+
+def _ratio_at_least(a: str, b: str, threshold: float) -> bool:
+    """`difflib.SequenceMatcher(None, a, b).ratio() >= threshold`, cheaper.
+
+    ratio = 2 * (characters in matching blocks) / (len(a) + len(b)).  Two upper
+    bounds are checked first, as difflib's real_quick_ratio and quick_ratio
+    compute them (same formula, so the same floats): the shorter length, and
+    the multiset intersection of characters.  When a bound is already below
+    the threshold, so is the ratio; otherwise the exact ratio decides.
+    """
+    length = len(a) + len(b)
+    if not length:
+        return 1.0 >= threshold
+    if 2.0 * min(len(a), len(b)) / length < threshold:
+        return False
+    if 2.0 * sum((Counter(a) & Counter(b)).values()) / length < threshold:
+        return False
+    return difflib.SequenceMatcher(None, a, b).ratio() >= threshold
 
 
 def _is_grounded(proof: str, context: str) -> bool:
     """Exact containment, or some sentence (split on '.', > 20 characters;
-    else the whole proof) at least 0.85 similar to a window of the context."""
+    else the whole proof) at least 0.85 similar to a window of the context.
+    (The package takes the max over sentences; "any" decides the same.)"""
     if not proof:
         return False
     if proof in context:
         return True
     sentences = [s.strip() for s in proof.split(".") if len(s.strip()) > 20]
     if not sentences:
-        return _max_similarity(proof, context) >= 0.85
-    return max(_max_similarity(s, context) for s in sentences) >= 0.85
+        return _similar_at_least(proof, context, 0.85)
+    return any(_similar_at_least(s, context, 0.85) for s in sentences)
 
 
 def _is_correct_abstention(final: str, gold: str) -> bool:
@@ -355,7 +383,7 @@ def _is_correct_synthesis(final: str, gold: str) -> bool:
     final = final.strip().lower()
     if final == gold.lower():
         return True
-    return difflib.SequenceMatcher(None, final, gold.lower()).ratio() >= 0.8
+    return _ratio_at_least(final, gold.lower(), 0.8)
 
 
 def _new_metrics() -> dict:

@@ -12,6 +12,7 @@
 
 import base64
 import dataclasses
+import difflib
 import json
 import math
 
@@ -545,6 +546,28 @@ def test_gsm8k_rewards_never_raise(texts, gold):
     assert all(math.isfinite(x) for x in R.make_dipg_reward("soft")(["p"] * len(texts), texts, [gold] * len(texts)))
 
 
+def reference_max_similarity(needle, haystack):
+    """DIPGEnvironment._get_max_similarity transcribed literally (fresh matchers,
+    full ratio): the oracle for the cached, lazily bounded version in rewards.py."""
+    match = difflib.SequenceMatcher(None, needle, haystack).find_longest_match(0, len(needle), 0, len(haystack))
+    if match.size == 0:
+        return 0.0
+    start, end = max(0, match.b - 10), min(len(haystack), match.b + match.size + (len(needle) - match.size) + 10)
+    return difflib.SequenceMatcher(None, needle, haystack[start:end]).ratio()
+
+
+SENTENCE_PIECES = st.lists(st.sampled_from([*STATEMENTS, *(x.lower() for x in STATEMENTS), "the ", "DIPG ", "x",
+                                            ".", " ", "é", "ONC201 ", "24 Gy "]), max_size=4).map("".join)
+
+
+@PROPERTY
+@given(a=st.one_of(SENTENCE_PIECES, ANY_TEXT), b=st.one_of(SENTENCE_PIECES, ANY_TEXT, st.just(LONG_CONTEXT)),
+       threshold=st.sampled_from([0.0, 0.5, 0.8, 0.85, 1.0]))
+def test_speedups_do_not_change_similarity_decisions(a, b, threshold):
+    assert R._ratio_at_least(a, b, threshold) == (difflib.SequenceMatcher(None, a, b).ratio() >= threshold)
+    assert R._similar_at_least(a, b, threshold) == (reference_max_similarity(a, b) >= threshold)
+
+
 # --------------------------------------------------------------------------
 # 6. Differential tests against openenv-dipg-safety 0.1.18
 # --------------------------------------------------------------------------
@@ -665,6 +688,21 @@ def test_legacy_scorer_matches_package(package):
                          f"{a}x{e}{p}{FABRICATED}{e}{f}{ABSTAIN}{e}\n", f"{a}{p}{f}{e}"]:
             assert R._score_legacy(response, CONTEXT, GOLD_ABSTAIN, config) == \
                 envs[name].calculate_total_reward(response, CONTEXT, {"final": GOLD_ABSTAIN}), (name, response)
+
+
+def test_similarity_matches_package(package):
+    _, envs, _, _ = package
+    env = envs["eval"]
+    needles = [*STATEMENTS, *(near for s in STATEMENTS for near in (s.lower(), s[:-1] + "!", s.replace("e", "a"))),
+               QUOTE, FABRICATED, "", "x", "ü" * 30]
+    for haystack in (CONTEXT, LONG_CONTEXT, QUOTE):
+        for needle in needles:
+            for threshold in (0.8, 0.85):
+                assert R._similar_at_least(needle, haystack, threshold) == \
+                    (env._get_max_similarity(needle, haystack) >= threshold), needle
+        for needle in needles:
+            assert R._is_grounded(needle, haystack) == env.is_grounded(needle, haystack), needle
+            assert R._is_correct_synthesis(needle, haystack) == env.is_correct_synthesis(needle, haystack), needle
 
 
 def test_summarize_matches_package_evaluation_service(package):
