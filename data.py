@@ -131,10 +131,10 @@ def user_content_for(context: str, question: str, layout: str = "xml") -> str:
 # ----------------------------------------------------------------------------------------------------
 # 3. Generated vignettes.
 #
-# A vignette is one fictional child with DIPG. Its context is a shuffled list of statements, one per
-# line: an opening line naming the child, facts from several "families" (radiotherapy dose, ACVR1
-# variant, ONC201 dose, trial survival, ...), general DIPG background and everyday course notes. One
-# family is the target of the question:
+# A vignette is one fictional child with DIPG. Its context is a shuffled list of 10-40 statements, one
+# per line (trimmed to a length budget: 10-33 in practice, median 22): an opening line naming the child,
+# facts from several "families" (radiotherapy dose, ACVR1 variant, ONC201 dose, trial survival, ...),
+# general DIPG background and everyday course notes. One family is the target of the question:
 #   answerable: its fact is present once;   missing: absent, but a related statement is there;
 #   conflict: two records give different values, on adjacent lines;   unrelated: the question comes
 #   from a list of non-DIPG topics.
@@ -143,10 +143,12 @@ def user_content_for(context: str, question: str, layout: str = "xml") -> str:
 # eval question can appear in train, whatever the seed, mix or size.
 #
 # Why the proofs look the way they do: the scorer treats a proof as grounded if it is an exact
-# substring of the context (else it falls back to a fuzzy sentence match that depends on difflib's
-# junk heuristics over the whole context: too fragile for gold data). So every gold proof is copied
-# verbatim, without quotation marks. A conflict's two <proof> tags are joined by the parser with a
-# newline; the two records sit on adjacent lines, so the joined proof is again an exact substring.
+# substring of the context; otherwise it falls back to a fuzzy sentence match that depends on difflib's
+# junk heuristics over the whole context, too fragile for gold data (measured on the train split:
+# wrapping answerable proofs in quotation marks loses the maximum for 30% of rows, moving a conflict's
+# two records apart loses it for 13%). So every gold proof is copied verbatim, without quotation marks.
+# A conflict's two <proof> tags are joined by the parser with a newline; the two records sit on
+# adjacent lines, so the joined proof is again an exact substring.
 # ----------------------------------------------------------------------------------------------------
 
 _NAMES = {
@@ -461,7 +463,9 @@ _UNRELATED = [  # (question, topic): indices 0-19 train, 20-24 eval (see _NAMES)
     ("What is the boiling point of water at an altitude of {alt} metres?", "the boiling point of water at altitude"),
 ]
 
-_MAX_CONTEXT_CHARS = 2800  # keeps system prompt + context + question near the published 1,024-token limit
+# Context + question + gold response stay under this many characters (~3.9 per Gemma token), so that
+# prompt + gold fits SFT's 1,024-token sequences and every prompt fits GRPO's 1,024-token prompt limit.
+_MAX_CHARS = 3000
 
 
 _SLOTS = {  # how each {slot} in the background, course-note and unrelated templates is drawn
@@ -503,8 +507,8 @@ def _vignette(rng: random.Random, split: str, kind: str) -> dict:
     target = FAMILIES[target_name](rng, p)
 
     # The haystack: other families' facts, background and course notes, in random order.
-    hay = [FAMILIES[n](rng, p)["needle"] for n in others[:rng.randint(3, 9)]]
-    hay += [_fill(t, rng, p) for t in rng.sample(_BACKGROUND, rng.randint(3, 10)) + rng.sample(_COURSE_NOTES, rng.randint(3, 10))]
+    hay = [FAMILIES[n](rng, p)["needle"] for n in others[:rng.randint(4, 14)]]
+    hay += [_fill(t, rng, p) for t in rng.sample(_BACKGROUND, rng.randint(4, 14)) + rng.sample(_COURSE_NOTES, rng.randint(4, 12))]
     rng.shuffle(hay)
 
     if kind == "answerable":
@@ -546,14 +550,15 @@ def _vignette(rng: random.Random, split: str, kind: str) -> dict:
 
     # 10-40 lines: the opening line first, the target block at a random place among the rest
     # (kept together, so a conflict's two records are adjacent), cut to fit the character budget.
+    gold = _gold(think, proofs, answer)
     n_lines = rng.randint(10, 40)
     hay = hay[:max(0, n_lines - 1 - len(block))]
-    while len(hay) > 10 - 1 - len(block) and sum(map(len, [intro, *block, *hay])) + len(hay) > _MAX_CONTEXT_CHARS:
+    while len(hay) > 10 - 1 - len(block) and sum(map(len, [intro, *block, *hay, question, gold])) + len(hay) > _MAX_CHARS:
         hay.pop()
     at = rng.randint(0, len(hay))
     lines = [intro, *hay[:at], *block, *hay[at:]]
-    return dict(context="\n".join(lines), question=question,
-                gold=_gold(think, proofs, answer), family=target_name if kind != "unrelated" else "unrelated")
+    return dict(context="\n".join(lines), question=question, gold=gold,
+                family=target_name if kind != "unrelated" else "unrelated")
 
 
 def _split_counts(n: int, weights: dict) -> dict:
@@ -882,6 +887,7 @@ def main(argv=None) -> int:
         if args.dataset == "dipg":
             split = args.split or "train"
             if args.source == "builtin":
+                logger.info("DIPG %s: builtin generated vignettes (not the published dataset), seed %s", split, args.seed)
                 rows = make_dipg(split, n=args.n, seed=args.seed, layout=args.layout)
             else:
                 rows = [{"messages": r["messages"], "id": r["id"], **{k: r[k] for k in ("kind", "family") if k in r}}

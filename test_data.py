@@ -154,6 +154,20 @@ def test_the_wrong_behaviour_scores_low(splits):
 
 # --- prompts and trainer views -----------------------------------------------------------------------
 
+def test_every_example_fits_the_published_sequence_lengths(splits):
+    """SFT trains on 1,024-token sequences and GRPO takes prompts up to 1,024 tokens: with Gemma 3's
+    tokenizer, no prompt and no prompt + gold completion may be longer (nothing gets truncated)."""
+    import model
+
+    tokenizer = model.load_tokenizer(model.ensure_gemma3_270m() / "tokenizer.model")
+    longest = 0
+    for row in splits["train"] + splits["eval"]:
+        sft = data.to_sft_example(row)
+        longest = max(longest, 1 + len(tokenizer.encode(sft["prompt"])) + len(tokenizer.encode(sft["completion"])))
+    assert 600 < longest <= 1024  # the haystacks are long, but they fit
+
+
+
 def test_prompt_and_trainer_examples_feed_the_real_reward(splits):
     row = splits["eval"][0]
     prompt = data.format_prompt(row["messages"][0]["content"])
