@@ -630,9 +630,10 @@ def _load_table(source: str, split: str, **hub_kwargs):
         except ValueError:  # like the package: a repo without this split offers its "test" or first split
             splits = datasets.load_dataset(source, **hub_kwargs)
             return splits["test"] if "test" in splits else splits[sorted(splits)[0]]
-    except (ConnectionError, OSError) as e:
-        raise DataError(f"{source}: the Hugging Face hub is unreachable ({type(e).__name__}); offline, use "
-                        f"--source builtin (generated data) or a local .jsonl/.json/.parquet file") from e
+    except (ConnectionError, OSError) as e:  # offline: ConnectionError after datasets' retries (~25 s)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source}: could not load it from the Hugging Face hub ({reason}); if the hub is unreachable, "
+                        "use the source 'builtin' (generated data) or a local .jsonl/.json/.parquet file") from e
 
 
 def _parse_row(row: dict, index: int, where: str) -> dict:
@@ -644,10 +645,10 @@ def _parse_row(row: dict, index: int, where: str) -> dict:
     if not isinstance(messages, list) or len(messages) < 2:
         raise bad("missing 'messages' (a list of a user turn and an assistant turn)")
     user, assistant = messages[0], messages[1]
-    if not isinstance(user, dict) or not (user.get("content") or "").strip():
-        raise bad("messages[0] has no user 'content'")
-    if not isinstance(assistant, dict) or not (assistant.get("content") or "").strip():
-        raise bad("messages[1] has no assistant 'content' (the gold response)")
+    if not isinstance(user, dict) or not isinstance(user.get("content"), str) or not user["content"].strip():
+        raise bad("messages[0] has no user 'content' (a non-empty string)")
+    if not isinstance(assistant, dict) or not isinstance(assistant.get("content"), str) or not assistant["content"].strip():
+        raise bad("messages[1] has no assistant 'content' (the gold response, a non-empty string)")
     context, question = parse_user_content(user["content"])
     if not context:
         raise bad("user content has no context (expected <context>...</context> or **CONTEXT:**)")
@@ -875,7 +876,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output file: .jsonl, .json or .parquet")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO)  # our own notes (which data runs), not every library's
 
     if Path(args.out).exists() and not args.overwrite:
         print(f"data.py: {args.out} already exists; pass --overwrite to replace it", file=sys.stderr)
