@@ -163,6 +163,7 @@ _XML_ALIASES = {
 _CUSTOM_TAG = re.compile(r"<\|channel\|>(\w+)<\|message\|>(.*?)<\|end\|>", re.DOTALL)
 _XML_PATTERNS = {tag: re.compile(f"<{tag}(?:\\s+[^>]*)?>(.*?)</{tag}>", re.IGNORECASE | re.DOTALL)
                  for tags in _XML_ALIASES.values() for tag in tags}
+_XML_CLOSERS = {tag: re.compile(f"</{tag}>", re.IGNORECASE) for tag in _XML_PATTERNS}
 
 
 def _as_str_field(value) -> str:
@@ -241,7 +242,11 @@ def _parse_xml(response: str) -> dict:
     def extract(tags):
         # First alias with any match wins; repeated tags are joined by newlines.
         for tag in tags:
-            matches = _XML_PATTERNS[tag].findall(cleaned)
+            # Every match ends with a closing tag, so searching only up to the
+            # end of the last one finds the same matches; it avoids rescanning
+            # the text from every unclosed opening tag (quadratic time).
+            end = max((m.end() for m in _XML_CLOSERS[tag].finditer(cleaned)), default=0)
+            matches = _XML_PATTERNS[tag].findall(cleaned, 0, end)
             if matches:
                 # QUIRK: a tag present only with blank content still "wins",
                 # so later aliases are not consulted and the field is "".
@@ -269,7 +274,9 @@ def _parse_yaml(response: str) -> dict:
 
 def _parse_custom_tags(response: str) -> dict:
     channels = {}
-    for match in _CUSTOM_TAG.finditer(response):
+    last = response.rfind("<|end|>")  # no match can end later (see _parse_xml)
+    end = last + len("<|end|>") if last != -1 else 0
+    for match in _CUSTOM_TAG.finditer(response, 0, end):
         channels[match.group(1)] = match.group(2).strip()  # a repeated channel: the last wins
     return _dipg_response(analysis=channels.get("analysis", ""), proof=channels.get("proof", ""),
                           final=channels.get("final", ""))
@@ -669,13 +676,15 @@ _STRICT_FORMAT = re.compile(
     rf"\s*<reasoning>(?P<reasoning>{_NO_TAGS}*?)</reasoning>\s*"
     rf"<answer>(?P<answer>{_NO_TAGS}*?)</answer>\s*", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
-_TRAILING_EOT = re.compile(r"(?:\s*(?:<end_of_turn>|<eos>))+\s*$")
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 
 
 def _strip_end_tokens(text: str) -> str:
     # A sampler may leave Gemma's end-of-turn marker in the decoded text; it is not "extra text".
-    return _TRAILING_EOT.sub("", text)
+    text = text.rstrip()
+    while text.endswith(("<end_of_turn>", "<eos>")):
+        text = text[:-len("<end_of_turn>") if text.endswith("<end_of_turn>") else -len("<eos>")].rstrip()
+    return text
 
 
 def extract_answer(text) -> str | None:

@@ -653,6 +653,11 @@ NASTY = sorted({
     "<proof>" + QUOTE + "</proof><answer>As an AI I am unable to answer; conflicting information.</answer>",
     "\r\n<proof>" + QUOTE + "</proof>\r\n<answer>" + FACT + "</answer>\r\n", "\u2028", "\x85", "\x1c\x1d",
     "The answer: 20%. Proof: ONC201 produced a radiographic response. Final: done",
+    # Many unclosed tags (the scan is bounded by the last closing tag; results must not change).
+    "<answer>" * 500, "<PROOF>" * 300 + "</proof>" + "<proof>" * 300, "<proof>" + QUOTE + "</proof>" + "<proof a>" * 400,
+    "<|channel|>proof<|message|>" * 300, "<|channel|>proof<|message|>" + QUOTE + "<|end|>" + "<|channel|>final<|message|>" * 300,
+    "<proof>" + QUOTE + "</ProoF>" + "<answer>" + FACT + "</ANSWER>" + "<answer>" * 50 + "</answer>",
+    "<proof>ſ</proof>", "<proof>x</proſf>",  # the long s folds to "s" under IGNORECASE
     # Near-miss quotes of the long context (typos, punctuation, case, spacing, truncation).
     *(xml(variant, FACT) for st_ in STATEMENTS[::3] for variant in (
         st_.replace("e", "a", 1), st_[:-1] + "!", st_.replace(" ", "  ", 1), st_.lower(), st_[7:],
