@@ -657,7 +657,8 @@ NASTY = sorted({
     "<answer>" * 500, "<PROOF>" * 300 + "</proof>" + "<proof>" * 300, "<proof>" + QUOTE + "</proof>" + "<proof a>" * 400,
     "<|channel|>proof<|message|>" * 300, "<|channel|>proof<|message|>" + QUOTE + "<|end|>" + "<|channel|>final<|message|>" * 300,
     "<proof>" + QUOTE + "</ProoF>" + "<answer>" + FACT + "</ANSWER>" + "<answer>" * 50 + "</answer>",
-    "<proof>ſ</proof>", "<proof>x</proſf>",  # the long s folds to "s" under IGNORECASE
+    # Unicode case folding under IGNORECASE: long s ~ "s", Kelvin sign ~ "k".
+    "<rea\u017foning>a</REASONING><proof>" + QUOTE + "</proof>", "<thin\u212a>a</think>", "<proof>\u017f</proof>",
     # Near-miss quotes of the long context (typos, punctuation, case, spacing, truncation).
     *(xml(variant, FACT) for st_ in STATEMENTS[::3] for variant in (
         st_.replace("e", "a", 1), st_[:-1] + "!", st_.replace(" ", "  ", 1), st_.lower(), st_[7:],
