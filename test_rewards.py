@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -578,7 +579,9 @@ def test_speedups_do_not_change_similarity_decisions(a, b, threshold):
 def package():
     pkg = pytest.importorskip("med_safety_gym")
     from datasets import Dataset
-    from med_safety_gym.dipg_environment import DIPGEnvironment
+    with warnings.catch_warnings():  # openenv-core 0.3 warns that the openenv_core name is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from med_safety_gym.dipg_environment import DIPGEnvironment
     from med_safety_gym.format_parser import FormatParser, ResponseFormat
     from med_safety_gym.models import DIPGAction, DIPGState
 
