@@ -602,7 +602,7 @@ def make_dipg_reward(level: str):
     Each `answer` item is the JSON string (or dict) {"context", "expected_final"}
     built by data.to_grpo_example.  Malformed items are data errors, not model
     behaviour: they get 0.0 for every generation of the prompt (a constant
-    within the group, so zero GRPO advantage) and one logged line.
+    within the group, so zero GRPO advantage) and a logged error line.
     """
     if level not in PENALTIES:
         raise ValueError(f"make_dipg_reward: unknown level {level!r}; choose one of {sorted(PENALTIES)}")
