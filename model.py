@@ -121,6 +121,18 @@ def file_sha256(path: str | Path) -> str:
     return known[key]
 
 
+def _use_persistent_compilation_cache() -> None:
+    """Keep XLA's compiled programs on disk (JAX's persistent compilation cache). Compiling the
+    Sampler, the LoRA trace and the forward pass takes most of a short run on CPU; with the cache
+    a second process (a restarted training block, the CLI, a test subprocess) skips it. Set
+    JAX_COMPILATION_CACHE_DIR to put it elsewhere; we only fill in a default."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+
+
+_use_persistent_compilation_cache()
+
+
 # ----------------------------------------------------------------------------------------------
 # Devices
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +148,11 @@ def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
             f"({devices[0].platform}); lower --fsdp/--tp (on CPU, XLA_FLAGS="
             f"--xla_force_host_platform_device_count=N simulates N devices)"
         )
-    return jax.make_mesh((fsdp, tp), ("fsdp", "tp"), devices=devices[: fsdp * tp])
+    from tunix.utils import mesh as mesh_lib
+
+    # Tunix's helper makes the axes "Auto" (the compiler places activations); plain
+    # jax.make_mesh now defaults to "Explicit" axes, which Tunix's models do not support.
+    return mesh_lib.create_mesh((fsdp, tp), ("fsdp", "tp"), devices=devices[: fsdp * tp])
 
 
 # ----------------------------------------------------------------------------------------------
