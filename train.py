@@ -307,11 +307,13 @@ def check_phase_rules(config: dict, init_meta: dict | None, force: bool) -> None
         log.warning("%s (--force given: going ahead)", message)
 
 
-def prepare_run_dir(args, config: dict) -> tuple[Path, dict]:
-    """Create (or, with --resume, reopen) the run directory. Returns (run_dir, metadata)."""
-    run_dir = Path(args.out) if args.out else default_out(config)
+def prepare_run_dir(out, config: dict, init_meta: dict | None = None, resume: bool = False,
+                    overwrite: bool = False) -> tuple[Path, dict]:
+    """Create (or, with resume, reopen) the run directory and its metadata.json.
+    Returns (run_dir, metadata)."""
+    run_dir = Path(out) if out else default_out(config)
     existing = read_metadata(run_dir) if run_dir.is_dir() else None
-    if args.resume:
+    if resume:
         if existing is None:
             sys.exit(f"error: --resume: {run_dir} holds no run to resume (no metadata.json); drop --resume to start one")
         if existing.get("complete"):
@@ -319,7 +321,7 @@ def prepare_run_dir(args, config: dict) -> tuple[Path, dict]:
                      f"start the next block with --init-from {run_dir}")
         return run_dir, existing
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not args.overwrite:
+        if not overwrite:
             what = (f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files")
             sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
                      "--overwrite to replace it, or choose another --out")
@@ -327,7 +329,6 @@ def prepare_run_dir(args, config: dict) -> tuple[Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     this_block = {"run_dir": str(run_dir.resolve()), "phase": config["phase"], "penalty": config["penalty"],
                   "start_step": config["start_step"], "end_step": config["end_step"]}
-    init_meta = config.pop("_init_meta", None)
     metadata = {
         "phase": config["phase"], "penalty": config["penalty"], "model": config["model"],
         "model_path": config["model_path"], "lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"],
@@ -439,6 +440,8 @@ def load_policy(config: dict, mesh):
         hint = (" -- on this machine, run the embedded model instead: --model gemma-3-270m"
                 if config["model"] != "gemma-3-270m" else "")
         sys.exit(f"error: {e}{hint}")
+    except (ValueError, FileNotFoundError) as e:  # e.g. --model-path holds another model
+        sys.exit(f"error: --model {config['model']}: {e}")
     policy = model_lib.apply_lora(base, rank=config["lora_rank"], alpha=config["lora_alpha"], mesh=mesh,
                                   seed=config["seed"])
     if config["init_from"]:
@@ -649,7 +652,13 @@ class MetricsWriter:
         self.bar.close()
 
 
-def grpo_row(config, local_step, record, scalars, tokenizer_pad_free_len=None) -> dict:
+def example_hash(answer: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(answer).encode()).hexdigest()[:10]
+
+
+def grpo_row(config, local_step, record, scalars) -> dict:
     import numpy as np
 
     total = np.sum([np.asarray(v) for v in record["parts"].values()], axis=0) if record else np.zeros(0)
@@ -663,6 +672,9 @@ def grpo_row(config, local_step, record, scalars, tokenizer_pad_free_len=None) -
         "reward_max": float(np.max(total)) if total.size else None,
     }
     if record:
+        # Which prompts the step trained on (a hash of the row's answer field): lets anyone check
+        # that chained blocks moved on through the data instead of replaying it.
+        row["examples"] = list(dict.fromkeys(example_hash(a) for a in record["answers"]))
         row.update(outcome_counts(config, record))
         if len(record["parts"]) > 1:
             row["rewards"] = {name: float(np.mean(v)) for name, v in record["parts"].items()}
@@ -1008,7 +1020,7 @@ def main(argv=None) -> int:
     if args.resume:
         if not args.out:
             parser.error("--resume needs --out RUN_DIR (the run to continue)")
-        run_dir, metadata = prepare_run_dir(args, {})
+        run_dir, metadata = prepare_run_dir(args.out, {}, resume=True)
         config = metadata["config"]
         if config["phase"] != args.phase:
             parser.error(f"--resume: {run_dir} is a {config['phase']} run, not --phase {args.phase}")
@@ -1016,16 +1028,22 @@ def main(argv=None) -> int:
     else:
         init_meta = load_init_run(args.init_from) if args.init_from else None
         config = resolve_config(args, parser, init_meta)
-        config["sample_every"] = args.sample_every
-        if args.print_config:
-            print(json.dumps({k: v for k, v in config.items() if k != "sample_every"}, indent=None))
-            return 0
         check_phase_rules(config, init_meta, args.force)
-        config["_init_meta"] = init_meta
-        run_dir, metadata = prepare_run_dir(args, config)
+        if args.print_config:
+            print(json.dumps(config))
+            return 0
+        config["sample_every"] = args.sample_every
+        run_dir, metadata = prepare_run_dir(args.out, config, init_meta, overwrite=args.overwrite)
     log.info("%s block: global steps %d-%d into %s; model %s; data %s", config["phase"], config["start_step"],
              config["end_step"], run_dir, config["model"], dataset_id(config))
-    run_block(config, run_dir, stop_after=args.stop_after)
+    try:
+        run_block(config, run_dir, stop_after=args.stop_after)
+    except SystemExit:
+        # A fresh run that failed before its first checkpoint (e.g. weights unavailable) leaves
+        # nothing behind, so the same command can simply be run again.
+        if not args.resume and not any((run_dir / "checkpoints").rglob("commit_success.txt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return 0
 
 

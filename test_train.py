@@ -1,0 +1,283 @@
+"""End-to-end tests of train.py on the real Tunix stack with the `tiny` model.
+
+One chain of real runs, shared by the tests (module fixture, a few minutes on 2 CPU cores):
+SFT steps 1-2 -> GRPO soft steps 3-4 (stopped after step 3 as if by Ctrl-C, then resumed) ->
+GRPO medium steps 5-6; plus a one-step GSM8K format phase for the phase rules.
+Each run is a subprocess, exactly what a user types. Compiled XLA programs are shared between the
+subprocesses through JAX's persistent compilation cache, which is what keeps this fast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import rewards
+
+HERE = Path(__file__).resolve().parent
+TRAIN = [sys.executable, str(HERE / "train.py")]
+# The smallest settings that still run every part of the method.
+TINY = ["--model", "tiny", "--lora-rank", "8", "--lora-alpha", "8", "--n-prompts", "8", "--sample-every", "0"]
+TINY_GRPO = TINY + ["--num-generations", "2", "--max-tokens-to-generate", "8", "--max-prompt-length", "64",
+                    "--kv-cache-size", "128", "--save-every", "1"]
+
+
+def run(args, env, check=True):
+    proc = subprocess.run(TRAIN + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=HERE, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def metadata(run_dir):
+    return json.loads((Path(run_dir) / "metadata.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, env):
+    root = tmp_path_factory.mktemp("runs")
+    sft, soft, medium = root / "sft", root / "grpo_soft", root / "grpo_medium"
+    out = {"root": root, "sft": sft, "soft": soft, "medium": medium}
+    out["sft_proc"] = run(["--phase", "sft", *TINY, "--steps", 2, "--batch-size", 1, "--gradient-accumulation-steps", 2,
+                           "--max-seq-length", 64, "--max-tokens-to-generate", 8, "--out", sft], env)
+    # Block 2, interrupted after its first step (global step 3), then resumed.
+    out["stopped_proc"] = run(["--phase", "grpo", "--penalty", "soft", "--init-from", sft, *TINY_GRPO, "--steps", 2,
+                               "--stop-after", 3, "--out", soft], env)
+    out["stopped_meta"], out["stopped_rows"] = metadata(soft), rows(soft)
+    out["resume_proc"] = run(["--phase", "grpo", "--resume", "--out", soft], env)
+    out["medium_proc"] = run(["--phase", "grpo", "--penalty", "medium", "--init-from", soft, *TINY_GRPO,
+                              "--steps", 2, "--out", medium], env)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# --print-config: the published block is the default
+# ------------------------------------------------------------------------------------------------
+
+def print_config(*args, env=None):
+    proc = run(["--print-config", *args], env or os.environ)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_print_config_grpo_is_the_published_block():
+    c = print_config("--phase", "grpo", "--penalty", "soft")
+    published = {  # REFERENCE.md section 3
+        "model": "gemma-3-1b-it", "max_steps": 300, "learning_rate": 3e-6, "lr_init": 1e-8, "warmup_ratio": 0.1,
+        "lr_end_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 0.1, "batch_size": 1, "num_generations": 4,
+        "num_iterations": 1, "beta": 0.08, "epsilon": 0.2, "max_prompt_length": 1024, "max_tokens_to_generate": 512,
+        "kv_cache_size": 2048, "temperature": 1.0, "top_p": 1.0, "top_k": 50, "lora_rank": 64, "lora_alpha": 64.0,
+        "save_every": 100, "keep_checkpoints": 2, "start_step": 1, "end_step": 300,
+    }
+    assert {k: c[k] for k in published} == published
+    # REFERENCE.md section 2, soft column.
+    soft = {"conflict_reward": 20, "abstain_reward": 20, "hallucination_penalty": -5, "missing_answer_penalty": -5,
+            "hallucinated_trace_penalty": -10, "proof_inconsistency_penalty": -5, "incorrect_answer_penalty": -5,
+            "conflict_penalty": -5, "abstain_penalty": -5, "missing_trace_penalty": -5, "correct_abstention_reward": 30,
+            "verifiable_trace_reward": 15, "correct_synthesis_reward": 20, "exact_format_reward": 10,
+            "format_mismatch_penalty": -10, "no_hallucination_reward": 5}
+    assert {k: c[k] for k in soft} == soft
+
+
+def test_print_config_medium_and_sft():
+    c = print_config("--phase", "grpo", "--penalty", "medium")
+    medium = {"hallucination_penalty": -10, "missing_answer_penalty": -10, "hallucinated_trace_penalty": -15,
+              "proof_inconsistency_penalty": -10, "incorrect_answer_penalty": -10, "conflict_penalty": -10,
+              "abstain_penalty": -10, "missing_trace_penalty": -10, "correct_abstention_reward": 30}
+    assert {k: c[k] for k in medium} == medium
+    s = print_config("--phase", "sft")
+    assert {k: s[k] for k in ("max_seq_length", "batch_size", "gradient_accumulation_steps", "max_steps",
+                              "learning_rate", "weight_decay", "max_grad_norm", "lora_rank")} == {
+        "max_seq_length": 1024, "batch_size": 2, "gradient_accumulation_steps": 8, "max_steps": 300,
+        "learning_rate": 2e-5, "weight_decay": 0.01, "max_grad_norm": 1.0, "lora_rank": 64}
+    assert "beta" not in s and "hallucination_penalty" not in s  # no GRPO keys in an SFT config
+    f = print_config("--phase", "format")
+    assert f["reward_functions"] == [fn.__name__ for fn in rewards.PHASE_REWARDS["format"]]
+    assert (f["slice_start"], f["slice_end"]) == (0.0, 0.25)
+
+
+def test_flags_override_defaults():
+    c = print_config("--phase", "grpo", "--steps", "7", "--beta", "0", "--top-k", "20", "--mesh", "fsdp=1,tp=1")
+    assert (c["max_steps"], c["end_step"], c["beta"], c["top_k"], c["penalty"]) == (7, 7, 0.0, 20, "soft")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one clear line, no traceback, nothing overwritten
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, expected", [
+    (["--phase", "ppo"], "invalid choice: 'ppo'"),
+    (["--phase", "grpo", "--penalty", "hard"], "invalid choice: 'hard'"),
+    (["--phase", "sft", "--penalty", "soft"], "--penalty applies to --phase grpo only"),
+    (["--phase", "grpo", "--kv-cache-size", "1500"], "--kv-cache-size 1500 must exceed"),
+    (["--phase", "grpo", "--num-generations", "1"], "--num-generations must be >= 2"),
+    (["--phase", "grpo", "--mesh", "dp=2"], "--mesh 'dp=2'"),
+    (["--phase", "grpo", "--init-from", "/nonexistent/run"], "--init-from /nonexistent/run: no run there"),
+    (["--phase", "grpo", "--resume"], "--resume needs --out"),
+])
+def test_bad_input_is_one_clear_line(args, expected):
+    proc = run(args + ["--print-config"], os.environ, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_out_holding_another_run_is_refused(chain, env):
+    before = (chain["sft"] / "metadata.json").read_text()
+    proc = run(["--phase", "grpo", *TINY_GRPO, "--steps", 1, "--out", chain["sft"]], env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "already holds a sft run at step 2" in proc.stderr and "--overwrite" in proc.stderr
+    assert (chain["sft"] / "metadata.json").read_text() == before
+
+
+def test_missing_weights_name_the_embedded_model(tmp_path):
+    # gemma-3-1b-it is the default; here its weights cannot be had. No silent swap: an error that
+    # says what to pass instead, and no half-made run directory.
+    proc = run(["--phase", "grpo", "--model-path", tmp_path / "nothing", "--n-prompts", "2", "--out", tmp_path / "r"],
+               os.environ, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--model gemma-3-270m" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The chain: SFT -> GRPO soft (interrupted, resumed) -> GRPO medium
+# ------------------------------------------------------------------------------------------------
+
+def test_sft_rows_and_format_report(chain):
+    r = rows(chain["sft"])
+    assert [x["step"] for x in r] == [1, 2]
+    assert all(x["phase"] == "sft" and np.isfinite(x["loss"]) and x["loss"] > 0 for x in r)
+    assert "format adherence after SFT:" in chain["sft_proc"].stdout
+    meta = metadata(chain["sft"])
+    assert meta["complete"] and meta["global_step"] == 2 and meta["reward_set"] == "sft_format"
+
+
+def test_global_steps_continue_across_blocks(chain):
+    assert [x["step"] for x in rows(chain["soft"])] == [3, 4]
+    assert [x["step"] for x in rows(chain["medium"])] == [5, 6]
+    soft, medium = metadata(chain["soft"]), metadata(chain["medium"])
+    assert (soft["start_step"], soft["global_step"], soft["complete"]) == (3, 4, True)
+    assert (medium["start_step"], medium["global_step"], medium["complete"]) == (5, 6, True)
+
+
+def test_grpo_metrics_rows(chain):
+    for row in rows(chain["soft"]) + rows(chain["medium"]):
+        assert row["phase"] == "grpo" and row["penalty"] in ("soft", "medium")
+        for key in ("reward_mean", "reward_std", "reward_min", "reward_max", "completion_len_mean", "kl", "loss",
+                    "seconds", "tokens_per_second", "rollout_seconds", "reference_seconds", "update_seconds"):
+            assert isinstance(row[key], float) and np.isfinite(row[key]), (key, row)
+        assert row["reward_min"] <= row["reward_mean"] <= row["reward_max"]
+        assert row["n_completions"] == 2
+        counts = [row[k] for k in ("format_error", "hallucination", "abstention", "refusal", "missing_proof")]
+        assert all(isinstance(c, int) and 0 <= c <= 2 for c in counts)
+        assert 0 < row["completion_len_mean"] <= 8
+    # Each block is scored at its own penalty level. The random tiny model writes text that parses
+    # but quotes nothing: exact_format_reward + missing_trace_penalty (soft 10 - 5, medium 10 - 10).
+    for block in ("soft", "medium"):
+        level = rewards.PENALTIES[block]
+        empty = [x for x in rows(chain[block]) if x["missing_proof"] == x["n_completions"]]
+        assert empty, "expected the random model's completions to have empty proofs"
+        for row in empty:
+            assert row["reward_mean"] == level.exact_format_reward + level.missing_trace_penalty
+
+
+def test_lineage_records_every_block(chain):
+    lineage = metadata(chain["medium"])["lineage"]
+    assert [(b["phase"], b["penalty"], b["start_step"], b["end_step"]) for b in lineage] == [
+        ("sft", None, 1, 2), ("grpo", "soft", 3, 4), ("grpo", "medium", 5, 6)]
+    assert [Path(b["run_dir"]) for b in lineage] == [chain["sft"].resolve(), chain["soft"].resolve(),
+                                                      chain["medium"].resolve()]
+
+
+def test_blocks_see_different_prompts(chain):
+    """Block 2 continues the seeded order where block 1 stopped: step s trains on prompt s-1."""
+    import train
+
+    config = print_config("--phase", "grpo", *TINY_GRPO, "--steps", "6")
+    examples = train.load_rows(config)
+    stream = train.batches(examples, 1, config["seed"], start_position=0)
+    expected = [train.example_hash(next(stream)["answer"][0]) for _ in range(6)]
+    seen = {x["step"]: x["examples"][0] for x in rows(chain["soft"]) + rows(chain["medium"])}
+    assert [seen[s] for s in (3, 4, 5, 6)] == expected[2:6]
+    assert len(set(expected[2:6])) == 4
+
+
+def test_stop_saves_and_resume_continues_at_its_step(chain):
+    stopped = chain["stopped_meta"]
+    assert (stopped["global_step"], stopped["complete"]) == (3, False)
+    assert [x["step"] for x in chain["stopped_rows"]] == [3]
+    assert "--resume" in chain["stopped_proc"].stdout
+    assert "resuming at global step 4" in chain["resume_proc"].stderr
+    # Resumed from the step-3 checkpoint: steps 3 and 4 each appear once, with the learning rate
+    # schedule where it was (step 4 is the block's second and last step: the cosine's end).
+    r = rows(chain["soft"])
+    assert [x["step"] for x in r] == [3, 4]
+    assert r[1]["learning_rate"] < r[0]["learning_rate"]
+
+
+def lora_of(run_dir):
+    """The newest checkpoint's LoRA arrays, read back with orbax, by parameter path."""
+    import orbax.checkpoint as ocp
+
+    meta = metadata(run_dir)
+    root = Path(run_dir) / meta["checkpoint_dir"]
+    step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    tree = ocp.PyTreeCheckpointer().restore(str(root / str(step) / "model_params"))
+    flat = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (str(k),))
+        else:
+            flat["/".join(path)] = np.asarray(node)
+
+    walk(tree, ())
+    return flat
+
+
+def test_only_lora_weights_are_trained_and_they_change(chain):
+    sft, soft, medium = lora_of(chain["sft"]), lora_of(chain["soft"]), lora_of(chain["medium"])
+    # Checkpoints hold the LoRA adapters only: the base weights are never written, so every block
+    # runs on the base model as loaded (Tunix's optimizer is over nnx.LoRAParam).
+    assert sft.keys() == soft.keys() == medium.keys()
+    assert all("lora_a" in k or "lora_b" in k for k in sft), sorted(sft)[:5]
+    # Each block moved the adapters it started from.
+    for before, after in ((sft, soft), (soft, medium)):
+        assert any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seed 002's phase rules
+# ------------------------------------------------------------------------------------------------
+
+def test_phase_rules(chain, env):
+    fmt = chain["root"] / "format"
+    proc = run(["--phase", "format", *TINY_GRPO, "--n-prompts", 4, "--steps", 1, "--out", fmt, "--slice-end", "0.1"], env)
+    # At the end of a phase: the exit criteria, judged from metrics.jsonl, and what to run next.
+    assert "exit criteria over the last 1 steps" in proc.stdout and "next: python train.py --phase" in proc.stdout
+    r = rows(fmt)
+    assert [x["step"] for x in r] == [1] and 0.0 <= r[0]["answer_extraction_rate"] <= 1.0
+    assert "rewards" in r[0] and set(r[0]["rewards"]) == {"punish_refusal", "strict_format_gate", "light_length_penalty"}
+    # format -> generalize changes dataset (GSM8K -> mixed) and rewards (format -> correctness): refused.
+    proc = run(["--phase", "generalize", "--init-from", fmt, "--print-config"], env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "changes both the dataset" in proc.stderr and "--force" in proc.stderr
+    # One change at a time is fine; --force overrides the rule.
+    assert print_config("--phase", "correctness", "--init-from", str(fmt), env=env)["start_step"] == 2
+    assert print_config("--phase", "generalize", "--init-from", str(fmt), "--force", env=env)["start_step"] == 2
