@@ -628,20 +628,23 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def _checkpoint_manager(run_dir, max_to_keep: int | None = 2):
+def _checkpoint_root(run_dir, checkpoint_dir: str = CHECKPOINT_SUBDIR) -> Path:
+    return Path(run_dir).expanduser().resolve() / checkpoint_dir
+
+
+def _checkpoint_manager(root: Path, max_to_keep: int | None = 2):
     import orbax.checkpoint as ocp
     from tunix.sft import checkpoint_manager
 
-    root = Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
-    return root, checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+    return checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
 
 
-def latest_step(run_dir) -> int | None:
-    """Newest complete checkpoint step in RUN_DIR/checkpoints, or None."""
-    root = Path(run_dir).expanduser() / CHECKPOINT_SUBDIR
-    if not root.exists():
+def latest_step(run_dir, checkpoint_dir: str = CHECKPOINT_SUBDIR) -> int | None:
+    """Newest complete checkpoint step in RUN_DIR/checkpoints (or RUN_DIR/<checkpoint_dir>), or None."""
+    root = _checkpoint_root(run_dir, checkpoint_dir)
+    if not root.is_dir():
         return None
-    _, manager = _checkpoint_manager(run_dir)
+    manager = _checkpoint_manager(root)
     try:
         return manager.latest_step()
     finally:
@@ -654,7 +657,8 @@ def save_checkpoint(run_dir, step: int, model, metadata: dict, optimizer=None, m
     step, dataset, rewards, config, lineage, ...) as JSON. Orbax writes into a temporary
     directory and renames it when complete, so a crash mid-save leaves the previous checkpoint
     intact. RUN_DIR/metadata.json gets a readable copy of the latest metadata."""
-    root, manager = _checkpoint_manager(run_dir, max_to_keep)
+    root = _checkpoint_root(run_dir)
+    manager = _checkpoint_manager(root, max_to_keep)
     metadata = json.loads(json.dumps(dict(metadata, step=step), default=str))  # JSON-safe, e.g. Paths
     lora = is_lora(model)
     try:
@@ -667,13 +671,15 @@ def save_checkpoint(run_dir, step: int, model, metadata: dict, optimizer=None, m
     return root / str(step)
 
 
-def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None) -> tuple[int, dict]:
+def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
+                       checkpoint_dir: str = CHECKPOINT_SUBDIR) -> tuple[int, dict]:
     """Load a checkpoint from RUN_DIR/checkpoints into ``model`` (and ``optimizer``) in place.
-    ``step=None`` takes the latest. Returns (step, metadata)."""
-    root = Path(run_dir).expanduser().resolve() / CHECKPOINT_SUBDIR
+    ``step=None`` takes the latest. ``checkpoint_dir`` is relative to run_dir (Tunix's GRPO
+    cluster writes the policy under checkpoints/actor). Returns (step, metadata)."""
+    root = _checkpoint_root(run_dir, checkpoint_dir)
     if not root.is_dir():  # checked first: orbax would create the directory
         raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check --run-dir or train first")
-    root, manager = _checkpoint_manager(run_dir, max_to_keep=None)
+    manager = _checkpoint_manager(root, max_to_keep=None)
     try:
         available = sorted(manager._checkpoint_manager.all_steps())
         if not available or (step is not None and step not in available):
@@ -686,6 +692,26 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None) 
         manager.close()
     log.info("restored checkpoint %s/%d", root, restored_step)
     return restored_step, dict(metadata or {})
+
+
+def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: str = "float32",
+             step: int | None = None):
+    """The model of a training run: its base model + its LoRA checkpoint -> (model, tokenizer, metadata).
+
+    RUN_DIR/metadata.json names the base model (``model``, ``model_path``), the adapter shape
+    (``lora_rank``, ``lora_alpha``) and where the checkpoints are (``checkpoint_dir``, default
+    "checkpoints"). ``model_path`` overrides the recorded one (weights moved to another machine)."""
+    meta_file = Path(run_dir).expanduser() / "metadata.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"no run in {Path(run_dir).expanduser()} (no metadata.json); pass a run directory written by train.py")
+    metadata = json.loads(meta_file.read_text())
+    missing = [k for k in ("model", "lora_rank", "lora_alpha") if k not in metadata]
+    if missing:
+        raise ValueError(f"{meta_file} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
+    model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh, dtype=dtype)
+    model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh)
+    restored, _ = restore_checkpoint(run_dir, model, step=step, checkpoint_dir=metadata.get("checkpoint_dir", CHECKPOINT_SUBDIR))
+    return model, tokenizer, dict(metadata, checkpoint_step=restored)
 
 
 # ----------------------------------------------------------------------------------------------

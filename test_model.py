@@ -174,20 +174,28 @@ SAVE_TRAINED_LORA = """
     keys = iter(jax.random.split(jax.random.key(STEP), len(jax.tree.leaves(state))))
     nnx.update(lora, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
     opt = nnx.Optimizer(lora, optax.adamw(1e-3), wrt=nnx.LoRAParam)
+    # One real optimizer step, so the Adam moments are not all zero.
+    loss = lambda mdl: M.forward_logits(mdl, [[2, 651, 5279]]).mean()
+    opt.update(lora, nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(lora))
 """
+
+
+def opt_fingerprint(opt) -> float:
+    return float(sum(np.abs(np.asarray(x, dtype=np.float64)).sum() for x in jax.tree.leaves(nnx.state(opt, nnx.optimizer.OptState))))
 
 
 def _save_in_process(run_dir, step, metadata):
     scope = {"RUN_DIR": str(run_dir), "STEP": step}
     exec(textwrap.dedent(SAVE_TRAINED_LORA), scope)
     M.save_checkpoint(run_dir, step, scope["lora"], metadata, optimizer=scope["opt"])
-    return scope["lora"], scope["tok"]
+    return scope["lora"], scope["tok"], scope["opt"]
 
 
 def test_checkpoint_round_trips_in_a_fresh_process(tmp_path):
     metadata = {"phase": "grpo", "penalty": "soft", "global_step": 7, "dataset": "builtin",
+                "model": "tiny", "lora_rank": 4, "lora_alpha": 8.0,
                 "lineage": [{"block": 1, "run_dir": "runs/sft"}]}
-    lora, tok = _save_in_process(tmp_path, 7, metadata)
+    lora, tok, opt = _save_in_process(tmp_path, 7, metadata)
     ids = [[tok.bos_id()] + tok.encode("The capital of France is")]
     np.save(tmp_path / "expected.npy", np.asarray(M.forward_logits(lora, ids)))
     assert M.latest_step(tmp_path) == 7
@@ -196,16 +204,18 @@ def test_checkpoint_round_trips_in_a_fresh_process(tmp_path):
         import json, numpy as np, optax
         from flax import nnx
         import model as M
-        m, tok, _ = M.load("tiny")
-        lora = M.apply_lora(m, rank=4, alpha=8.0)
+        from test_model import opt_fingerprint
+        lora, tok, run_meta = M.load_run({str(tmp_path)!r})  # base + LoRA as the run recorded them
+        np.save({str(tmp_path / 'restored.npy')!r}, np.asarray(M.forward_logits(lora, {ids!r})))
         opt = nnx.Optimizer(lora, optax.adamw(1e-3), wrt=nnx.LoRAParam)
         step, meta = M.restore_checkpoint({str(tmp_path)!r}, lora, optimizer=opt)
-        np.save({str(tmp_path / 'restored.npy')!r}, np.asarray(M.forward_logits(lora, {ids!r})))
-        print("RESULT", json.dumps({{"step": step, "meta": meta}}))
+        print("RESULT", json.dumps({{"step": step, "meta": meta, "run_meta": run_meta, "opt": opt_fingerprint(opt)}}))
     """)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.split("RESULT", 1)[1])
     assert got["step"] == 7 and got["meta"]["lineage"] == metadata["lineage"] and got["meta"]["global_step"] == 7
+    assert got["run_meta"]["checkpoint_step"] == 7 and got["run_meta"]["penalty"] == "soft"
+    assert got["opt"] == opt_fingerprint(opt) > 0
     np.testing.assert_array_equal(np.load(tmp_path / "restored.npy"), np.load(tmp_path / "expected.npy"))
 
 
@@ -233,7 +243,10 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, tiny):
 def test_missing_checkpoint_names_its_path(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nothing" / "checkpoints")):
         M.restore_checkpoint(tmp_path / "nothing", tiny[0])
+    assert M.latest_step(tmp_path / "nothing") is None
     assert not (tmp_path / "nothing").exists()  # looking must not create it
+    with pytest.raises(FileNotFoundError, match="no metadata.json"):
+        M.load_run(tmp_path / "nothing")
     _save_in_process(tmp_path, 3, {})
     with pytest.raises(FileNotFoundError, match=r"step 4 .*steps there: \[3\]"):
         M.restore_checkpoint(tmp_path, M.apply_lora(tiny[0], rank=4, alpha=8.0), step=4)
