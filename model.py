@@ -194,7 +194,9 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
     named in the trainer spec, otherwise ``bos_id()`` is -1 and the Sampler's prompts start
     wrong; (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are
     USER_DEFINED so they encode from text -- as CONTROL pieces they would be split into
-    characters and the model never sees its chat template."""
+    characters and the model never sees its chat template; (3) the whitespace-run pieces get
+    their "▁" back. Then the piece types count as in Gemma 3's own tokenizer.model: 3 control
+    (<pad>, <eos>, <bos>), 1 unknown, 6,410 user-defined, 256 byte, the rest normal."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     def field(name):
@@ -223,19 +225,21 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
             typ = T.CONTROL
         elif typ == T.CONTROL:
             typ = T.USER_DEFINED
+        elif typ == T.USER_DEFINED:
+            # Gemma's runs of 2-31 spaces are pieces "▁▁".."▁▁▁…"; llama.cpp's converter wrote them
+            # with plain spaces, which never match (input spaces become "▁" before matching).
+            piece = piece.replace(" ", "\u2581")
         proto.pieces.add(piece=piece, score=score, type=typ)
     ts = proto.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE
     ts.vocab_size = len(pieces)
     ts.byte_fallback = True
-    ts.split_digits = True
-    ts.allow_whitespace_only_pieces = True
     for name, i in special.items():
         setattr(ts, f"{name}_id", i)
         setattr(ts, f"{name}_piece", pieces[i])
     ns = proto.normalizer_spec
     ns.name = "identity"
-    ns.add_dummy_prefix = bool(field("tokenizer.ggml.add_space_prefix").parts[-1][0]) if "tokenizer.ggml.add_space_prefix" in reader.fields else False
+    ns.add_dummy_prefix = bool(scalar("tokenizer.ggml.add_space_prefix")) if "tokenizer.ggml.add_space_prefix" in reader.fields else False
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     return proto.SerializeToString()
@@ -244,6 +248,9 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
 # ----------------------------------------------------------------------------------------------
 # The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once
 # ----------------------------------------------------------------------------------------------
+
+# Bumped whenever the conversion changes, so an old cache is never mistaken for a current one.
+CONVERSION_VERSION = 2
 
 # GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards).
 _GGUF_TO_HF = [
@@ -325,7 +332,7 @@ def ensure_gemma3_270m() -> Path:
 
     The conversion is written to a temporary directory next to the cache and renamed into place
     at the end, so an interrupted conversion never leaves a half-written cache behind."""
-    target = cache_dir() / "gemma-3-270m"
+    target = cache_dir() / f"gemma-3-270m-v{CONVERSION_VERSION}"
     if (target / "provenance.json").exists():
         return target
     if target.exists():  # not written by us (we rename complete conversions into place)

@@ -108,11 +108,29 @@ def test_control_pieces_encode_to_single_ids(tokenizer):
     assert ids.count(105) == 2 and ids.count(106) == 1
 
 
+def test_piece_types_and_whitespace_runs_as_in_gemma3(tokenizer):
+    """Gemma 3's own tokenizer.model has 255,474 normal, 6,410 user-defined, 256 byte, 3 control
+    and 1 unknown piece, and encodes runs of spaces with its "▁▁".. pieces (id 138 = two spaces)."""
+    from collections import Counter
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer.tokenizer.serialized_model_proto())
+    types = Counter(pb.ModelProto.SentencePiece.Type.Name(p.type) for p in proto.pieces)
+    assert types == {"NORMAL": 255474, "USER_DEFINED": 6410, "BYTE": 256, "CONTROL": 3, "UNKNOWN": 1}
+    assert tokenizer.tokenizer.EncodeAsPieces("Hello  world") == ["Hello", "\u2581\u2581", "world"]
+    assert tokenizer.encode("a  b")[1] == 138
+    assert tokenizer.tokenizer.EncodeAsPieces("<start_of_turn>user\nWho are you?<end_of_turn>\n") == [
+        "<start_of_turn>", "user", "\n", "Who", "\u2581are", "\u2581you", "?", "<end_of_turn>", "\n"]
+
+
 @pytest.mark.parametrize("text", [
     "The capital of France is Paris.",
     "  leading and   repeated spaces\n\nand\ttabs  ",
     "Ünïcödé: naïve café, Ελληνικά, 日本語, עברית, emoji 🧠🩺",
     "<think>plan</think><proof>\"quote\"</proof><answer>ONC201</answer>",
+    "def f(x):\n    if x:\n\t\treturn [1,  2]\n",
     "H3 K27M-altered DIPG, 54 Gy in 30 fractions; 12345.6789",
 ])
 def test_text_round_trips(tokenizer, text):
