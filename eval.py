@@ -301,7 +301,7 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
     load_seconds = time.time() - t0
 
     records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size, desc=label)
-    summary.update(describe_run(run, metadata))
+    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"))
     summary.update(settings=settings, load_seconds=round(load_seconds, 2))
     if out_dir is not None:
         write_results(out_dir, records, summary)
@@ -439,8 +439,9 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
 
     points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft",
                                               s.get("global_step") or 0))
-    max_step = max([s.get("global_step") or 0 for s in points] + [1])
-    base_x = -max(0.08 * max_step, 1)
+    steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
+    max_step = max(steps + [1])
+    base_x = -max(0.08 * max_step, 1)  # Base sits just left of SFT (step 0)
     xs = [_x(s, base_x) for s in points]
     blocks = _blocks(points)
 
@@ -494,7 +495,9 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
     lo, hi = bottom.get_ylim()
     bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
 
-    bottom.set_xticks(xs, [s["label"].replace(" (", "\n(") for s in points], fontsize=11)
+    ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
+    ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
+    bottom.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
     bottom.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
     handles, labels = top.get_legend_handles_labels()
     levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
@@ -546,6 +549,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
+    expected_errors = (ValueError, FileNotFoundError)  # bad input: one line, no traceback
+    if args.runs:
+        import model as model_lib
+        expected_errors += (model_lib.WeightsUnavailable,)
     try:
         if args.responses:
             names = [Path(f).stem for f in args.responses]
@@ -569,7 +576,7 @@ def main(argv=None):
                                       out_dir=out / name,
                                       overwrite=args.overwrite)
                          for run, name in zip(args.runs, names)]
-    except ValueError as e:
+    except expected_errors as e:
         sys.exit(f"eval.py: error: {e}")
 
     # table.md and curriculum.png are views of the summaries above, so they are always redrawn.

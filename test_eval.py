@@ -217,3 +217,37 @@ def test_gsm8k_responses_give_the_phase_kpis(tmp_path):
     (tmp_path / "no_gold.jsonl").write_text(json.dumps({"response": "x"}) + "\n")
     with pytest.raises(ValueError, match="no_gold.jsonl, row 1: missing key 'answer'"):
         ev.read_responses(tmp_path / "no_gold.jsonl", task="gsm8k")
+
+
+def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
+    import jax
+    from flax import nnx
+
+    import model as model_lib
+
+    if not hasattr(model_lib, "load_run"):
+        pytest.skip("model.load_run is not in model.py yet")
+    base, tokenizer, _ = model_lib.load("tiny")
+    rows, dataset_id = ev.load_eval_rows("dipg", "builtin", n=2)
+    without_lora, _ = ev.evaluate_model(base, tokenizer, rows, max_new_tokens=4, batch_size=2)
+    policy = model_lib.apply_lora(base, rank=4, alpha=4.0)
+    # A trained adapter, not the all-zero lora_b of a fresh one: otherwise LoRA would change nothing.
+    state = nnx.state(policy, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
+    nnx.update(policy, jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape, x.dtype), state))
+    run = tmp_path / "grpo_2"
+    model_lib.save_checkpoint(run, 2, policy, {
+        "phase": "grpo", "penalty": "soft", "model": "tiny", "model_path": None, "lora_rank": 4,
+        "lora_alpha": 4.0, "start_step": 1, "global_step": 2, "max_steps": 2, "complete": True,
+        "lineage": [{"run_dir": str(run), "phase": "grpo", "penalty": "soft", "start_step": 1, "end_step": 2}]})
+    in_memory, _ = ev.evaluate_model(policy, tokenizer, rows, max_new_tokens=4, batch_size=2)
+    assert [r["response"] for r in in_memory] != [r["response"] for r in without_lora]  # the adapter matters
+
+    summary = ev.evaluate_run(str(run), rows, dataset_id=dataset_id, max_new_tokens=4, batch_size=2,
+                              out_dir=tmp_path / "out" / "grpo_2")
+    assert summary["label"] == "GRPO (2)" and summary["penalty"] == "soft"
+    assert summary["settings"]["model"] == "tiny" and summary["settings"]["checkpoint_step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "grpo_2" / "responses.jsonl").open()]
+    assert [r["response"] for r in records] == [r["response"] for r in in_memory]
+    with pytest.raises(ValueError, match="trained on tiny"):
+        ev.evaluate_run(str(run), rows, model_name="gemma-3-270m", out_dir=tmp_path / "other")
