@@ -1,6 +1,6 @@
 """Gemma 3 for this project: loading, LoRA, generation and checkpoints, all through Tunix.
 
-Three models, one loader:
+Three models, one loader (``load(name) -> (model, tokenizer, config)``):
 
 * ``gemma-3-1b-it`` -- the model of the published run. Read from a local Hugging Face-format
   directory (``*.safetensors`` + ``tokenizer.model``), or downloaded from the Hugging Face hub
@@ -16,12 +16,20 @@ Whatever is loaded, the log says which weights and tokenizer, from where, with s
 We never fall back from one model to another: missing weights are an error that names the ways
 to get them.
 
-The rest of the file is what the training and evaluation scripts need from a model:
-``apply_lora`` (qwix LoRA on the published module pattern), ``generate`` (batched Tunix
-``Sampler``), ``forward_logits`` (one full forward pass) and ``save_checkpoint`` /
-``restore_checkpoint`` (Tunix's own orbax ``CheckpointManager``, so our checkpoints and the ones the
-Tunix trainers write share one layout in ``RUN_DIR/checkpoints``). ``make_mesh`` builds the
-(fsdp, tp) device mesh that Tunix shards over; the same code runs on one CPU or a TPU pod.
+The rest is what the training and evaluation scripts need from a model:
+
+* ``make_mesh(fsdp, tp)`` -- the device mesh Tunix shards over; ``load(..., mesh=mesh)`` places
+  every weight by the sharding names Tunix's Gemma 3 carries, so one code path runs on a laptop
+  CPU or a TPU pod.
+* ``apply_lora`` -- qwix LoRA adapters on the published module pattern.
+* ``generate`` -- batched decoding with Tunix's ``Sampler``; ``forward_logits`` -- one full pass.
+* ``save_checkpoint`` / ``restore_checkpoint`` / ``latest_step`` -- Tunix's own orbax
+  ``CheckpointManager`` rooted at ``RUN_DIR/checkpoints``, the directory the Tunix trainers are
+  given, so both write one layout (LoRA params, optimizer state, JSON metadata per step).
+  ``load_run(RUN_DIR)`` rebuilds a run's model: base weights + its LoRA checkpoint.
+
+Compiling is the slow part on CPU, so XLA's compiled programs are kept on disk
+(``$GEMMA_CACHE_DIR/xla``, or ``$JAX_COMPILATION_CACHE_DIR``) and reused by later processes.
 
 Run ``python model.py --model gemma-3-270m --prompt "The capital of France is"`` to see it work.
 """
@@ -402,7 +410,7 @@ def _download(name: str) -> Path:
     raise WeightsUnavailable(
         f"no weights for {name} ({'; '.join(errors)}). Get them one of three ways: "
         f"--model-path DIR (a local Hugging Face-format directory with *.safetensors and tokenizer.model), "
-        f"or `huggingface-cli login` after accepting the Gemma licence on huggingface.co/{HF_REPOS[name]} (needs network), "
+        f"or `hf auth login` (or HF_TOKEN) after accepting the Gemma licence on huggingface.co/{HF_REPOS[name]} (needs network), "
         f"or Kaggle credentials (KAGGLE_USERNAME/KAGGLE_KEY) after accepting the licence on kaggle.com/models/google/gemma-3"
     )
 
@@ -527,6 +535,9 @@ def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: s
         return qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(params=seed), **inputs)
 
     lora_model = add_lora(model)
+    # jit hands back copies of the base weights; point the LoRA model at the originals instead,
+    # so base and LoRA model share one copy in memory (a frozen reference model can too).
+    nnx.update(lora_model, nnx.state(model, nnx.Param))
     if mesh is not None:
         from tunix.rl import reshard
 

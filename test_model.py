@@ -279,7 +279,7 @@ def test_missing_1b_weights_give_one_clear_line(tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: no weights for gemma-3-1b-it")
-    for way in ("--model-path DIR", "huggingface-cli login", "Kaggle"):
+    for way in ("--model-path DIR", "hf auth login", "Kaggle"):
         assert way in last
     with pytest.raises(M.WeightsUnavailable, match="has no \\*.safetensors"):
         M.load("gemma-3-1b-it", model_path=tmp_path)
