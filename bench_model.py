@@ -56,6 +56,7 @@ def main():
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
+              "load_average_at_start": os.getloadavg()[0],  # other work on the machine slows every figure
               "dtype": args.dtype, "max_new_tokens": args.max_new_tokens}
     if not args.skip_convert:
         saved = os.environ.get("GEMMA_CACHE_DIR")

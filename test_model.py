@@ -165,6 +165,18 @@ def test_sampling_is_seeded(tiny):
     assert a != M.generate(model, tok, ["Hello", "World"], seed=2, **kwargs)
 
 
+def test_generate_sees_weights_updated_in_place(tiny):
+    """generate() reuses one compiled Sampler per model; after a training step changes the
+    weights in place, it must decode with the new weights, exactly as a fresh Sampler would."""
+    model, tok, _ = tiny
+    base, _, _ = M.load("tiny", seed=1)
+    before = M.generate(base, tok, ["Hello there"], max_new_tokens=6)
+    nnx.update(base, nnx.state(model, nnx.Param))  # swap in other weights, same shapes
+    after = M.generate(base, tok, ["Hello there"], max_new_tokens=6)
+    M._SAMPLERS.clear()
+    assert after == M.generate(base, tok, ["Hello there"], max_new_tokens=6) != before
+
+
 def test_lora_matches_every_projection_and_starts_as_identity(tiny):
     model, tok, config = tiny
     ids = [[tok.bos_id()] + tok.encode("The capital of France is")]
