@@ -241,7 +241,6 @@ def check_existing(out_dir, settings, overwrite):
         return None
     old = json.loads(path.read_text())
     if old.get("settings") == settings:
-        tqdm.write(f"[eval] reusing {path}: same settings, already evaluated (--overwrite to recompute)")
         return old
     changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
                      if settings.get(k) != old.get("settings", {}).get(k))
@@ -266,9 +265,41 @@ def describe_run(run, metadata):
             "lineage": metadata.get("lineage", [])}
 
 
+def resolve_model_name(run, metadata, model_name=None):
+    """The base model: the run's own (a LoRA checkpoint fits only that), else --model, else the 270M."""
+    if run != "base" and model_name and metadata.get("model") not in (None, model_name):
+        raise ValueError(f"{run} was trained on {metadata.get('model')}, not --model {model_name}: "
+                         f"a LoRA checkpoint only fits the base model it was trained on")
+    return model_name or metadata.get("model") or "gemma-3-270m"
+
+
+def eval_settings(run, metadata, rows, *, task, dataset_id, model_name, model_path, max_new_tokens):
+    """What makes two evaluations the same evaluation (stored in summary.json, compared before reuse)."""
+    return {"task": task, "dataset": dataset_id, "n": len(rows), "max_new_tokens": max_new_tokens,
+            "decoding": "greedy", "model": model_name, "model_path": model_path or metadata.get("model_path"),
+            "lora": run != "base", "checkpoint_step": metadata.get("global_step")}
+
+
+def evaluate_loaded(run, metadata, model, tokenizer, rows, *, task="dipg", dataset_id=EVAL_DATASET,
+                    model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
+                    out_dir=None, load_seconds=None):
+    """Evaluate a model already in memory as run `run` (train.py does this after each block)."""
+    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size,
+                                      desc=run_label(metadata))
+    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"))
+    summary["settings"] = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id,
+                                        model_name=model_name or metadata.get("model"), model_path=model_path,
+                                        max_new_tokens=max_new_tokens)
+    if load_seconds is not None:
+        summary["load_seconds"] = round(load_seconds, 2)
+    if out_dir is not None:
+        write_results(out_dir, records, summary)
+    return summary
+
+
 def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=None, model_path=None,
                  max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8, out_dir=None, overwrite=False):
-    """Evaluate a run directory (or "base") on `rows`; write OUT files when out_dir is given.
+    """Load a run directory (or "base") and evaluate it on `rows`; write OUT files when out_dir is given.
 
     Returns the summary: rewards.summarize(...) (or phase_metrics for GSM8K) plus label, phase,
     penalty, global_step, lineage, settings, timings.
@@ -276,21 +307,18 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
     import model as model_lib
 
     metadata = read_run_metadata(run)
-    if run != "base" and model_name and metadata.get("model") not in (None, model_name):
-        raise ValueError(f"{run} was trained on {metadata.get('model')}, not --model {model_name}: "
-                         f"a LoRA checkpoint only fits the base model it was trained on")
-    name = model_name or metadata.get("model") or "gemma-3-270m"
-    settings = {"task": task, "dataset": dataset_id, "n": len(rows), "max_new_tokens": max_new_tokens,
-                "decoding": "greedy", "model": name,
-                "model_path": model_path or metadata.get("model_path"),
-                "checkpoint_step": metadata.get("global_step")}
+    name = resolve_model_name(run, metadata, model_name)
+    settings = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id, model_name=name,
+                             model_path=model_path, max_new_tokens=max_new_tokens)
     if out_dir is not None:
         existing = check_existing(out_dir, settings, overwrite)
         if existing is not None:
+            tqdm.write(f"[eval] {existing['label']}: reusing {Path(out_dir) / 'summary.json'} "
+                       f"(same settings, already evaluated; --overwrite to recompute)")
             return existing
 
-    label = run_label(metadata)
-    tqdm.write(f"[eval] {label}: model {name}" + (f" + LoRA from {run}" if run != "base" else " (no LoRA)")
+    tqdm.write(f"[eval] {run_label(metadata)}: model {name}"
+               + (f" + LoRA from {run}" if run != "base" else " (no LoRA)")
                + f" | dataset {dataset_id} ({len(rows)} rows) | greedy, {max_new_tokens} new tokens, "
                f"batch {batch_size}")
     t0 = time.time()
@@ -298,14 +326,9 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
         model, tokenizer, _ = model_lib.load(name, model_path=model_path)
     else:
         model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
-    load_seconds = time.time() - t0
-
-    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size, desc=label)
-    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"))
-    summary.update(settings=settings, load_seconds=round(load_seconds, 2))
-    if out_dir is not None:
-        write_results(out_dir, records, summary)
-    return summary
+    return evaluate_loaded(run, metadata, model, tokenizer, rows, task=task, dataset_id=dataset_id,
+                           model_name=name, model_path=model_path, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, out_dir=out_dir, load_seconds=time.time() - t0)
 
 
 def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False):
@@ -554,22 +577,26 @@ def main(argv=None):
         import model as model_lib
         expected_errors += (model_lib.WeightsUnavailable,)
     try:
+        names = [Path(f).stem for f in args.responses] if args.responses else \
+            [result_dir_name(r) for r in args.runs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"two inputs would write to the same {out / duplicates[0]}: "
+                             f"rename one, or evaluate them with different --out directories")
         if args.responses:
-            names = [Path(f).stem for f in args.responses]
             summaries = [evaluate_responses_file(f, task=args.task, out_dir=out / name,
                                                  overwrite=args.overwrite)
                          for f, name in zip(args.responses, names)]
         else:
-            names = [result_dir_name(r) for r in args.runs]
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"two runs would write to the same {out}/{duplicates[0]}: "
-                                 f"evaluate them with different --out directories")
-            for run in args.runs:  # fail before any generation if a run is not a run
-                read_run_metadata(run)
-            model_name = args.model or next((read_run_metadata(r).get("model") for r in args.runs
+            metadata = [read_run_metadata(run) for run in args.runs]
+            model_name = args.model or next((m.get("model") for r, m in zip(args.runs, metadata)
                                              if r != "base"), None)
             rows, dataset_id = load_eval_rows(args.task, args.dataset, args.n)
+            for run, meta, name in zip(args.runs, metadata, names):  # any refusal before any generation
+                check_existing(out / name, eval_settings(
+                    run, meta, rows, task=args.task, dataset_id=dataset_id,
+                    model_name=resolve_model_name(run, meta, model_name), model_path=args.model_path,
+                    max_new_tokens=args.max_new_tokens), args.overwrite)
             summaries = [evaluate_run(run, rows, task=args.task, dataset_id=dataset_id,
                                       model_name=model_name, model_path=args.model_path,
                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -227,8 +227,14 @@ def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
 
     if not hasattr(model_lib, "load_run"):
         pytest.skip("model.load_run is not in model.py yet")
+    import data
+
     base, tokenizer, _ = model_lib.load("tiny")
-    rows, dataset_id = ev.load_eval_rows("dipg", "builtin", n=2)
+    # Short vignettes (the fixture's) keep the three compilations of this test quick.
+    rows = ev.read_responses(FIXTURE)[:2]
+    for row in rows:
+        row["prompt"] = data.format_prompt(data.user_content_for(row["context"], row["question"]))
+    dataset_id = str(FIXTURE)
     without_lora, _ = ev.evaluate_model(base, tokenizer, rows, max_new_tokens=4, batch_size=2)
     policy = model_lib.apply_lora(base, rank=4, alpha=4.0)
     # A trained adapter, not the all-zero lora_b of a fresh one: otherwise LoRA would change nothing.
@@ -251,3 +257,12 @@ def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
     assert [r["response"] for r in records] == [r["response"] for r in in_memory]
     with pytest.raises(ValueError, match="trained on tiny"):
         ev.evaluate_run(str(run), rows, model_name="gemma-3-270m", out_dir=tmp_path / "other")
+
+
+def test_refuses_before_generating_when_results_with_other_settings_exist(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "summary.json").write_text(json.dumps({"label": "Base", "settings": {"n": 50}}))
+    with pytest.raises(SystemExit, match=r"different settings .*--overwrite"):
+        ev.main(["--runs", "base", "--model", "tiny", "--n", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "base" / "summary.json").read_text())["settings"] == {"n": 50}
+    assert not (tmp_path / "table.md").exists()
