@@ -282,3 +282,32 @@ def test_phase_rules(chain, env):
     # One change at a time is fine; --force overrides the rule.
     assert print_config("--phase", "correctness", "--init-from", str(fmt), env=env)["start_step"] == 2
     assert print_config("--phase", "generalize", "--init-from", str(fmt), "--force", env=env)["start_step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# A real Ctrl-C
+# ------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_and_resume_finishes_the_block(tmp_path, env):
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    args = ["--phase", "grpo", *TINY_GRPO, "--steps", 6, "--out", out]
+    proc = subprocess.Popen(TRAIN + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=HERE)
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # during step 2 or 3: the first row is written after step 2
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    meta = metadata(out)
+    assert not meta["complete"] and 2 <= meta["global_step"] < 6, meta
+    assert "Ctrl-C: finishing the current step" in stderr
+    assert f"stopped at global step {meta['global_step']}" in stdout
+    assert [r["step"] for r in rows(out)] == list(range(1, meta["global_step"] + 1))
+    run(["--phase", "grpo", "--resume", "--out", out], env)
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert metadata(out)["complete"]

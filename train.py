@@ -44,6 +44,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("train")
@@ -902,7 +903,8 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
             log_dir=str(run_dir / "tunix_logs"), backend_kwargs={"custom_backend": [lambda: collector]}),
         **checkpointing(config, run_dir / "checkpoints"),
     )
-    with mesh:
+    # PeftTrainer reads the mesh from the `with mesh:` context, which jax now calls deprecated.
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh:
         trainer = peft_trainer.PeftTrainer(policy, make_optimizer(config, schedule), training)
         trainer = trainer.with_gen_model_input_fn(sft_model_inputs)
         done = trainer.train_steps  # > 0 when resuming: Tunix restored the checkpoint
