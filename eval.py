@@ -464,7 +464,8 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
                                               s.get("global_step") or 0))
     steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
     max_step = max(steps + [1])
-    base_x = -max(0.08 * max_step, 1)  # Base sits just left of SFT (step 0)
+    has_sft = published is not None or any(s.get("phase") == "sft" for s in points)
+    base_x = -max(0.08 * max_step, 1) if has_sft else 0  # Base sits just left of SFT (step 0), if any
     xs = [_x(s, base_x) for s in points]
     blocks = _blocks(points)
 
@@ -475,7 +476,8 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
         for start, end, level in blocks:
             ax.axvspan(start, end, color=BLOCK_COLOURS.get(level, "#eeeeee"), alpha=0.7, lw=0, zorder=0)
             ax.axvline(end, color="white", lw=2, zorder=0)  # so two blocks at the same level stay two
-        ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
+        if has_sft:
+            ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
         ax.grid(axis="y", color="#dddddd", lw=0.8, zorder=0)
     for start, end, level in blocks:
         top.text((start + end) / 2, 103, level, ha="center", va="bottom", fontsize=11, color="#444444")
@@ -498,7 +500,8 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
             top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
                      mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
     top.set_ylim(-3, 112)
-    top.set_ylabel("rate (%)   [bars: 95% CI]")
+    has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
+    top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
 
     mean_key = "mean_reward" if task == "dipg" else "mean_length"
     means = [s.get(mean_key) for s in points]
@@ -514,7 +517,7 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
                     ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
     if task == "dipg":
         bottom.axhline(0, color="#888888", lw=0.8)
-    bottom.set_ylabel("mean reward" if task == "dipg" else "mean length")
+    bottom.set_ylabel("mean reward" if task == "dipg" else "mean length\n(chars)")
     lo, hi = bottom.get_ylim()
     bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
 
