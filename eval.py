@@ -469,76 +469,79 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
     xs = [_x(s, base_x) for s in points]
     blocks = _blocks(points)
 
-    plt.rcParams.update({"font.size": 13, "axes.spines.top": False, "axes.spines.right": False})
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1.6], "hspace": 0.08})
-    for ax in (top, bottom):
+    style = {"font.size": 13, "axes.spines.top": False, "axes.spines.right": False}
+    with plt.rc_context(style):  # a talk-sized figure, without changing the caller's defaults
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 1.6], "hspace": 0.08})
+        for ax in (top, bottom):
+            for start, end, level in blocks:
+                ax.axvspan(start, end, color=BLOCK_COLOURS.get(level, "#eeeeee"), alpha=0.7, lw=0, zorder=0)
+                ax.axvline(end, color="white", lw=2, zorder=0)  # so two blocks at the same level stay two
+            if has_sft:
+                ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
+            ax.grid(axis="y", color="#dddddd", lw=0.8, zorder=0)
         for start, end, level in blocks:
-            ax.axvspan(start, end, color=BLOCK_COLOURS.get(level, "#eeeeee"), alpha=0.7, lw=0, zorder=0)
-            ax.axvline(end, color="white", lw=2, zorder=0)  # so two blocks at the same level stay two
-        if has_sft:
-            ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
-        ax.grid(axis="y", color="#dddddd", lw=0.8, zorder=0)
-    for start, end, level in blocks:
-        top.text((start + end) / 2, 103, level, ha="center", va="bottom", fontsize=11, color="#444444")
+            top.text((start + end) / 2, 103, level, ha="center", va="bottom", fontsize=11, color="#444444")
 
-    dodge = 0.006 * (max_step - base_x)  # nudge each metric sideways so the interval bars don't overlap
-    for i, (key, name, colour, marker) in enumerate(PLOT_METRICS[task]):
-        values = [s.get(key) for s in points]
-        if all(v is None for v in values):
-            continue
-        ys = [100 * v if v is not None else math.nan for v in values]
-        shifted = [x + (i - 1.5) * dodge for x in xs]
-        cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
-        lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
-        highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
-        minor = key == "refusal_rate"
-        top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
-                     lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,
-                     alpha=0.8 if minor else 1, label=name, zorder=3)
-        if published and key in published:
-            top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
-                     mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
-    top.set_ylim(-3, 112)
-    has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
-    top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
+        dodge = 0.006 * (max_step - base_x)  # nudge each metric sideways so the interval bars don't overlap
+        for i, (key, name, colour, marker) in enumerate(PLOT_METRICS[task]):
+            values = [s.get(key) for s in points]
+            if all(v is None for v in values):
+                continue
+            ys = [100 * v if v is not None else math.nan for v in values]
+            shifted = [x + (i - 1.5) * dodge for x in xs]
+            cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
+            lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
+            highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
+            minor = key == "refusal_rate"
+            top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
+                         lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,
+                         alpha=0.8 if minor else 1, label=name, zorder=3)
+            if published and key in published:
+                top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
+                         mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
+        top.set_ylim(-3, 112)
+        has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
+        top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
 
-    mean_key = "mean_reward" if task == "dipg" else "mean_length"
-    means = [s.get(mean_key) for s in points]
-    bottom.plot(xs, [m if m is not None else math.nan for m in means], color="black", marker="o", lw=2.4,
-                ms=7, zorder=3, label="mean reward" if task == "dipg" else "mean length")
-    for x, m in zip(xs, means):
-        if m is not None:
-            bottom.annotate(f"{m:+.2f}" if task == "dipg" else f"{m:.0f}", (x, m), textcoords="offset points",
-                            xytext=(0, 9), ha="center", fontsize=10)
-    if published and task == "dipg":
-        pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
-        bottom.plot([p[0] for p in pub], [p[1] for p in pub], color="black", marker="o", mfc="none",
-                    ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
-    if task == "dipg":
-        bottom.axhline(0, color="#888888", lw=0.8)
-    bottom.set_ylabel("mean reward" if task == "dipg" else "mean length\n(chars)")
-    lo, hi = bottom.get_ylim()
-    bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
+        mean_key = "mean_reward" if task == "dipg" else "mean_length"
+        means = [s.get(mean_key) for s in points]
+        bottom.plot(xs, [m if m is not None else math.nan for m in means], color="black", marker="o", lw=2.4,
+                    ms=7, zorder=3, label="mean reward" if task == "dipg" else "mean length")
+        for x, m in zip(xs, means):
+            if m is not None:
+                bottom.annotate(f"{m:+.2f}" if task == "dipg" else f"{m:.0f}", (x, m), textcoords="offset points",
+                                xytext=(0, 9), ha="center", fontsize=10)
+        if published and task == "dipg":
+            pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
+            bottom.plot([p[0] for p in pub], [p[1] for p in pub], color="black", marker="o", mfc="none",
+                        ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
+        if task == "dipg":
+            bottom.axhline(0, color="#888888", lw=0.8)
+        bottom.set_ylabel("mean reward" if task == "dipg" else "mean length\n(chars)")
+        lo, hi = bottom.get_ylim()
+        bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
 
-    ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
-    ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
-    bottom.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
-    bottom.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
-    handles, labels = top.get_legend_handles_labels()
-    levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
-    handles += [Patch(color=BLOCK_COLOURS.get(level, "#eeeeee"), label=f"{level} penalties"
-                      if task == "dipg" else f"{level} phase") for level in levels]
-    if published:
-        handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
-                                  label=f"published ({published['model']})"))
-    top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
-    first = summaries[0].get("settings", {}) if summaries else {}
-    top.set_title(title or (f"{'DIPG Safety Gym' if task == 'dipg' else 'GSM8K'} across the curriculum"
-                            f" \u2013 {first.get('model', '')}, {summaries[0].get('total', '?') if summaries else '?'}"
-                            f" held-out prompts, greedy"), fontsize=14, loc="left")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+        ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
+        ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
+        bottom.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
+        bottom.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
+        handles = top.get_legend_handles_labels()[0]
+        levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
+        handles += [Patch(color=BLOCK_COLOURS.get(level, "#eeeeee"), label=f"{level} penalties"
+                          if task == "dipg" else f"{level} phase") for level in levels]
+        if published:
+            handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
+                                      label=f"published ({published['model']})"))
+        top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
+        if title is None:
+            first = points[0] if points else {}
+            title = (f"{'DIPG Safety Gym' if task == 'dipg' else 'GSM8K'} across the curriculum \u2013 "
+                     f"{first.get('settings', {}).get('model', '')}, {first.get('total', '?')} held-out "
+                     f"prompts, greedy")
+        top.set_title(title, fontsize=14, loc="left")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
 
