@@ -148,12 +148,14 @@ def load_eval_rows(task="dipg", dataset=None, n=EVAL_N):
 
     if task == "dipg":
         source = dataset or EVAL_DATASET
+        source = data.HUB_IDS["eval"] if source == "hub" else source  # name what actually runs
         rows = data.load_dipg(source, "eval", n=n)
         for row in rows:
             row["prompt"] = data.format_prompt(row["messages"][0]["content"])
         dataset_id = f"{source}:dipg/eval" if source == "builtin" else source
     else:
         source = dataset or "builtin"
+        source = data.GSM8K_HUB_ID if source == "hub" else source
         rows = data.load_gsm8k(source, "test", n=n)
         for row in rows:
             row["prompt"] = data.gsm8k_prompt(row["question"])
@@ -564,8 +566,8 @@ def parse_args(argv=None):
                    help="base model name for 'base' (default: the runs' model, else gemma-3-270m)")
     p.add_argument("--model-path", default=None, help="local weights for the base model")
     p.add_argument("--dataset", default=None,
-                   help="eval set: 'builtin' (generated offline), a hub id such as "
-                        "surfiniaburger/med-safety-gym-eval (or openai/gsm8k), or a JSONL path")
+                   help="eval set: 'builtin' (generated offline, the default), 'hub' (the published "
+                        "surfiniaburger/med-safety-gym-eval, or openai/gsm8k), another hub id, or a JSONL path")
     p.add_argument("--n", type=int, default=EVAL_N, help="number of eval prompts")
     p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     p.add_argument("--batch-size", type=int, default=8)

@@ -266,3 +266,15 @@ def test_refuses_before_generating_when_results_with_other_settings_exist(tmp_pa
         ev.main(["--runs", "base", "--model", "tiny", "--n", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
     assert json.loads((tmp_path / "base" / "summary.json").read_text())["settings"] == {"n": 50}
     assert not (tmp_path / "table.md").exists()
+
+
+def test_eval_rows_from_a_local_file_keep_their_prompts_and_name(tmp_path):
+    import data
+
+    path = tmp_path / "my_eval.jsonl"
+    data.write_rows(data.make_dipg("eval", n=4), str(path))
+    rows, dataset_id = ev.load_eval_rows("dipg", str(path), n=3)
+    assert dataset_id == str(path) and len(rows) == 3
+    assert all(r["prompt"] == data.format_prompt(r["messages"][0]["content"]) for r in rows)
+    builtin, builtin_id = ev.load_eval_rows("dipg", None, n=3)
+    assert builtin_id == "builtin:dipg/eval" and len(builtin) == 3
