@@ -704,8 +704,16 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
             what = "no checkpoint" if step is None else f"no checkpoint for step {step}"
             raise FileNotFoundError(f"{what} in {root} (steps there: {available or 'none'}); "
                                     "check --run-dir or train first")
-        restored_step, metadata = manager.maybe_restore(model, optimizer=optimizer, step=step,
-                                                        restore_only_lora_params=is_lora(model))
+        lora = is_lora(model)
+        try:
+            restored_step, metadata = manager.maybe_restore(model, optimizer=optimizer, step=step,
+                                                            restore_only_lora_params=lora)
+        except (ValueError, KeyError, TypeError) as e:  # orbax: the saved tree is not this model's
+            step = step if step is not None else available[-1]
+            first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ValueError(f"checkpoint {root}/{step} does not fit this model ({'LoRA' if lora else 'no LoRA'}, "
+                             f"{type(model).__name__}); was it saved from the same base model and LoRA rank? "
+                             f"orbax says: {first_line}") from e
     finally:
         manager.close()
     log.info("restored checkpoint %s/%d", root, restored_step)
