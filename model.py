@@ -759,8 +759,8 @@ def main(argv=None):
                         force=True)  # absl (imported by tunix) already put a handler on the root logger
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/tunix chatter
     prompts = args.prompt or ["The capital of France is"]
-    mesh = make_mesh(args.fsdp, args.tp) if args.fsdp * args.tp > 1 else None
     try:
+        mesh = make_mesh(args.fsdp, args.tp) if args.fsdp * args.tp > 1 else None
         model, tokenizer, _ = load(args.model, model_path=args.model_path, mesh=mesh, dtype=args.dtype)
     except (WeightsUnavailable, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
