@@ -608,9 +608,10 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     Prompts are sent as given (plus the <bos> the Sampler prepends), so chat prompts must already
     be in Gemma's turn format. Generation stops at <end_of_turn> or <eos> (neither is included in
     text or n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
-    Shapes are static -- every batch is padded to the same size and every prompt to the same
-    length (the next power of two above the longest, unless ``max_prompt_length`` is given) -- so
-    the Sampler compiles once per call pattern."""
+    Shapes are static so the Sampler compiles once per call pattern: batches have
+    min(batch_size, len(prompts)) rows (the last one padded with copies), every prompt is
+    left-padded to one length (the next power of two above the longest, unless
+    ``max_prompt_length`` is given), and the KV cache holds max_prompt_length + max_new_tokens."""
     prompts = [str(p) for p in prompts]  # numpy.str_ from datasets is rejected by SentencePiece
     if not prompts:
         return []
@@ -680,6 +681,8 @@ def save_checkpoint(run_dir, step: int, model, metadata: dict, optimizer=None, m
     metadata = json.loads(json.dumps(dict(metadata, step=step), default=str))  # JSON-safe, e.g. Paths
     lora = is_lora(model)
     try:
+        if step in manager._checkpoint_manager.all_steps():  # never overwrite a saved step
+            raise FileExistsError(f"{root / str(step)} already exists; save under a new step or run directory")
         manager.save(step, model, optimizer=optimizer, save_only_lora_params=lora, force=True, custom_metadata=metadata)
     finally:
         manager.close()  # waits for the (async) write to finish

@@ -282,6 +282,8 @@ def test_missing_checkpoint_names_its_path(tmp_path, tiny):
         M.restore_checkpoint(tmp_path, M.apply_lora(tiny[0], rank=4, alpha=8.0), step=4)
     with pytest.raises(ValueError, match=r"checkpoints/3 does not fit this model \(LoRA"):
         M.restore_checkpoint(tmp_path, M.apply_lora(tiny[0], rank=8, alpha=8.0))
+    with pytest.raises(FileExistsError, match=r"checkpoints/3 already exists"):
+        M.save_checkpoint(tmp_path, 3, tiny[0], {})
 
 
 # ---------------------------------------------------------------- errors, CLI, meshes
