@@ -53,8 +53,12 @@ def chain(tmp_path_factory, env):
     root = tmp_path_factory.mktemp("runs")
     sft, soft, medium = root / "sft", root / "grpo_soft", root / "grpo_medium"
     out = {"root": root, "sft": sft, "soft": soft, "medium": medium}
-    out["sft_proc"] = run(["--phase", "sft", *TINY, "--steps", 2, "--batch-size", 1, "--gradient-accumulation-steps", 2,
-                           "--max-seq-length", 64, "--max-tokens-to-generate", 8, "--out", sft], env)
+    # SFT steps 1-2 (2 micro-batches each), stopped after step 1 as if by Ctrl-C, then resumed.
+    out["sft_stopped_proc"] = run(["--phase", "sft", *TINY, "--steps", 2, "--batch-size", 1,
+                                   "--gradient-accumulation-steps", 2, "--max-seq-length", 64,
+                                   "--max-tokens-to-generate", 8, "--stop-after", 1, "--out", sft], env)
+    out["sft_stopped_meta"], out["sft_stopped_rows"] = metadata(sft), rows(sft)
+    out["sft_proc"] = run(["--phase", "sft", "--resume", "--out", sft], env)
     # Block 2, interrupted after its first step (global step 3), then resumed.
     out["stopped_proc"] = run(["--phase", "grpo", "--penalty", "soft", "--init-from", sft, *TINY_GRPO, "--steps", 2,
                                "--stop-after", 3, "--out", soft], env)
@@ -159,6 +163,8 @@ def test_missing_weights_name_the_embedded_model(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_sft_rows_and_format_report(chain):
+    assert (chain["sft_stopped_meta"]["global_step"], chain["sft_stopped_meta"]["complete"]) == (1, False)
+    assert [x["step"] for x in chain["sft_stopped_rows"]] == [1]
     r = rows(chain["sft"])
     assert [x["step"] for x in r] == [1, 2]
     assert all(x["phase"] == "sft" and np.isfinite(x["loss"]) and x["loss"] > 0 for x in r)

@@ -196,7 +196,7 @@ def resolve_config(args, parser, init_meta: dict | None) -> dict:
     if phase in GSM8K_PHASES:
         defaults.update(GSM8K_DEFAULTS)
     if init_meta is not None:
-        for key in ("model", "model_path", "lora_rank", "lora_alpha"):
+        for key in ("model", "lora_rank", "lora_alpha"):
             asked = getattr(args, key)
             if asked is not None and asked != init_meta.get(key):
                 parser.error(f"--{key.replace('_', '-')} {asked} differs from the init run's {init_meta.get(key)} "
@@ -207,7 +207,8 @@ def resolve_config(args, parser, init_meta: dict | None) -> dict:
     for key, value in defaults.items():
         flag = getattr(args, key, None)
         config[key] = value if flag is None else flag
-    config["model_path"] = args.model_path if init_meta is None else init_meta.get("model_path")
+    # The weights' location may differ between machines; the model name may not.
+    config["model_path"] = args.model_path or (init_meta or {}).get("model_path")
     config.update(dtype=args.dtype, mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed,
                   init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
                   start_step=(init_meta["global_step"] + 1) if init_meta else 1)
@@ -416,18 +417,14 @@ def batches(rows: list[dict], batch_size: int, seed: int, start_position: int):
 # ================================================================================================
 
 def make_mesh(text: str):
-    import jax
-
+    """--mesh fsdp=N,tp=M -> the jax Mesh that policy, reference and rollout are sharded over."""
     import model as model_lib
 
     axes = parse_mesh(text)
-    mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
-    # Tunix enters meshes with `with mesh:`, which needs Auto axes (with Explicit axes the
-    # sampler's embedding gather fails to resolve its output sharding).
-    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-    if tuple(mesh.axis_types) != auto:
-        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-    return mesh
+    try:
+        return model_lib.make_mesh(axes["fsdp"], axes["tp"])
+    except ValueError as e:
+        sys.exit(f"error: --mesh {text}: {e}")
 
 
 def load_policy(config: dict, mesh):
@@ -451,18 +448,15 @@ def load_policy(config: dict, mesh):
 
 
 def restore_lora(run_dir: Path, policy) -> int:
-    """Load the newest LoRA checkpoint of a run into `policy`, through Tunix's CheckpointManager."""
-    from tunix.sft import checkpoint_manager
+    """Load the newest LoRA checkpoint of a run into `policy` (SFT runs keep them in
+    RUN_DIR/checkpoints, GRPO runs in RUN_DIR/checkpoints/actor: metadata says which)."""
+    import model as model_lib
 
     meta = read_metadata(run_dir)
-    root = run_dir.resolve() / meta.get("checkpoint_dir", "checkpoints")
-    manager = checkpoint_manager.CheckpointManager(str(root))
     try:
-        step, _ = manager.maybe_restore(policy, restore_only_lora_params=True)
-    finally:
-        manager.close()
-    if step == 0:
-        sys.exit(f"error: --init-from {run_dir}: no checkpoint under {root}")
+        step, _ = model_lib.restore_checkpoint(run_dir, policy, checkpoint_dir=meta.get("checkpoint_dir", "checkpoints"))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: --init-from {run_dir}: {e}")
     log.info("restored LoRA weights of %s (checkpoint %d = global step %d)", run_dir, step, meta["start_step"] - 1 + step)
     return step
 
@@ -629,8 +623,6 @@ class MetricsWriter:
         from tqdm.auto import tqdm
 
         self.path = run_dir / "metrics.jsonl"
-        self.config = config
-        self.offset = config["start_step"] - 1  # local step k is global step offset + k
         self.bar = tqdm(total=config["max_steps"], initial=first_local_step - 1, unit="step",
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
         self.last_time = time.time()
@@ -660,6 +652,7 @@ def example_hash(answer: str) -> str:
 
 
 def grpo_row(config, local_step, record, scalars) -> dict:
+    """One metrics.jsonl row of a GRPO step: our reward records + Tunix's scalars of that step."""
     import numpy as np
 
     total = np.sum([np.asarray(v) for v in record["parts"].values()], axis=0) if record else np.zeros(0)
@@ -679,11 +672,10 @@ def grpo_row(config, local_step, record, scalars) -> dict:
         row.update(outcome_counts(config, record))
         if len(record["parts"]) > 1:
             row["rewards"] = {name: float(np.mean(v)) for name, v in record["parts"].items()}
-    n_completions = total.size
     row.update({
-        "n_completions": int(n_completions), "completion_len_mean": completion_len, "kl": scalars.get("actor/kl"), "loss": scalars.get("actor/loss"),
-        "grad_norm": scalars.get("actor/grad_norm"), "seconds": seconds,
-        "tokens_per_second": (completion_len * n_completions / seconds) if seconds else None,
+        "n_completions": int(total.size), "completion_len_mean": completion_len,
+        "kl": scalars.get("actor/kl"), "loss": scalars.get("actor/loss"), "grad_norm": scalars.get("actor/grad_norm"),
+        "seconds": seconds, "tokens_per_second": (completion_len * total.size / seconds) if seconds else None,
         "rollout_seconds": scalars.get("perf/sum/rollout_time"),
         "reference_seconds": scalars.get("perf/sum/refer_inference_time"),
         "update_seconds": scalars.get("perf/sum/actor_train_time"),
@@ -924,8 +916,8 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
                    "tokens_per_second": tokens_per_step / seconds if seconds else None}
             writer.write(row, {"step": row["step"], "loss": _fmt(row["loss"], 3), "s/step": _fmt(seconds, 1)})
 
-        def stop():  # stop at the end of the current optimizer step (not in the middle of accumulating)
-            training.max_steps = trainer.train_steps + (1 if trainer.iter_steps % accumulation else 0)
+        def stop():  # finish the optimizer step under way (all its micro-batches), then stop
+            training.max_steps = min(training.max_steps, trainer.train_steps + 1)
 
         trainer.with_training_hooks(make_hooks(on_step_start, on_step_end))
         stopper = StopRequest(on_stop=stop)
