@@ -21,10 +21,12 @@ generalize (mixed domains, same rewards). Never change dataset and rewards at th
 script refuses a phase that would, unless --force.
 
 Defaults are the published settings (gemma-3-1b-it, 1,024-token prompts, 512 new tokens, ...).
-On a laptop, pick the embedded model and shrink the lengths:
+On a laptop, pick the embedded model and shrink the lengths (Tunix's update holds float32 logits
+of shape [G, prompt + new tokens, 262,144], several times over: on a 24 GB machine keep
+G x (prompt + new tokens) near 2,200 or below; the published 4 x 1,536 needs a >32 GB buffer):
 
     python train.py --phase grpo --penalty soft --model gemma-3-270m --steps 20 \\
-        --num-generations 2 --max-tokens-to-generate 64 --max-prompt-length 512
+        --num-generations 2 --max-tokens-to-generate 64
 
 The file reads top to bottom: configuration -> run directory and lineage -> data -> model ->
 reward -> the Tunix learner -> per-step metrics -> checkpoints and interruption -> the command line.
@@ -108,7 +110,6 @@ GSM8K_DEFAULTS = {"slice_start": 0.0, "slice_end": 0.25}  # seed 002: "a random 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum (and seed 002's GSM8K phases) with Tunix.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--phase", required=True, choices=PHASES)
     p.add_argument("--penalty", choices=PENALTY_LEVELS, help="DIPG penalty level of a GRPO block (default soft)")
@@ -122,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", help="gemma-3-1b-it (published), gemma-3-270m (embedded, offline) or tiny (tests)")
     m.add_argument("--model-path", help="local Hugging Face-format directory with the model's weights")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    m.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh, e.g. fsdp=4,tp=2 (Tunix's axes)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="default %(default)s")
+    m.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh over Tunix's axes (default %(default)s)")
     m.add_argument("--lora-rank", type=int)
     m.add_argument("--lora-alpha", type=float)
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="builtin", help="builtin, hub, a hub id or a local .jsonl/.json/.parquet")
+    d.add_argument("--dataset", default="builtin", help="builtin (default), hub, a hub id or a local .jsonl/.json/.parquet")
     d.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
-    d.add_argument("--seed", type=int, default=0, help="data order, LoRA init and sampling")
+    d.add_argument("--seed", type=int, default=0, help="data order and LoRA init (default %(default)s)")
     d.add_argument("--slice-start", type=float, help="--phase format: start of the GSM8K slice (fraction)")
     d.add_argument("--slice-end", type=float, help="--phase format: end of the GSM8K slice (fraction)")
     o = p.add_argument_group("optimisation (defaults: the published block of the phase)")
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep-checkpoints", type=int)
     c.add_argument("--sample-every", type=int, default=25, help="print one completion every N steps (0: never)")
     c.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
+    # Flags left unset take the published value of the phase: say which in --help.
+    for action in p._actions:
+        if action.default is not None or action.dest not in {**GRPO_DEFAULTS, **SFT_DEFAULTS}:
+            continue
+        grpo, sft = GRPO_DEFAULTS.get(action.dest), SFT_DEFAULTS.get(action.dest)
+        published = f"GRPO {grpo}, SFT {sft}" if grpo is not None and sft is not None else (
+            f"{grpo}" if sft is None else f"SFT {sft}")
+        action.help = "; ".join(filter(None, [action.help, f"default (published): {published}"]))
     return p
 
 
