@@ -26,7 +26,8 @@ Outputs under `--out` (one directory per evaluated run, named after the run dire
 
 Existing results are never silently replaced: when OUT/<run>/summary.json already holds results with the
 same settings (task, dataset, n, tokens, model, checkpoint step) they are reused, and the log says so;
-when the settings differ, eval.py stops and asks for --overwrite.
+when the settings differ, eval.py stops, before generating anything, and asks for --overwrite.
+table.md and curriculum.png are views of the summaries of the runs listed, redrawn on every call.
 
 `--responses FILE.jsonl` skips generation entirely and scores saved responses (rows with `context`,
 `expected_final`, `response`), so the outputs of any model or API can be put in the same table.
