@@ -212,6 +212,18 @@ PHASE_NAMES = {"sft": "SFT", "grpo": "GRPO", "format": "Format", "correctness": 
                "generalize": "Generalize"}
 
 
+def sft_steps(metadata):
+    """How many of a run's global steps were SFT (train.py counts SFT steps in the global step)."""
+    return sum(b["end_step"] - b["start_step"] + 1 for b in metadata.get("lineage") or []
+               if b.get("phase") == "sft" and b.get("end_step") is not None)
+
+
+def rl_step(metadata):
+    """The step a GRPO/GSM8K column is known by: RL steps since SFT, as in the published "GRPO (300)"
+    (a paper run's first GRPO block covers global steps 301-600 after 300 SFT steps)."""
+    return (metadata.get("global_step") or 0) - sft_steps(metadata)
+
+
 def run_label(metadata):
     """Column label from run metadata: "Base", "SFT", "GRPO (300)", "Format (200)", ..."""
     phase = metadata.get("phase") or "base"
@@ -219,7 +231,7 @@ def run_label(metadata):
         return "Base"
     if phase == "sft":
         return "SFT"
-    return f"{PHASE_NAMES.get(phase, phase.title())} ({metadata.get('global_step')})"
+    return f"{PHASE_NAMES.get(phase, phase.title())} ({rl_step(metadata)})"
 
 
 def read_run_metadata(run):
@@ -265,7 +277,7 @@ def describe_run(run, metadata):
     return {"label": run_label(metadata), "run_dir": None if run == "base" else str(run),
             "phase": metadata.get("phase") or "base", "penalty": metadata.get("penalty"),
             "start_step": metadata.get("start_step"), "global_step": metadata.get("global_step"),
-            "lineage": metadata.get("lineage", [])}
+            "sft_steps": sft_steps(metadata), "lineage": metadata.get("lineage", [])}
 
 
 def resolve_model_name(run, metadata, model_name=None):
@@ -437,13 +449,14 @@ def _x(summary, base_x):
         return base_x
     if phase == "sft":
         return 0
-    return summary.get("global_step") or 0
+    return rl_step(summary)
 
 
 def _blocks(summaries):
     """Every training block seen in the runs or their lineage: (start, end, level), deduplicated."""
     blocks = {}
     for s in summaries:
+        offset = sft_steps(s)  # plotted in RL steps, like the published table
         for b in list(s.get("lineage") or []) + [s]:
             phase = b.get("phase")
             if phase in (None, "base", "sft"):
@@ -452,7 +465,7 @@ def _blocks(summaries):
             start = b.get("start_step") or 1
             if end is None:
                 continue
-            blocks[(start - 1, end)] = b.get("penalty") or phase
+            blocks[(start - 1 - offset, end - offset)] = b.get("penalty") or phase
     return sorted((s, e, level) for (s, e), level in blocks.items())
 
 
@@ -463,8 +476,7 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft",
-                                              s.get("global_step") or 0))
+    points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft", rl_step(s)))
     steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
     max_step = max(steps + [1])
     has_sft = published is not None or any(s.get("phase") == "sft" for s in points)

@@ -112,10 +112,11 @@ def two_runs():
     _, sft = ev.score_dipg_rows(rows, [r["response"] for r in rows])
     _, grpo = ev.score_dipg_rows(rows[:3], [r["response"] for r in rows[:3]])
     sft.update(ev.describe_run("runs/sft", {"phase": "sft", "global_step": 300, "lineage": []}))
-    grpo_meta = {"phase": "grpo", "penalty": "soft", "start_step": 1, "global_step": 300,
+    # As train.py writes it: SFT took global steps 1-300, the first GRPO block 301-600.
+    grpo_meta = {"phase": "grpo", "penalty": "soft", "start_step": 301, "global_step": 600,
                  "lineage": [{"run_dir": "runs/sft", "phase": "sft", "start_step": 1, "end_step": 300},
                              {"run_dir": "runs/grpo_300", "phase": "grpo", "penalty": "soft",
-                              "start_step": 1, "end_step": 300}]}
+                              "start_step": 301, "end_step": 600}]}
     grpo.update(ev.describe_run("runs/grpo_300", grpo_meta))
     return [sft, grpo]
 
@@ -148,6 +149,20 @@ def test_labels_come_from_run_metadata():
     assert ev.run_label({"phase": "format", "global_step": 200}) == "Format (200)"
 
 
+def test_grpo_columns_count_steps_after_sft_like_the_published_table():
+    # train.py counts SFT's steps in the global step: 300 SFT steps, then GRPO blocks at 301-600 and
+    # 601-900. The published table calls those columns GRPO (300) and GRPO (600).
+    sft = {"phase": "sft", "start_step": 1, "end_step": 300}
+    soft = {"phase": "grpo", "penalty": "soft", "start_step": 301, "end_step": 600}
+    medium = {"phase": "grpo", "penalty": "medium", "start_step": 601, "end_step": 900}
+    assert ev.run_label({"phase": "grpo", "global_step": 600, "lineage": [sft, soft]}) == "GRPO (300)"
+    meta = {"phase": "grpo", "penalty": "medium", "start_step": 601, "global_step": 900, "end_step": 900,
+            "lineage": [sft, soft, medium]}
+    summary = ev.describe_run("runs/grpo_medium_900", meta)
+    assert summary["label"] == "GRPO (600)" and ev._x(summary, -1) == 600
+    assert ev._blocks([summary]) == [(0, 300, "soft"), (300, 600, "medium")]
+
+
 def test_curriculum_plot_is_a_sensible_png(tmp_path):
     from PIL import Image
 
@@ -164,7 +179,7 @@ def test_curriculum_plot_is_a_sensible_png(tmp_path):
 
 def test_blocks_come_from_lineage_and_are_coloured_by_penalty():
     summaries = two_runs()
-    summaries[1]["lineage"].append({"phase": "grpo", "penalty": "medium", "start_step": 301, "end_step": 600})
+    summaries[1]["lineage"].append({"phase": "grpo", "penalty": "medium", "start_step": 601, "end_step": 900})
     assert ev._blocks(summaries) == [(0, 300, "soft"), (300, 600, "medium")]
 
 
