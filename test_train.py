@@ -317,3 +317,34 @@ def test_ctrl_c_saves_and_resume_finishes_the_block(tmp_path, env):
     run(["--phase", "grpo", "--resume", "--out", out], env)
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
     assert metadata(out)["complete"]
+
+
+def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
+    """--phase curriculum: SFT then a soft block, each evaluated; interrupted inside the GRPO block,
+    the same command resumes it, then skips everything already done."""
+    root = tmp_path / "runs"
+    journey = ["--phase", "curriculum", "--schedule", "sft,soft", "--preset", "cpu", *TINY_GRPO,
+               "--steps", 2, "--max-seq-length", 64, "--out", root]
+    first = run(journey + ["--stop-after", 3], env, check=False)
+    assert first.returncode == 1 and "run the same command again" in first.stdout
+    assert metadata(root / "sft")["complete"] and (root / "eval" / "sft" / "summary.json").is_file()
+    assert not metadata(root / "grpo_soft_4")["complete"]
+
+    second = run(journey, env)
+    assert "already trained" in second.stdout and "reusing" in second.stdout  # SFT and its evaluation
+    grpo = metadata(root / "grpo_soft_4")
+    assert grpo["complete"] and [b["phase"] for b in grpo["lineage"]] == ["sft", "grpo"]
+    assert [r["step"] for r in rows(root / "grpo_soft_4")] == [3, 4]
+    table = (root / "table.md").read_text()
+    assert table.splitlines()[0] == "| Metric | SFT | GRPO (2) |"  # GRPO columns count steps after SFT
+    summary = json.loads((root / "eval" / "grpo_soft_4" / "summary.json").read_text())
+    assert summary["total"] == 8 and summary["settings"]["max_new_tokens"] == 32  # the cpu preset's eval
+    assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    third = run(journey, env)
+    assert third.stdout.count("already trained") == 2 and third.stdout.count("reusing") == 2
+
+
+def test_curriculum_schedule_is_checked(env):
+    proc = run(["--phase", "curriculum", "--schedule", "soft,sft"], env, check=False)
+    assert proc.returncode == 2 and "--schedule 'soft,sft'" in proc.stderr

@@ -111,8 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum (and seed 002's GSM8K phases) with Tunix.",
     )
-    p.add_argument("--phase", required=True, choices=PHASES)
+    p.add_argument("--phase", required=True, choices=PHASES + ("curriculum",),
+                   help="one block, or 'curriculum': the whole journey of --schedule, evaluated after each block")
     p.add_argument("--penalty", choices=PENALTY_LEVELS, help="DIPG penalty level of a GRPO block (default soft)")
+    cur = p.add_argument_group("--phase curriculum (the whole journey)")
+    cur.add_argument("--schedule", default="sft," + ",".join(PUBLISHED_SCHEDULE),
+                     help="blocks in order: sft, then GRPO penalty levels")
+    cur.add_argument("--preset", choices=("paper", "cpu"), default="paper",
+                     help="paper: the published settings; cpu: the same journey sized for 2 CPU cores (~20 min)")
+    cur.add_argument("--eval-dataset", help="evaluation vignettes after each block (default: builtin eval split)")
     run = p.add_argument_group("run directory")
     run.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>)")
     run.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
@@ -1013,6 +1020,94 @@ def run_block(config: dict, run_dir: Path, stop_after: int | None = None) -> Pat
     return run_dir
 
 
+# ================================================================================================
+# 12. The whole journey in one command: SFT, then the GRPO blocks, each evaluated as it finishes
+# ================================================================================================
+
+# `--preset paper` (the default) is the published journey: every block at its published settings
+# and the published evaluation (50 vignettes, greedy, 512 new tokens). `--preset cpu` is the same
+# journey shrunk to finish in about 20 minutes on 2 CPU cores with the embedded gemma-3-270m: it
+# exercises every mechanism (blocks chaining, penalties switching, evaluation, table, plot), but
+# a handful of steps per block cannot show the published effect, which took 300 steps per block.
+# Flags given on the command line (e.g. --steps 300) override the preset.
+PRESETS = {
+    "paper": {"grpo": {}, "sft": {}, "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 8}},
+    "cpu": {  # measured: see README, "CPU quickstart"
+        "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 512,
+                 "max_tokens_to_generate": 32, "kv_cache_size": 1024, "save_every": 2},
+        "sft": {"model": "gemma-3-270m", "max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1,
+                "max_seq_length": 640, "max_tokens_to_generate": 32, "save_every": 4},
+        "eval": {"n": 8, "max_new_tokens": 32, "batch_size": 8},
+    },
+}
+
+
+def parse_schedule(text: str) -> list[str]:
+    blocks = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in blocks if b not in ("sft",) + PENALTY_LEVELS]
+    if not blocks or bad or "sft" in blocks[1:]:
+        raise ValueError(f"--schedule {text!r}: expected a comma-separated list of soft/medium GRPO blocks, "
+                         "optionally starting with sft (e.g. sft,soft,medium,soft,soft)")
+    return blocks
+
+
+def block_args(args, block: str, init_from, preset: dict) -> argparse.Namespace:
+    """The command-line arguments of one block of the journey: the user's flags, then the preset's."""
+    b = argparse.Namespace(**vars(args))
+    b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
+    b.init_from = str(init_from) if init_from else None
+    for key, value in preset["sft" if block == "sft" else "grpo"].items():
+        if getattr(b, key, None) is None:
+            setattr(b, key, value)
+    return b
+
+
+def run_curriculum(args, parser) -> int:
+    """Train each block of --schedule from the previous one, evaluate it, and keep runs/table.md and
+    runs/curriculum.png up to date. Finished blocks and evaluations are skipped, so rerunning the
+    same command after an interruption resumes the journey where it stopped."""
+    import eval as eval_lib
+
+    try:
+        schedule = parse_schedule(args.schedule)
+    except ValueError as e:
+        parser.error(str(e))
+    preset = PRESETS[args.preset]
+    root = Path(args.out or "runs")
+    root.mkdir(parents=True, exist_ok=True)
+    settings = preset["eval"]
+    rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
+    init_from, summaries = args.init_from, []
+    for i, block in enumerate(schedule, 1):
+        b = block_args(args, block, init_from, preset)
+        init_meta = load_init_run(b.init_from) if b.init_from else None
+        config = resolve_config(b, parser, init_meta)
+        run_dir = root / default_out(config).name
+        existing = read_metadata(run_dir)
+        print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")
+        if existing and existing.get("complete"):
+            print(f"already trained ({run_dir}/metadata.json says complete); skipping")
+        else:
+            if existing:  # interrupted earlier: continue it with its own saved configuration
+                config = existing["config"]
+            else:
+                check_phase_rules(config, init_meta, args.force)
+                config["sample_every"] = args.sample_every
+                run_dir, _ = prepare_run_dir(run_dir, config, init_meta)
+            run_block(config, run_dir, stop_after=args.stop_after)
+            if not read_metadata(run_dir).get("complete"):
+                print(f"stopped inside {run_dir}; run the same command again to resume the journey")
+                return 1
+        summaries.append(eval_lib.evaluate_run(str(run_dir), rows, dataset_id=eval_dataset,
+                                               max_new_tokens=settings["max_new_tokens"],
+                                               batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
+        table = eval_lib.write_table(summaries, root / "table.md")
+        eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=eval_lib.PUBLISHED)
+        init_from = run_dir
+    print(f"\n{table}\nwrote {root / 'table.md'} and {root / 'curriculum.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1020,6 +1115,8 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax", "orbax", "tunix"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    if args.phase == "curriculum":
+        return run_curriculum(args, parser)
     if args.resume:
         if not args.out:
             parser.error("--resume needs --out RUN_DIR (the run to continue)")
