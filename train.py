@@ -49,6 +49,8 @@ import time
 import warnings
 from pathlib import Path
 
+import rewards  # pure Python: the penalty levels and reward functions (JAX is imported only when training)
+
 log = logging.getLogger("train")
 
 # ================================================================================================
@@ -57,7 +59,8 @@ log = logging.getLogger("train")
 
 PHASES = ("sft", "grpo", "format", "correctness", "generalize")
 GSM8K_PHASES = ("format", "correctness", "generalize")
-PENALTY_LEVELS = ("soft", "medium")
+# Every level rewards.PENALTIES defines is a --penalty choice: adding one there is a one-line ablation.
+PENALTY_LEVELS = tuple(rewards.PENALTIES)
 # The published curriculum: the penalty of GRPO block 1, 2, 3, 4.
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")
 
@@ -231,8 +234,6 @@ def resolve_config(args, parser, init_meta: dict | None) -> dict:
     config["end_step"] = config["start_step"] + config["max_steps"] - 1
 
     # Rewards, by their published names, so that --print-config shows the whole block.
-    import rewards
-
     if phase == "grpo":
         config.update(dataclasses.asdict(rewards.PENALTIES[penalty]))
     elif phase in GSM8K_PHASES:
@@ -518,7 +519,6 @@ def make_optimizer(config: dict, schedule):
 # ================================================================================================
 
 def reward_functions(config: dict) -> list:
-    import rewards
 
     if config["phase"] == "grpo":
         return [rewards.make_dipg_reward(config["penalty"])]
@@ -555,7 +555,6 @@ class StepRecorder:
 
 def outcome_counts(config: dict, record: dict) -> dict:
     """Counts of what the completions of a step did (REFERENCE.md section 2's outcomes)."""
-    import rewards
 
     completions = record["completions"]
     if config["phase"] != "grpo":
