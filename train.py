@@ -519,7 +519,6 @@ def make_optimizer(config: dict, schedule):
 # ================================================================================================
 
 def reward_functions(config: dict) -> list:
-
     if config["phase"] == "grpo":
         return [rewards.make_dipg_reward(config["penalty"])]
     return list(rewards.PHASE_REWARDS[config["phase"]])
@@ -555,7 +554,6 @@ class StepRecorder:
 
 def outcome_counts(config: dict, record: dict) -> dict:
     """Counts of what the completions of a step did (REFERENCE.md section 2's outcomes)."""
-
     completions = record["completions"]
     if config["phase"] != "grpo":
         m = rewards.phase_metrics(completions, record["answers"])
