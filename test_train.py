@@ -338,7 +338,7 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     table = (root / "table.md").read_text()
     assert table.splitlines()[0] == "| Metric | SFT | GRPO (2) |"  # GRPO columns count steps after SFT
     summary = json.loads((root / "eval" / "grpo_soft_4" / "summary.json").read_text())
-    assert summary["total"] == 8 and summary["settings"]["max_new_tokens"] == 32  # the cpu preset's eval
+    assert summary["total"] == 6 and summary["settings"]["max_new_tokens"] == 32  # the cpu preset's eval
     assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     third = run(journey, env)

@@ -1032,9 +1032,9 @@ PRESETS = {
     "cpu": {  # measured: see README, "CPU quickstart"
         "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 512,
                  "max_tokens_to_generate": 32, "kv_cache_size": 1024, "save_every": 2},
-        "sft": {"model": "gemma-3-270m", "max_steps": 4, "batch_size": 2, "gradient_accumulation_steps": 1,
-                "max_seq_length": 640, "max_tokens_to_generate": 32, "save_every": 4},
-        "eval": {"n": 8, "max_new_tokens": 32, "batch_size": 8},
+        "sft": {"model": "gemma-3-270m", "max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1,
+                "max_seq_length": 512, "max_tokens_to_generate": 32, "save_every": 3},
+        "eval": {"n": 6, "max_new_tokens": 32, "batch_size": 6},
     },
 }
 
@@ -1057,6 +1057,41 @@ def block_args(args, block: str, init_from, preset: dict) -> argparse.Namespace:
         if getattr(b, key, None) is None:
             setattr(b, key, value)
     return b
+
+
+def _call_and_send(conn, fn, args, kwargs):
+    try:
+        conn.send(("ok", fn(*args, **kwargs)))
+    except BaseException as e:  # SystemExit included: the parent reports it
+        conn.send(("error", e if isinstance(e, (SystemExit, KeyboardInterrupt)) else RuntimeError(repr(e))))
+        raise
+
+
+def in_child_process(fn, *args, **kwargs):
+    """Run fn in a fresh process and return its result. Every block and every evaluation loads its
+    own model; in one long-lived process JAX would keep all of them (and their compiled programs)
+    alive, and five blocks outgrow 24 GB. A child process gives all of it back when it ends; the
+    persistent compilation cache keeps the restart cheap."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:  # killed without a word (e.g. out of memory)
+        child.join()
+        sys.exit(f"error: {getattr(fn, '__name__', fn)} died (exit code {child.exitcode}); "
+                 "run the same command again to resume")
+    except KeyboardInterrupt:  # the child got Ctrl-C too: let it save and finish, then stop here
+        child.join()
+        sys.exit("interrupted; run the same command again to resume the journey")
+    child.join()
+    if status == "error":
+        raise value
+    return value
 
 
 def run_curriculum(args, parser) -> int:
@@ -1091,13 +1126,13 @@ def run_curriculum(args, parser) -> int:
                 check_phase_rules(config, init_meta, args.force)
                 config["sample_every"] = args.sample_every
                 run_dir, _ = prepare_run_dir(run_dir, config, init_meta)
-            run_block(config, run_dir, stop_after=args.stop_after)
+            in_child_process(run_block, config, run_dir, stop_after=args.stop_after)
             if not read_metadata(run_dir).get("complete"):
                 print(f"stopped inside {run_dir}; run the same command again to resume the journey")
                 return 1
-        summaries.append(eval_lib.evaluate_run(str(run_dir), rows, dataset_id=eval_dataset,
-                                               max_new_tokens=settings["max_new_tokens"],
-                                               batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
+        summaries.append(in_child_process(eval_lib.evaluate_run, str(run_dir), rows, dataset_id=eval_dataset,
+                                          max_new_tokens=settings["max_new_tokens"],
+                                          batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
         table = eval_lib.write_table(summaries, root / "table.md")
         eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=eval_lib.PUBLISHED)
         init_from = run_dir
