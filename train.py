@@ -1060,6 +1060,9 @@ def block_args(args, block: str, init_from, preset: dict) -> argparse.Namespace:
 
 
 def _call_and_send(conn, fn, args, kwargs):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    for noisy in ("absl", "jax", "orbax", "tunix"):  # as in main(): the log says which model and data run
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         conn.send(("ok", fn(*args, **kwargs)))
     except BaseException as e:  # SystemExit included: the parent reports it
@@ -1134,7 +1137,9 @@ def run_curriculum(args, parser) -> int:
                                           max_new_tokens=settings["max_new_tokens"],
                                           batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
         table = eval_lib.write_table(summaries, root / "table.md")
-        eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=eval_lib.PUBLISHED)
+        # The published curve is drawn behind ours only on the published step scale.
+        eval_lib.plot_curriculum(summaries, root / "curriculum.png",
+                                 published=eval_lib.PUBLISHED if args.preset == "paper" else None)
         init_from = run_dir
     print(f"\n{table}\nwrote {root / 'table.md'} and {root / 'curriculum.png'}")
     return 0
