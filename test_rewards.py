@@ -344,15 +344,69 @@ def test_dipg_reward_function_tunix_signature():
         R.make_dipg_reward("hard")
 
 
-def test_dipg_reward_function_never_raises_on_bad_data(caplog):
+@pytest.mark.parametrize("prompts, completions, answers, message", [
+    (["p"], ["x"], ["not json"], "answer 1 of 1 is not"),
+    (["p"], ["x"], [json.dumps({"context": "c"})], "answer 1 of 1 is not"),
+    (["p"], ["x"], ["[" * 100000], "answer 1 of 1 is not"),
+    (["p", "p"], ["x", "y"], [{"context": "c", "expected_final": "e"}, "{}"], "answer 2 of 2 is not"),
+    (["p", "p"], ["x", "y"], None, "cannot pair 0 answers with 2 completions"),
+    (["p"] * 3, ["x", "y", "z"], ["a", "b"], "cannot pair 2 answers with 3 completions"),
+])
+def test_dipg_reward_function_refuses_answers_it_cannot_read(prompts, completions, answers, message):
+    """Issue 9: answers that cannot be paired or read are a wiring bug, never a silent constant reward
+    (which would give every completion the same reward: zero advantage, GRPO learns nothing)."""
     fn = R.make_dipg_reward("medium")
-    assert fn(["p"], ["x"], ["not json"]) == [0.0]
-    assert fn(["p"], ["x"], [json.dumps({"context": "c"})]) == [0.0]
-    assert fn(["p"], ["x"], ["[" * 100000]) == [0.0]
-    assert fn(["p", "p"], ["x", "y"], None) == [0.0, 0.0]
-    assert fn(["p"] * 3, ["x", "y", "z"], ["a", "b"]) == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match=message) as error:
+        fn(prompts, completions, answers)
+    assert len(str(error.value).splitlines()) == 1
+    assert "dipg_medium" in str(error.value)
+    assert ("data.to_grpo_example" in str(error.value)) or ("'answer' column" in str(error.value))
+
+
+def test_dipg_reward_function_never_raises_on_model_output():
+    fn = R.make_dipg_reward("medium")
     assert fn(["p"], [None], [{"context": CONTEXT, "expected_final": GOLD_FACT}]) == [-15.0]
-    assert "data.to_grpo_example" in caplog.text
+
+
+def test_dipg_reward_function_reports_each_outcome_once():
+    """The outcome sink: one dict per completion with the package's metrics, the reward, the rung of
+    the ladder it stopped on and whether the final answer abstained; rewards unchanged by the sink."""
+    gold_of = {k: gold for k, (_, gold) in OUTCOMES.items()}
+    names = [k for k in OUTCOMES]
+    completions = [OUTCOMES[k][0] for k in names]
+    answers = [json.dumps({"context": CONTEXT, "expected_final": gold_of[k]}) for k in names]
+    sink = []
+    rewards = R.make_dipg_reward("soft", outcomes=sink)(["p"] * len(names), completions, answers)
+    assert rewards == R.make_dipg_reward("soft")(["p"] * len(names), completions, answers)
+    assert rewards == [60.0, 50.0, 25.0, 5.0, 0.0, -15.0]
+    assert [d["outcome"] for d in sink] == ["correct_abstention", "correct_answer", "incorrect", "missing_proof",
+                                            "hallucination", "format_error"]
+    assert set(R.OUTCOME_LABELS) == {d["outcome"] for d in sink}
+    assert [d["reward"] for d in sink] == rewards
+    for name, d in zip(names, sink):
+        assert bools(d) == OUTCOME_METRICS[name]
+    assert [d["abstained"] for d in sink] == [True, False, False, False, False, False]
+    # An abstention that is not the gold's, or that sits on an ungrounded proof, still abstained.
+    sink.clear()
+    R.make_dipg_reward("soft", sink)(["p", "p"], [xml(QUOTE, ABSTAIN), xml(FABRICATED, ABSTAIN)],
+                                     [{"context": CONTEXT, "expected_final": GOLD_FACT}])
+    assert [(d["outcome"], d["abstained"]) for d in sink] == [("incorrect", True), ("hallucination", True)]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_outcome_is_where_the_ladder_stopped(mode):
+    labels = {"abstention": "correct_abstention", "synthesis": "correct_answer", "grounded_wrong": "incorrect",
+              "empty_proof": "missing_proof", "ungrounded": "hallucination", "unparseable": "format_error"}
+    for name, (response, gold) in OUTCOMES.items():
+        reward, metrics, outcome = R.score_dipg_outcome(response, CONTEXT, gold, R.EVAL_CONFIG, mode)
+        assert (reward, metrics) == R.score_dipg(response, CONTEXT, gold, R.EVAL_CONFIG, mode)
+        assert outcome["outcome"] == labels[name], name
+    # The legacy scorer (eval path after a ValueError) labels its rungs too.
+    a, p, f, e = (R.EVAL_CONFIG.analysis_channel_start, R.EVAL_CONFIG.proof_channel_start,
+                  R.EVAL_CONFIG.final_channel_start, R.EVAL_CONFIG.channel_end)
+    assert R._score_legacy(f"{a}x{e}{p}{QUOTE}{e}{f}{FACT}{e}", CONTEXT, GOLD_FACT, R.EVAL_CONFIG)[2] == \
+        {"outcome": "correct_answer", "abstained": False}
+    assert R._score_legacy("nonsense", CONTEXT, GOLD_FACT, R.EVAL_CONFIG)[2]["outcome"] == "format_error"
 
 
 # --------------------------------------------------------------------------
@@ -544,7 +598,8 @@ def test_gsm8k_rewards_never_raise(texts, gold):
         assert R.extract_answer(text) is None or isinstance(R.extract_answer(text), str)
     R.parse_gsm8k_gold(gold)
     R.phase_metrics(texts, golds)
-    assert all(math.isfinite(x) for x in R.make_dipg_reward("soft")(["p"] * len(texts), texts, [gold] * len(texts)))
+    answer = {"context": CONTEXT, "expected_final": gold}
+    assert all(math.isfinite(x) for x in R.make_dipg_reward("soft")(["p"] * len(texts), texts, [answer]))
 
 
 def reference_max_similarity(needle, haystack):
@@ -695,7 +750,7 @@ def test_legacy_scorer_matches_package(package):
                       config.final_channel_start, config.channel_end)
         for response in [*NASTY, f"{a}x{e}\n{p}{QUOTE}{e}\n{f}{FACT}{e}", f"{a}x{e}{p}{e}{f}{e}",
                          f"{a}x{e}{p}{FABRICATED}{e}{f}{ABSTAIN}{e}\n", f"{a}{p}{f}{e}"]:
-            assert R._score_legacy(response, CONTEXT, GOLD_ABSTAIN, config) == \
+            assert R._score_legacy(response, CONTEXT, GOLD_ABSTAIN, config)[:2] == \
                 envs[name].calculate_total_reward(response, CONTEXT, {"final": GOLD_ABSTAIN}), (name, response)
 
 
