@@ -1,15 +1,37 @@
 """Run bookkeeping: the machinery that keeps long runs safe. You can skip this file.
 
 The method lives in rewards.py -> data.py -> model.py -> train.py -> eval.py. This module holds what
-every long run needs and no reader of the method does: run directories and their metadata.json,
-lineage, resume, Ctrl-C, metrics files, child processes and the phase rules.
+every long run needs and no reader of the method does, so a fork never has to touch it:
+
+  run directories   RUN_DIR/metadata.json (configuration, lineage of blocks, global step, complete?)
+  phase rules       seed 002: never change the dataset and the rewards in the same step
+  metrics           one JSON row per global step in RUN_DIR/metrics.jsonl, a progress bar, and
+                    TensorBoard event files in RUN_DIR/tensorboard (tensorboardX, as Tunix logs)
+  interruption      Ctrl-C finishes the step under way, saves a checkpoint, exits; --resume goes on
+  the journey       --phase curriculum: every block and evaluation in a child process, resumable
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
+
+log = logging.getLogger("train")
+
+
+def setup_logging() -> None:
+    """Our own INFO lines (which model and which data run); the libraries' warnings only."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    for noisy in ("absl", "jax", "orbax", "tunix"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def write_json(path, obj) -> None:
@@ -26,3 +48,489 @@ def read_metadata(run_dir) -> dict | None:
         return json.loads((Path(run_dir) / "metadata.json").read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def is_main_process() -> bool:
+    """On a multi-process launch (a TPU pod slice, several GPU hosts) one process writes the files."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+# ================================================================================================
+# Run directories: what a block trains on, where it writes, what it continues
+# ================================================================================================
+
+GSM8K_PHASES = ("format", "correctness", "generalize")
+
+
+def reward_set(config: dict) -> str:
+    """What the block optimises, as compared by the phase rules."""
+    if config["phase"] == "sft":
+        return "sft_format"
+    if config["phase"] == "grpo":
+        return f"dipg_{config['penalty']}"
+    return "gsm8k_" + ("format" if config["phase"] == "format" else "correctness")  # generalize keeps phase 2's
+
+
+def dataset_id(config: dict) -> str:
+    """Which data the block trains on. The format phase's slice is part of GSM8K, so format and
+    correctness share a dataset (seed 002 changes only the rewards between them)."""
+    source = config["dataset"]
+    if config["phase"] in ("sft", "grpo"):
+        return f"{source}:dipg/train"
+    if config["phase"] == "generalize":
+        return f"{source}:mixed(gsm8k,code,qa)"
+    return f"{source}:gsm8k/train"
+
+
+def default_out(config: dict) -> Path:
+    name = config["phase"] if config["phase"] == "sft" else "_".join(
+        filter(None, [config["phase"], config["penalty"], str(config["end_step"])]))
+    return Path("runs") / name
+
+
+def load_init_run(path: str) -> dict:
+    meta = read_metadata(path)
+    if meta is None:
+        sys.exit(f"error: --init-from {path}: no run there (no {Path(path) / 'metadata.json'}); "
+                 "pass a directory written by train.py")
+    if not meta.get("complete"):
+        sys.exit(f"error: --init-from {path}: that run stopped at step {meta.get('global_step')} of "
+                 f"{meta.get('end_step')}; finish it first with: python train.py --phase {meta['phase']} --out {path} --resume")
+    return meta
+
+
+def check_phase_rules(config: dict, init_meta: dict | None, force: bool) -> None:
+    """Seed 002: 'Do NOT change dataset and rewards at the same time.'"""
+    if init_meta is None:
+        return
+    old_data, old_rewards = init_meta.get("dataset"), init_meta.get("reward_set")
+    new_data, new_rewards = dataset_id(config), reward_set(config)
+    if old_data != new_data and old_rewards != new_rewards:
+        message = (f"--phase {config['phase']} from {config['init_from']} changes both the dataset ({old_data} -> {new_data}) "
+                   f"and the rewards ({old_rewards} -> {new_rewards}); seed 002's rule is to change one at a time")
+        if not force:
+            sys.exit(f"error: {message}. Run the phase in between first, or pass --force.")
+        log.warning("%s (--force given: going ahead)", message)
+
+
+def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite: bool = False) -> Path:
+    """Create the run directory and its metadata.json; never over a run unless --overwrite."""
+    run_dir = Path(out) if out else default_out(config)
+    existing = read_metadata(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            what = f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files"
+            sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
+                     "--overwrite to replace it, or choose another --out")
+        shutil.rmtree(run_dir)
+    this_block = {"run_dir": str(run_dir.resolve()), "phase": config["phase"], "penalty": config["penalty"],
+                  "start_step": config["start_step"], "end_step": config["end_step"]}
+    metadata = {
+        "phase": config["phase"], "penalty": config["penalty"], "model": config["model"],
+        "model_path": config["model_path"], "lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"],
+        "start_step": config["start_step"], "global_step": config["start_step"] - 1, "end_step": config["end_step"],
+        "max_steps": config["max_steps"], "dataset": dataset_id(config), "reward_set": reward_set(config),
+        # Tunix's RLCluster writes the actor's checkpoints one level down, under "actor".
+        "checkpoint_dir": "checkpoints" if config["phase"] == "sft" else "checkpoints/actor",
+        "config": config, "complete": False,
+        "lineage": (init_meta["lineage"] if init_meta else []) + [this_block],
+    }
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "metadata.json", metadata)
+    return run_dir
+
+
+def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
+    """--resume: the interrupted run in --out and its saved configuration."""
+    if not out:
+        parser.error("--resume needs --out RUN_DIR (the run to continue)")
+    run_dir, existing = Path(out), read_metadata(out)
+    if existing is None:
+        sys.exit(f"error: --resume: {run_dir} holds no run to resume (no metadata.json); drop --resume to start one")
+    if existing.get("complete"):
+        sys.exit(f"error: --resume: {run_dir} is complete (step {existing['global_step']}); "
+                 f"start the next block with --init-from {run_dir}")
+    if existing["phase"] != phase:
+        parser.error(f"--resume: {run_dir} is a {existing['phase']} run, not --phase {phase}")
+    log.info("resuming %s with its saved configuration", run_dir)
+    return run_dir, existing["config"]
+
+
+def run_block(train_block, config: dict, run_dir, stop_after: int | None = None) -> Path:
+    """Train one block into run_dir (train_block is train.py's SFT or GRPO), record how far it got,
+    and say what to run next. A curriculum is a loop over this function."""
+    run_dir = Path(run_dir)
+    last = train_block(config, run_dir, stop_after=stop_after)
+    metadata = read_metadata(run_dir)
+    metadata.update(global_step=last, complete=last >= config["end_step"])
+    if is_main_process():
+        write_json(run_dir / "metadata.json", metadata)
+    if metadata["complete"]:
+        print(f"done: {run_dir} (global steps {config['start_step']}-{last})")
+        print_next_steps(config, run_dir, metadata)
+    else:
+        print(f"stopped at global step {last}; continue with: python train.py --phase {config['phase']} "
+              f"--out {run_dir} --resume")
+    return run_dir
+
+
+def remove_if_empty_run(run_dir) -> None:
+    """A fresh run that failed before its first checkpoint (e.g. weights unavailable) leaves nothing
+    behind, so the same command can simply be run again."""
+    if not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# ================================================================================================
+# After a block: what to run next (and, in the GSM8K phases, whether seed 002's exit criteria hold)
+# ================================================================================================
+
+def exit_criteria(run_dir: Path, window: int = 20) -> dict:
+    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length; judged on
+    the last `window` steps of metrics.jsonl."""
+    last = read_rows(run_dir)[-window:]
+    completions = sum(r["n_completions"] for r in last)
+    extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
+    refusal = sum(r["refusal"] for r in last) / completions
+    lengths = [r["completion_len_mean"] for r in last]
+    half = len(lengths) // 2
+    first, second = (sum(lengths[:half]) / half, sum(lengths[half:]) / (len(lengths) - half)) if half else (1.0, 1.0)
+    drift = abs(second - first) / first if first else 0.0
+    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95,
+            "refusal_rate": refusal, "refusal_ok": refusal <= 0.02,
+            "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
+
+
+def print_next_steps(config: dict, run_dir: Path, metadata: dict, schedule=("soft", "medium", "soft", "soft")) -> None:
+    if config["phase"] in GSM8K_PHASES:
+        c = exit_criteria(run_dir)
+        ok = c["extraction_ok"] and c["refusal_ok"] and c["length_ok"]
+        print(f"exit criteria over the last {c['window']} steps: answer extraction {c['answer_extraction_rate']:.0%} "
+              f"({'ok' if c['extraction_ok'] else 'needs >= 95%'}), refusal {c['refusal_rate']:.1%} "
+              f"({'ok' if c['refusal_ok'] else 'not near zero'}), length drift {c['length_drift']:.0%} "
+              f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if ok else 'NOT met'}")
+        nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
+        if nxt and ok:
+            print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
+        elif config["phase"] == "format" or not ok:
+            print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
+        return
+    blocks = sum(1 for b in metadata["lineage"] if b["phase"] == "grpo")
+    if blocks < len(schedule):
+        print(f"next (published curriculum, block {blocks + 1}): python train.py --phase grpo "
+              f"--penalty {schedule[blocks]} --init-from {run_dir}")
+    print(f"evaluate: python eval.py --runs {run_dir}")
+
+
+# ================================================================================================
+# Per-step metrics: Tunix's scalars -> RUN_DIR/metrics.jsonl, a progress bar, TensorBoard
+# ================================================================================================
+
+def read_rows(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# Tunix scalar ("<prefix>/<name>", mode dropped) -> metrics.jsonl key.
+ROW_KEYS = {
+    "actor/loss": "loss", "actor/kl": "kl", "actor/grad_norm": "grad_norm",
+    "rewards/score/mean": "reward_mean", "rewards/score/max": "reward_max", "rewards/score/min": "reward_min",
+    "completions/mean_length": "completion_len_mean",
+    "perf/global_step_time": "seconds", "perf/sum/rollout_time": "rollout_seconds",
+    "perf/sum/refer_inference_time": "reference_seconds", "perf/sum/actor_train_time": "update_seconds",
+}
+
+
+class MetricsLog:
+    """A Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close).
+
+    Tunix logs every scalar as "<prefix>/<mode>/<name>" with its own step count. Rollout-side
+    metrics ("rewards", "completions", and our "step" metrics) carry the count BEFORE their update,
+    the others (loss, KL, timers) the count after it; we file all under the 1-based local step they
+    belong to. Tunix flushes a step's metrics late (its timers only once the next step has run), so
+    a step's row is written when the last of `complete_keys` arrives. Each row goes to metrics.jsonl
+    and, under the GLOBAL step, to TensorBoard (so `tensorboard --logdir runs` shows a whole journey)."""
+
+    ROLLOUT_PREFIXES = ("rewards", "completions", "step")
+    # Counts of completions (what train.step_metrics reports): whole numbers in the rows.
+    COUNTS = ("n_completions", "format_error", "missing_proof", "hallucination", "correct_abstention",
+              "correct_answer", "incorrect", "abstention", "refusal")
+
+    def __init__(self, run_dir: Path, config: dict, schedule, complete_keys=()):
+        self.run_dir, self.config, self.complete_keys = Path(run_dir), config, tuple(complete_keys)
+        self.schedule = schedule  # the optimizer's: local step k updates with schedule(k - 1)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.by_step: dict[int, dict] = {}
+        self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (added by train.py)
+        self.lock = threading.Lock()  # rollout metrics are logged from Tunix's data thread
+        self.main = is_main_process()
+        self.bar = self.tensorboard = None
+
+    def start(self, done_steps: int) -> None:
+        """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
+        of steps after it (they will be redone), open the progress bar and TensorBoard."""
+        from tensorboardX import SummaryWriter
+        from tqdm.auto import tqdm
+
+        config = self.config
+        if self.main and self.path.exists():
+            keep = [r for r in read_rows(self.run_dir) if r["step"] <= config["start_step"] - 1 + done_steps]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self.bar = tqdm(total=config["max_steps"], initial=done_steps, unit="step", disable=not self.main,
+                        desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.main else None
+        self.last_time = time.time()
+
+    def options(self, run_dir: Path):
+        """The MetricsLoggerOptions to hand to a Tunix trainer: this object is its only backend."""
+        from tunix.sft import metrics_logger
+
+        return metrics_logger.MetricsLoggerOptions(log_dir=str(Path(run_dir) / "tunix_logs"),
+                                                   backend_kwargs={"custom_backend": [lambda: self]})
+
+    def log_scalar(self, event: str, value, step=None, **kwargs):
+        import numpy as np
+
+        parts = event.split("/")
+        if step is None or len(parts) < 3 or parts[1] != "train":
+            return
+        try:
+            value = float(np.mean(np.asarray(value, dtype=float)))
+        except (TypeError, ValueError):
+            return
+        step = int(step) + (1 if parts[0] in self.ROLLOUT_PREFIXES else 0)
+        with self.lock:
+            scalars = self.by_step.setdefault(step, {})
+            scalars["/".join([parts[0]] + parts[2:])] = value
+            if self.complete_keys and all(k in scalars for k in self.complete_keys):
+                self.write_step(step, self.by_step.pop(step))
+
+    def write_step(self, local_step: int, scalars: dict) -> None:
+        """One row: the step, the block, Tunix's scalars under readable names, then the extras."""
+        step = self.config["start_step"] - 1 + local_step
+        row = {"step": step, "phase": self.config["phase"], "penalty": self.config["penalty"]}
+        functions = self.config.get("reward_functions") or []
+        for name, value in scalars.items():
+            key = ROW_KEYS.get(name, name.removeprefix("step/"))
+            if key.removeprefix("rewards/") in functions:  # GSM8K: each reward function's mean
+                row.setdefault("rewards", {})[key.removeprefix("rewards/")] = value
+            elif not key.startswith(("rewards/", "perf/mean/", "actor/learning_rate")):  # repeats, or a step late
+                row[key] = int(round(value)) if key in self.COUNTS else value
+        row.update(self.extras.pop(local_step, {}))
+        # Tunix reads the rate from the optimizer state when it flushes, a step late: use the schedule.
+        row["learning_rate"] = float(self.schedule(local_step - 1))
+        now = time.time()
+        row.setdefault("seconds", now - self.last_time)
+        self.last_time = now
+        tokens = row.pop("tokens_per_step", None) or row.get("completion_len_mean", 0) * row.get("n_completions", 0)
+        row["tokens_per_second"] = tokens / row["seconds"] if tokens and row["seconds"] else None
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.tensorboard.add_scalar(f"{self.config['phase']}/{key}", value, step)
+        self.tensorboard.flush()
+        self.bar.set_postfix({k: _fmt(row.get(k), d) for k, d in
+                              (("loss", 3), ("reward_mean", 2), ("kl", 4), ("seconds", 1)) if k in row}, refresh=False)
+        self.bar.update(1)
+
+    def text(self, tag: str, text: str, local_step: int) -> None:
+        """A sample completion, shown in TensorBoard's text tab and under the progress bar."""
+        if self.main:
+            step = self.config["start_step"] - 1 + local_step
+            self.tensorboard.add_text(tag, "```\n" + text + "\n```", step)
+            self.bar.write(f"--- step {step}, {tag}:\n{text[:1500]}\n---")
+
+    def flush(self):
+        """Write what is left (e.g. after an interruption), in step order."""
+        with self.lock:
+            for step in sorted(self.by_step):
+                if "actor/loss" in self.by_step[step]:
+                    self.write_step(step, self.by_step.pop(step))
+
+    def close(self):  # Tunix closes its backends when its trainer closes; ours outlive that
+        pass
+
+    def finish(self):
+        self.flush()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _fmt(x, digits=2):
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+# ================================================================================================
+# Interruption: Ctrl-C (or --stop-after) finishes the current step, saves, and exits
+# ================================================================================================
+
+class StopRequest:
+    """First Ctrl-C: ask the trainer to stop after the current step (it then saves a checkpoint on
+    its way out). Second Ctrl-C: stop now, without saving. `on_stop` tells the trainer."""
+
+    def __init__(self, on_stop):
+        self.on_stop, self.requested = on_stop, False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.request("Ctrl-C")
+
+    def request(self, why: str):
+        if not self.requested:
+            self.requested = True
+            print(f"\n{why}: finishing the current step, saving a checkpoint, then exiting "
+                  "(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+            self.on_stop()
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_step_end=None):
+    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step."""
+    from tunix.sft import hooks
+
+    class Hooks(hooks.TrainingHooks):
+        def on_train_start(self, trainer): pass
+        def on_train_end(self, trainer): pass
+        def on_eval_step_start(self, trainer): pass
+        def on_eval_step_end(self, trainer, eval_loss): pass
+
+        def on_train_step_start(self, trainer):
+            if stop_after is not None and config["start_step"] + trainer.train_steps >= stop_after:
+                stopper.request(f"--stop-after {stop_after}")
+
+        def on_train_step_end(self, trainer, train_step, train_loss):
+            if on_step_end is not None:
+                on_step_end(trainer, train_step, train_loss)
+
+    return Hooks()
+
+
+def checkpointing(config: dict, root: Path) -> dict:
+    """Tunix trainers' checkpoint options: every save_every steps, keep the newest few."""
+    import orbax.checkpoint as ocp
+
+    return dict(checkpoint_root_directory=str(root.resolve()),
+                checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=config["save_every"],
+                                                                   max_to_keep=config["keep_checkpoints"]))
+
+
+# ================================================================================================
+# The whole journey in one command: every block and every evaluation in a child process
+# ================================================================================================
+
+def _call_and_send(conn, fn, args, kwargs):
+    setup_logging()
+    try:
+        conn.send(("ok", fn(*args, **kwargs)))
+    except BaseException as e:  # SystemExit included: the parent reports it
+        conn.send(("error", e if isinstance(e, (SystemExit, KeyboardInterrupt)) else RuntimeError(repr(e))))
+        raise
+
+
+def in_child_process(fn, *args, **kwargs):
+    """Run fn in a fresh process and return its result. Every block and every evaluation loads its
+    own model; in one long-lived process JAX would keep all of them (and their compiled programs)
+    alive, and five blocks outgrow 24 GB. A child process gives all of it back when it ends; the
+    persistent compilation cache keeps the restart cheap."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:  # killed without a word (e.g. out of memory)
+        child.join()
+        sys.exit(f"error: {getattr(fn, '__name__', fn)} died (exit code {child.exitcode}); "
+                 "run the same command again to resume")
+    except KeyboardInterrupt:  # the child got Ctrl-C too: let it save and finish, then stop here
+        child.join()
+        sys.exit("interrupted; run the same command again to resume the journey")
+    child.join()
+    if status == "error":
+        raise value
+    return value
+
+
+def parse_schedule(text: str, levels) -> list[str]:
+    blocks = [b.strip() for b in text.split(",") if b.strip()]
+    bad = [b for b in blocks if b not in ("sft", *levels)]
+    if not blocks or bad or "sft" in blocks[1:]:
+        raise ValueError(f"--schedule {text!r}: expected a comma-separated list of GRPO penalty levels "
+                         f"({', '.join(levels)}), optionally starting with sft (e.g. sft,soft,medium,soft,soft)")
+    return blocks
+
+
+def run_curriculum(args, parser, resolve_config, train_block, preset: dict, levels, published=None) -> int:
+    """Train each block of --schedule from the previous one, evaluate it, and keep OUT/table.md and
+    OUT/curriculum.png up to date. Finished blocks and evaluations are skipped, so rerunning the
+    same command after an interruption resumes the journey where it stopped."""
+    import argparse
+
+    import eval as eval_lib
+
+    try:
+        schedule = parse_schedule(args.schedule, levels)
+    except ValueError as e:
+        parser.error(str(e))
+    root = Path(args.out or "runs")
+    root.mkdir(parents=True, exist_ok=True)
+    settings = preset["eval"]
+    rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
+    summaries = [in_child_process(eval_lib.evaluate_run, "base", rows, dataset_id=eval_dataset,
+                                  model_name=preset["sft"].get("model", args.model), model_path=args.model_path,
+                                  max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+                                  out_dir=root / "eval" / "base")] if settings.get("base", True) else []
+    init_from = args.init_from
+    for i, block in enumerate(schedule, 1):
+        # The user's flags, then the preset's, then the published defaults (in resolve_config).
+        b = argparse.Namespace(**vars(args))
+        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
+        b.init_from = str(init_from) if init_from else None
+        for key, value in preset[b.phase].items():
+            if getattr(b, key, None) is None:
+                setattr(b, key, value)
+        init_meta = load_init_run(b.init_from) if b.init_from else None
+        config = resolve_config(b, parser, init_meta)
+        run_dir = root / default_out(config).name
+        existing = read_metadata(run_dir)
+        print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")
+        if existing and existing.get("complete"):
+            print(f"already trained ({run_dir}/metadata.json says complete); skipping")
+        else:
+            if existing:  # interrupted earlier: continue it with its own saved configuration
+                config = existing["config"]
+            else:
+                check_phase_rules(config, init_meta, args.force)
+                config["sample_every"] = args.sample_every
+                prepare_run_dir(run_dir, config, init_meta)
+            in_child_process(run_block, train_block, config, run_dir, stop_after=args.stop_after)
+            if not read_metadata(run_dir).get("complete"):
+                print(f"stopped inside {run_dir}; run the same command again to resume the journey")
+                return 1
+        summaries.append(in_child_process(eval_lib.evaluate_run, str(run_dir), rows, dataset_id=eval_dataset,
+                                          max_new_tokens=settings["max_new_tokens"],
+                                          batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
+        table = eval_lib.write_table(summaries, root / "table.md")
+        eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=published)
+        init_from = run_dir
+    print(f"\n{table}\nwrote {root / 'table.md'} and {root / 'curriculum.png'}")
+    return 0
