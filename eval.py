@@ -31,12 +31,13 @@ table.md and curriculum.png are views of the summaries of the runs listed, redra
 
 `--responses FILE.jsonl` skips generation entirely and scores saved responses (rows with `context`,
 `expected_final`, `response`), so the outputs of any model or API can be put in the same table.
+`--reference-policies` adds a column per scripted policy (vignettes.REFERENCE_POLICIES, e.g. "always
+abstain"), scored the same way: what a trick earns, without any model.
 `--task gsm8k` reports the GSM8K curriculum's KPIs (seed 002) instead.
 """
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 import rewards
+import runs
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The published settings (REFERENCE §3, "evaluation") and the published table (REFERENCE §1).
@@ -53,7 +55,7 @@ EVAL_N = 50               # vignettes per column
 EVAL_MAX_NEW_TOKENS = 512
 # The published sampler had a 4096-token KV cache (training rollouts: 2048). A cache is capacity, not a
 # parameter of the result: model.generate sizes ours to (padded prompt + new tokens), which holds the
-# same tokens and gives the same greedy output, faster. We only warn if a prompt would not have fit.
+# same tokens and gives the same greedy output, faster. We only note it if a prompt would not have fit.
 EVAL_KV_CACHE = 4096
 EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniaburger/med-safety-gym-eval
 
@@ -113,11 +115,11 @@ def score_dipg_rows(rows, responses):
     """Score one response per row. Returns records (what responses.jsonl holds) and the summary."""
     records = []
     for row, response in zip(rows, responses, strict=True):
-        reward, metrics = rewards.score_dipg(
+        reward, metrics, outcome = rewards.score_dipg_outcome(
             response, row["context"], row["expected_final"], rewards.EVAL_CONFIG, mode="eval")
         records.append({
             "id": row.get("id"), "prompt": row.get("prompt"), "response": response,
-            "reward": reward, "metrics": metrics,
+            "reward": reward, "metrics": metrics, "outcome": outcome["outcome"],  # the rung of the ladder
             # Kept so responses.jsonl can be scored again on its own (eval.py --responses).
             "question": row.get("question"), "context": row["context"],
             "expected_final": row["expected_final"],
@@ -166,34 +168,20 @@ def load_eval_rows(task="dipg", dataset=None, n=EVAL_N):
     return rows, dataset_id
 
 
-def generate_responses(model, tokenizer, prompts, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
-                       desc="generating"):
-    """Greedy decoding, batch by batch, under a progress bar with ETA. Returns model.generate's dicts."""
-    import model as model_lib
-
-    # One prompt length for every batch (the longest prompt, rounded up to a power of two as
-    # model.generate does), so the sampler compiles once instead of once per batch shape.
-    longest = max(len(tokenizer.encode(p)) for p in prompts) + 1  # + <bos>
-    max_prompt_length = 1 << (longest - 1).bit_length()
-    if max_prompt_length + max_new_tokens > EVAL_KV_CACHE:
-        tqdm.write(f"[eval] note: prompts up to {longest} tokens + {max_new_tokens} new tokens exceed the "
-                   f"published {EVAL_KV_CACHE}-token KV cache; the published setup could not have run them")
-    outputs = []
-    with tqdm(total=len(prompts), desc=desc, unit="vignette", dynamic_ncols=True) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            outputs += model_lib.generate(model, tokenizer, batch, max_new_tokens=max_new_tokens,
-                                          temperature=0.0, batch_size=batch_size,
-                                          max_prompt_length=max_prompt_length, progress=False)
-            bar.update(len(batch))
-    return outputs
-
-
 def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
                    desc="generating"):
-    """Generate for every row and score. A model already in memory (e.g. inside train.py) starts here."""
+    """Generate for every row (greedy) and score. A model already in memory (e.g. inside train.py) starts here."""
+    import model as model_lib
+
+    prompts = [r["prompt"] for r in rows]
+    # One padded prompt length for every batch, so the sampler compiles once for the whole set.
+    longest, prompt_length = model_lib.padded_prompt_length(tokenizer, prompts)
+    if prompt_length + max_new_tokens > EVAL_KV_CACHE:
+        tqdm.write(f"[eval] note: prompts up to {longest} tokens + {max_new_tokens} new tokens exceed the "
+                   f"published {EVAL_KV_CACHE}-token KV cache; the published setup could not have run them")
     t0 = time.time()
-    outputs = generate_responses(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, desc)
+    outputs = model_lib.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                                 batch_size=batch_size, max_prompt_length=prompt_length, desc=desc)
     seconds = time.time() - t0
     records, summary = SCORERS[task](rows, [o["text"] for o in outputs])
     for record, out in zip(records, outputs):
@@ -202,6 +190,23 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
     summary["seconds_per_vignette"] = round(seconds / max(len(rows), 1), 3)
     summary["batch_size"] = batch_size
     return records, summary
+
+
+def reference_summaries(rows):
+    """One summary per scripted policy of vignettes.REFERENCE_POLICIES (name -> fn(row) -> response),
+    scored on `rows` exactly like a model's responses, labelled as a table column ("Always abstain")."""
+    try:
+        import vignettes
+        policies = vignettes.REFERENCE_POLICIES
+    except (ImportError, AttributeError):
+        tqdm.write("[eval] note: vignettes.REFERENCE_POLICIES does not exist yet; no reference columns")
+        return []
+    summaries = []
+    for name, policy in policies.items():
+        _, summary = score_dipg_rows(rows, [policy(row) for row in rows])
+        summary.update(not_a_run(name[:1].upper() + name[1:].replace("_", " "), phase="reference"))
+        summaries.append(summary)
+    return summaries
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,11 +243,11 @@ def read_run_metadata(run):
     """RUN_DIR/metadata.json, or the stand-in for `base` (the base model, no LoRA, step 0)."""
     if run == "base":
         return {"phase": "base", "penalty": None, "global_step": 0, "lineage": []}
-    path = Path(run) / "metadata.json"
-    if not path.is_file():
+    metadata = runs.read_metadata(run)
+    if metadata is None:
         raise ValueError(f"{run}: no metadata.json (is this a run directory written by train.py? "
                          f"use 'base' for the model without LoRA)")
-    return json.loads(path.read_text())
+    return metadata
 
 
 def result_dir_name(run):
@@ -269,7 +274,7 @@ def write_results(out_dir, records, summary):
     with open(out_dir / "responses.jsonl", "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    runs.write_json(out_dir / "summary.json", summary)
 
 
 def describe_run(run, metadata):
@@ -278,6 +283,12 @@ def describe_run(run, metadata):
             "phase": metadata.get("phase") or "base", "penalty": metadata.get("penalty"),
             "start_step": metadata.get("start_step"), "global_step": metadata.get("global_step"),
             "sft_steps": sft_steps(metadata), "lineage": metadata.get("lineage", [])}
+
+
+def not_a_run(label, phase=None):
+    """describe_run's fields for a column that no training run made (saved responses, a scripted policy)."""
+    return {"label": label, "run_dir": None, "phase": phase, "penalty": None, "start_step": None,
+            "global_step": None, "lineage": []}
 
 
 def resolve_model_name(run, metadata, model_name=None):
@@ -354,8 +365,7 @@ def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False)
         # Scoring is cheap, so unlike a run we never reuse: same settings or not, ask before replacing.
         raise ValueError(f"{Path(out_dir) / 'summary.json'} exists; pass --overwrite to replace it")
     records, summary = SCORERS[task](rows, [row["response"] for row in rows])
-    summary.update(label=Path(path).stem, run_dir=None, phase=None, penalty=None, start_step=None,
-                   global_step=None, lineage=[], settings=settings)
+    summary.update(not_a_run(Path(path).stem), settings=settings)
     if out_dir is not None:
         write_results(out_dir, records, summary)
     return summary
@@ -398,9 +408,12 @@ TABLE_ROWS = {
 }
 
 
-def format_table(summaries, task="dipg"):
-    """Markdown table: one row per metric, one column per summary (labelled by summary["label"])."""
+def format_table(summaries, task="dipg", references=()):
+    """Markdown table: one row per metric, one column per summary (labelled by summary["label"]), then
+    one per reference policy (reference_summaries)."""
     rows = TABLE_ROWS[task]
+    references = list(references)
+    summaries = list(summaries) + references
     lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
              "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fmt(s.get(key)) for s in summaries) + " |"
@@ -413,11 +426,14 @@ def format_table(summaries, task="dipg"):
         how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
               f"{settings.get('dataset')}; " + how
     lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
+    if references:
+        lines.append(f"{', '.join(s['label'] for s in references)}: scripted policies "
+                     "(vignettes.REFERENCE_POLICIES), no model, scored the same way.")
     return "\n".join(lines) + "\n"
 
 
-def write_table(summaries, path, task="dipg"):
-    text = format_table(summaries, task)
+def write_table(summaries, path, task="dipg", references=()):
+    text = format_table(summaries, task, references)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(text)
     return text
@@ -425,140 +441,15 @@ def write_table(summaries, path, task="dipg"):
 
 # ---------------------------------------------------------------------------------------------------
 # 7. The curriculum as a picture: each rate (with its 95% interval) and the mean reward against the
-#    global step, every training block shaded by its penalty level. SFT (and Base) sit at step 0,
-#    where GRPO starts.
+#    GRPO step, every training block shaded by its penalty level (drawn by curriculum_plot.py).
 # ---------------------------------------------------------------------------------------------------
 
-PLOT_METRICS = {
-    "dipg": [("safe_response_rate", "Safe response", "#1b9e77", "o"),
-             ("reasoning_consistency_rate", "Reasoning consistency", "#386cb0", "^"),
-             ("medical_hallucination_rate", "Hallucination", "#d95f02", "s"),
-             ("refusal_rate", "Refusal", "#7f7f7f", "D")],
-    "gsm8k": [("answer_extraction_rate", "Answer extraction", "#386cb0", "^"),
-              ("accuracy", "Accuracy", "#1b9e77", "o"),
-              ("format_rate", "Strict format", "#d95f02", "s"),
-              ("refusal_rate", "Refusal", "#7f7f7f", "D")],
-}
-BLOCK_COLOURS = {"soft": "#cfe8cf", "medium": "#f7d3b5", "format": "#dbe4f3", "correctness": "#cfe8cf",
-                 "generalize": "#eadcf0"}
-
-
-def _x(summary, base_x):
-    phase = summary.get("phase")
-    if phase == "base":
-        return base_x
-    if phase == "sft":
-        return 0
-    return rl_step(summary)
-
-
-def _blocks(summaries):
-    """Every training block seen in the runs or their lineage: (start, end, level), deduplicated."""
-    blocks = {}
-    for s in summaries:
-        offset = sft_steps(s)  # plotted in RL steps, like the published table
-        for b in list(s.get("lineage") or []) + [s]:
-            phase = b.get("phase")
-            if phase in (None, "base", "sft"):
-                continue
-            end = b.get("end_step", b.get("global_step"))
-            start = b.get("start_step") or 1
-            if end is None:
-                continue
-            blocks[(start - 1 - offset, end - offset)] = b.get("penalty") or phase
-    return sorted((s, e, level) for (s, e), level in blocks.items())
-
-
 def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
-    """Save the curriculum figure to `path` (PNG). summaries: dicts as in summary.json."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
+    """Save the curriculum figure to `path` (PNG). summaries: dicts as in summary.json; `published`
+    (e.g. PUBLISHED) is drawn faintly behind."""
+    from curriculum_plot import plot_curriculum as draw  # matplotlib, only when drawing
 
-    points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft", rl_step(s)))
-    steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
-    max_step = max(steps + [1])
-    has_sft = published is not None or any(s.get("phase") == "sft" for s in points)
-    base_x = -max(0.08 * max_step, 1) if has_sft else 0  # Base sits just left of SFT (step 0), if any
-    xs = [_x(s, base_x) for s in points]
-    blocks = _blocks(points)
-
-    style = {"font.size": 13, "axes.spines.top": False, "axes.spines.right": False}
-    with plt.rc_context(style):  # a talk-sized figure, without changing the caller's defaults
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7.5), sharex=True,
-                                          gridspec_kw={"height_ratios": [3, 1.6], "hspace": 0.08})
-        for ax in (top, bottom):
-            for start, end, level in blocks:
-                ax.axvspan(start, end, color=BLOCK_COLOURS.get(level, "#eeeeee"), alpha=0.7, lw=0, zorder=0)
-                ax.axvline(end, color="white", lw=2, zorder=0)  # so two blocks at the same level stay two
-            if has_sft:
-                ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
-            ax.grid(axis="y", color="#dddddd", lw=0.8, zorder=0)
-        for start, end, level in blocks:
-            top.text((start + end) / 2, 103, level, ha="center", va="bottom", fontsize=11, color="#444444")
-
-        dodge = 0.006 * (max_step - base_x)  # nudge each metric sideways so the interval bars don't overlap
-        for i, (key, name, colour, marker) in enumerate(PLOT_METRICS[task]):
-            values = [s.get(key) for s in points]
-            if all(v is None for v in values):
-                continue
-            ys = [100 * v if v is not None else math.nan for v in values]
-            shifted = [x + (i - 1.5) * dodge for x in xs]
-            cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
-            lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
-            highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
-            minor = key == "refusal_rate"
-            top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
-                         lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,
-                         alpha=0.8 if minor else 1, label=name, zorder=3)
-            if published and key in published:
-                top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
-                         mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
-        top.set_ylim(-3, 112)
-        has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
-        top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
-
-        mean_key = "mean_reward" if task == "dipg" else "mean_length"
-        means = [s.get(mean_key) for s in points]
-        bottom.plot(xs, [m if m is not None else math.nan for m in means], color="black", marker="o", lw=2.4,
-                    ms=7, zorder=3, label="mean reward" if task == "dipg" else "mean length")
-        for x, m in zip(xs, means):
-            if m is not None:
-                bottom.annotate(f"{m:+.2f}" if task == "dipg" else f"{m:.0f}", (x, m), textcoords="offset points",
-                                xytext=(0, 9), ha="center", fontsize=10)
-        if published and task == "dipg":
-            pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
-            bottom.plot([p[0] for p in pub], [p[1] for p in pub], color="black", marker="o", mfc="none",
-                        ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
-        if task == "dipg":
-            bottom.axhline(0, color="#888888", lw=0.8)
-        bottom.set_ylabel("mean reward" if task == "dipg" else "mean length\n(chars)")
-        lo, hi = bottom.get_ylim()
-        bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
-
-        ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
-        ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
-        bottom.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
-        bottom.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
-        handles = top.get_legend_handles_labels()[0]
-        levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
-        handles += [Patch(color=BLOCK_COLOURS.get(level, "#eeeeee"), label=f"{level} penalties"
-                          if task == "dipg" else f"{level} phase") for level in levels]
-        if published:
-            handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
-                                      label=f"published ({published['model']})"))
-        top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
-        if title is None:
-            first = points[0] if points else {}
-            title = (f"{'DIPG Safety Gym' if task == 'dipg' else 'GSM8K'} across the curriculum \u2013 "
-                     f"{first.get('settings', {}).get('model', '')}, {first.get('total', '?')} held-out "
-                     f"prompts, greedy")
-        top.set_title(title, fontsize=14, loc="left")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return draw(summaries, path, task, title=title, published=published)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -587,6 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="results", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace existing results under --out")
     p.add_argument("--no-published", action="store_true", help="don't draw the published curve")
+    p.add_argument("--reference-policies", action="store_true",
+                   help="add a table column per scripted policy of vignettes.REFERENCE_POLICIES (dipg only)")
     return p.parse_args(argv)
 
 
@@ -604,10 +497,13 @@ def main(argv=None):
         if duplicates:
             raise ValueError(f"two inputs would write to the same {out / duplicates[0]}: "
                              f"rename one, or evaluate them with different --out directories")
+        if args.reference_policies and args.task != "dipg":
+            raise ValueError("--reference-policies scores DIPG responses; it does not apply to --task gsm8k")
         if args.responses:
             summaries = [evaluate_responses_file(f, task=args.task, out_dir=out / name,
                                                  overwrite=args.overwrite)
                          for f, name in zip(args.responses, names)]
+            rows = read_responses(args.responses[0], args.task)  # the policies answer the first file's rows
         else:
             metadata = [read_run_metadata(run) for run in args.runs]
             model_name = args.model or next((m.get("model") for r, m in zip(args.runs, metadata)
@@ -624,11 +520,12 @@ def main(argv=None):
                                       out_dir=out / name,
                                       overwrite=args.overwrite)
                          for run, name in zip(args.runs, names)]
+        references = reference_summaries(rows) if args.reference_policies else []
     except expected_errors as e:
         sys.exit(f"eval.py: error: {e}")
 
     # table.md and curriculum.png are views of the summaries above, so they are always redrawn.
-    table = write_table(summaries, out / "table.md", args.task)
+    table = write_table(summaries, out / "table.md", args.task, references)
     views = [out / "table.md"]
     if args.runs:  # saved responses have no training step to plot against
         published = None if args.no_published or args.task != "dipg" else PUBLISHED

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import curriculum_plot
 import eval as ev
 
 HERE = Path(__file__).parent
@@ -56,6 +57,8 @@ def test_responses_file_scores_to_the_hand_computed_summary(tmp_path):
     assert [r["reward"] for r in records] == REWARDS
     assert records[0]["id"] == "abstain" and records[5]["id"] == "dipg_responses-6"  # default id: row
     assert records[5]["metrics"]["format_error"] and records[6]["metrics"]["refusal"]
+    assert [r["outcome"] for r in records] == ["correct_abstention", "correct_answer", "incorrect", "hallucination",
+                                               "missing_proof", "format_error", "incorrect"]
     table = (tmp_path / "table.md").read_text()
     assert "| Safe Response Rate | 57.1% |" in table and "| Max Reward | 36.0 |" in table
 
@@ -142,6 +145,35 @@ def test_table_has_the_published_layout_and_cells(tmp_path):
     assert cells["Min Reward"] == ["-15.0", "1.0"]
 
 
+POLICIES = {  # scripted like vignettes.REFERENCE_POLICIES: row -> response text
+    "always_abstain": lambda row: "<think>x</think><proof></proof><answer>The context does not contain it.</answer>",
+    "Quote the context": lambda row: f"<proof>{row['context']}</proof><answer>{row['context']}</answer>",
+}
+
+
+def test_reference_policies_are_extra_columns_scored_like_a_model(tmp_path, monkeypatch):
+    import vignettes
+
+    monkeypatch.setattr(vignettes, "REFERENCE_POLICIES", POLICIES, raising=False)
+    rows = ev.read_responses(FIXTURE)
+    references = ev.reference_summaries(rows)
+    assert [s["label"] for s in references] == ["Always abstain", "Quote the context"]
+    for summary, policy in zip(references, POLICIES.values()):
+        assert summary == {**ev.score_dipg_rows(rows, [policy(r) for r in rows])[1], **{
+            k: summary[k] for k in ("label", "run_dir", "phase", "penalty", "start_step", "global_step", "lineage")}}
+    assert references[0]["safe_response_rate"] == 0.0 and references[0]["mean_reward"] == -5.0  # empty proofs
+    text = ev.write_table(two_runs(), tmp_path / "table.md", references=references)
+    assert text.splitlines()[0] == "| Metric | SFT | GRPO (300) | Always abstain | Quote the context |"
+    assert "| Safe Response Rate | 57.1% | 100% | 0% |" in text and "scripted policies" in text
+    # The same from the command line; no vignettes.REFERENCE_POLICIES: a note and no extra column.
+    ev.main(["--responses", str(FIXTURE), "--out", str(tmp_path / "cli"), "--reference-policies"])
+    assert "| Always abstain |" in (tmp_path / "cli" / "table.md").read_text()
+    monkeypatch.delattr(vignettes, "REFERENCE_POLICIES")
+    assert ev.reference_summaries(rows) == []
+    with pytest.raises(SystemExit, match="--reference-policies"):
+        ev.main(["--task", "gsm8k", "--responses", str(FIXTURE), "--out", str(tmp_path / "g"), "--reference-policies"])
+
+
 def test_labels_come_from_run_metadata():
     assert ev.run_label({"phase": "base"}) == "Base"
     assert ev.run_label({"phase": "sft", "global_step": 300}) == "SFT"
@@ -159,8 +191,8 @@ def test_grpo_columns_count_steps_after_sft_like_the_published_table():
     meta = {"phase": "grpo", "penalty": "medium", "start_step": 601, "global_step": 900, "end_step": 900,
             "lineage": [sft, soft, medium]}
     summary = ev.describe_run("runs/grpo_medium_900", meta)
-    assert summary["label"] == "GRPO (600)" and ev._x(summary, -1) == 600
-    assert ev._blocks([summary]) == [(0, 300, "soft"), (300, 600, "medium")]
+    assert summary["label"] == "GRPO (600)" and curriculum_plot._x(summary, -1) == 600
+    assert curriculum_plot._blocks([summary]) == [(0, 300, "soft"), (300, 600, "medium")]
 
 
 def test_curriculum_plot_is_a_sensible_png(tmp_path):
@@ -180,7 +212,7 @@ def test_curriculum_plot_is_a_sensible_png(tmp_path):
 def test_blocks_come_from_lineage_and_are_coloured_by_penalty():
     summaries = two_runs()
     summaries[1]["lineage"].append({"phase": "grpo", "penalty": "medium", "start_step": 601, "end_step": 900})
-    assert ev._blocks(summaries) == [(0, 300, "soft"), (300, 600, "medium")]
+    assert curriculum_plot._blocks(summaries) == [(0, 300, "soft"), (300, 600, "medium")]
 
 
 # --- Generation on the real (tiny, random) Gemma 3 ------------------------------------------------
@@ -257,7 +289,9 @@ def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state))))
     nnx.update(policy, jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape, x.dtype), state))
     run = tmp_path / "grpo_2"
-    model_lib.save_checkpoint(run, 2, policy, {
+    from test_model import save_checkpoint  # as Tunix's trainers save
+
+    save_checkpoint(run, 2, policy, {
         "phase": "grpo", "penalty": "soft", "model": "tiny", "model_path": None, "lora_rank": 4,
         "lora_alpha": 4.0, "start_step": 1, "global_step": 2, "max_steps": 2, "complete": True,
         "lineage": [{"run_dir": str(run), "phase": "grpo", "penalty": "soft", "start_step": 1, "end_step": 2}]})
