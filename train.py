@@ -26,8 +26,6 @@ resume live in runs.py, which you can skip.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -126,308 +124,13 @@ def lr_schedule(config: dict) -> dict:
     return {"init": peak, "peak": peak, "warmup_steps": 0, "decay_steps": steps, "end": peak}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum "
-                                            "(and seed 002's GSM8K phases) with Tunix.")
-    p.add_argument("--phase", required=True, choices=PHASES + ("curriculum",),
-                   help="one block, or 'curriculum': the whole journey of --schedule, evaluated after each block")
-    p.add_argument("--penalty", choices=tuple(rewards.PENALTIES), help="DIPG penalty level of a GRPO block (default soft)")
-    p.add_argument("--model", help="gemma-3-1b-it (published), gemma-3-270m (embedded, offline) or tiny (tests)")
-    p.add_argument("--model-path", help="local Hugging Face-format directory with the model's weights")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 on GPU/TPU (as the published TPU run), float32 on CPU")
-    p.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh over Tunix's axes (default %(default)s)")
-    p.add_argument("--dataset", default="builtin", help="builtin (default), hub, a hub id or a local .jsonl/.json/.parquet")
-    p.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
-    p.add_argument("--seed", type=int, default=0, help="data order and LoRA init (default %(default)s)")
-    p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
-    # Every published setting is a flag; left unset, it takes the published value of the phase.
-    choices = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "data_order": ("restart", "continue"),
-               "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None}
-    for key in dict.fromkeys([*GRPO, *SFT, *GSM8K_SLICE]):
-        if key == "model":
-            continue
-        grpo, sft = GRPO.get(key), SFT.get(key, GSM8K_SLICE.get(key))
-        published = " / ".join(f"{name} {v}" for name, v in (("GRPO", grpo), ("SFT", sft)) if v is not None)
-        flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
-        p.add_argument(*flags, dest=key, type=type(grpo if grpo is not None else sft), choices=choices.get(key),
-                       help=f"default (published): {published}")
-    j = p.add_argument_group("run directory and the journey")
-    j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
-    j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
-    j.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its last checkpoint")
-    j.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
-    j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
-    j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
-    j.add_argument("--schedule", default="sft," + ",".join(PUBLISHED_SCHEDULE), help="curriculum: blocks in order")
-    j.add_argument("--preset", choices=tuple(PRESETS), default="paper",
-                   help="curriculum: paper = the published settings; cpu = sized for 2 CPU cores (~20 min)")
-    j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
-    return p.parse_args(argv), p
-
-
-def resolve_config(args, parser, init_meta: dict | None) -> dict:
-    """The flat configuration of one block: flags over the published defaults of its phase. A block
-    started --init-from keeps the model and LoRA shape of that run (its LoRA weights must fit)."""
-    phase = args.phase
-    if args.penalty and phase != "grpo":
-        parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
-    defaults = phase_defaults(phase)
-    if init_meta is not None:
-        for key in ("model", "lora_rank", "lora_alpha"):
-            asked = getattr(args, key)
-            if asked is not None and asked != init_meta.get(key):
-                parser.error(f"--{key.replace('_', '-')} {asked} differs from the init run's {init_meta.get(key)} "
-                             f"({args.init_from}); its LoRA weights belong to that model. Drop the flag.")
-            defaults[key] = init_meta[key]
-    config = {"phase": phase, "penalty": (args.penalty or "soft") if phase == "grpo" else None}
-    config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
-    config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
-                  mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed,
-                  init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
-                  start_step=(init_meta["global_step"] + 1) if init_meta else 1)
-    config["end_step"] = config["start_step"] + config["max_steps"] - 1
-    config["lr_schedule"] = lr_schedule(config)
-    if phase == "grpo":  # the rewards by their published names, so --print-config shows the whole block
-        config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
-    elif phase != "sft":
-        config["reward_functions"] = [f.__name__ for f in rewards.PHASE_REWARDS[phase]]
-    # Checks a typo would otherwise turn into a confusing failure an hour later.
-    try:
-        parse_mesh(config["mesh"])
-    except ValueError as e:
-        parser.error(str(e))
-    if config["max_steps"] < 1:
-        parser.error("--steps must be >= 1")
-    if phase != "sft":
-        if config["num_generations"] < 2:
-            parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
-        if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
-            parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
-                         f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
-    if phase == "format" and not 0 <= config["slice_start"] < config["slice_end"] <= 1:
-        parser.error("--slice-start/--slice-end: need 0 <= start < end <= 1")
-    return config
-
-
-def resolve_dtype(dtype: str) -> str:
-    """--dtype auto: bfloat16 on accelerators (the published TPU run computed in bf16), float32 on CPU
-    (bfloat16 matrix products are slow there)."""
-    if dtype != "auto":
-        return dtype
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def parse_mesh(text: str) -> dict:
-    """'fsdp=2,tp=1' -> {'fsdp': 2, 'tp': 1}."""
-    axes = {"fsdp": 1, "tp": 1}
-    for part in filter(None, text.replace(" ", "").split(",")):
-        name, _, value = part.partition("=")
-        if name not in axes or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh {text!r}: expected fsdp=N,tp=M with N, M >= 1")
-        axes[name] = int(value)
-    return axes
-
-
-# ================================================================================================
-# Data: prompts in a seeded order
-# ================================================================================================
-
-def load_rows(config: dict) -> list[dict]:
-    """Training rows of the phase: {"prompts": chat prompt, "answer": what the reward needs}
-    (SFT: {"prompt", "completion"})."""
-    import data
-
-    n = config["n_prompts"]
-    if config["phase"] in ("sft", "grpo"):
-        rows = data.load_dipg(config["dataset"], "train", n=n, seed=config["seed"] if config["dataset"] == "builtin" else 0)
-        return [(data.to_sft_example if config["phase"] == "sft" else data.to_grpo_example)(r) for r in rows]
-    if config["phase"] == "generalize":
-        items = data.load_mixed(n or 2000, seed=config["seed"], gsm_source=config["dataset"])
-    else:
-        items = data.load_gsm8k(config["dataset"], "train", seed=config["seed"])
-        if config["phase"] == "format":
-            items = list(data.iterable_slice(items, config["slice_start"], config["slice_end"]))
-        items = items[:n]
-    return [{"prompts": data.gsm8k_prompt(it["question"]), "answer": it["answer"]} for it in items]
-
-
-def start_position(config: dict) -> int:
-    """Where in the prompt order this block starts (in prompts), by --data-order."""
-    if config.get("data_order") == "continue":
-        return (config["start_step"] - 1) * config["batch_size"]
-    return 0
-
-
-def batches(rows: list[dict], batch_size: int, seed: int, start_position: int = 0):
-    """Endless batches in a seeded order, from `start_position` (in prompts) on. Tunix wants each
-    batch as a dict of numpy arrays: it repeats every array G times along axis 0 to make the groups."""
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(len(rows))
-    position = start_position
-    while True:
-        picked = [rows[order[(position + i) % len(rows)]] for i in range(batch_size)]
-        yield {key: np.array([str(r[key]) for r in picked]) for key in picked[0]}
-        position += batch_size
-
-
-def fit_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
-    """Make every prompt fit in max_prompt_length tokens (with the <bos> the sampler adds): Tunix's
-    sampler does not cut long prompts. We drop the middle (the context), keeping the instructions
-    and the question; the reward still sees the whole context."""
-    budget, cut, out = max_prompt_length - 1, 0, []
-    for row in rows:
-        ids = tokenizer.encode(row["prompts"])
-        if len(ids) > budget:
-            cut, keep = cut + 1, budget - 4  # decode/encode round trips can add a token or two
-            while True:
-                text = tokenizer.decode(ids[:keep // 2]) + tokenizer.decode(ids[len(ids) - (keep - keep // 2):])
-                if len(tokenizer.encode(text)) <= budget or keep <= 2:
-                    break
-                keep -= 2
-            row = dict(row, prompts=text)
-        out.append(row)
-    if cut:
-        log.warning("%d of %d prompts are longer than --max-prompt-length %d: their middle was cut",
-                    cut, len(rows), max_prompt_length)
-    return out
-
-
-def example_hash(answer: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(str(answer).encode()).hexdigest()[:10]
-
-
-# ================================================================================================
-# Model: base weights + LoRA; the reference is the policy as the block starts, frozen
-# ================================================================================================
-
-def load_policy(config: dict):
-    """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
-    import model as model_lib
-
-    axes = parse_mesh(config["mesh"])
-    try:
-        mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
-        base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
-                                            dtype=config["dtype"], seed=config["seed"])
-    except model_lib.WeightsUnavailable as e:
-        hint = " -- on this machine, run the embedded model instead: --model gemma-3-270m" if config["model"] != "gemma-3-270m" else ""
-        sys.exit(f"error: {e}{hint}")
-    except (ValueError, FileNotFoundError) as e:  # e.g. --model-path holds another model, a mesh too big
-        sys.exit(f"error: --model {config['model']} --mesh {config['mesh']}: {e}")
-    policy = model_lib.apply_lora(base, rank=config["lora_rank"], alpha=config["lora_alpha"], mesh=mesh, seed=config["seed"])
-    if config["init_from"]:
-        run_dir = Path(config["init_from"])
-        try:
-            step, _ = model_lib.restore_checkpoint(run_dir, policy, checkpoint_dir=runs.read_metadata(run_dir)["checkpoint_dir"])
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: --init-from {run_dir}: {e}")
-        log.info("restored the LoRA weights of %s (its checkpoint %d)", run_dir, step)
-    return policy, tokenizer, mesh
-
-
-def frozen_reference(policy):
-    """The KL anchor: the policy as it is now, frozen. nnx.merge builds a second module around the
-    SAME backbone arrays (no copy; Tunix sees they are shared) plus a copy of the small LoRA arrays,
-    which the optimizer never touches. Each block anchors to the weights it started from."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, lora, backbone = nnx.split(policy, nnx.LoRAParam, ...)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), backbone)
-
-
-# ================================================================================================
-# Optimizer: clip, then AdamW on the block's schedule
-# ================================================================================================
-
-def learning_rate_schedule(config: dict):
-    """The block's schedule (config["lr_schedule"], as --print-config shows it); every block restarts it."""
-    import optax
-
-    s = config["lr_schedule"]
-    return optax.warmup_cosine_decay_schedule(init_value=s["init"], peak_value=s["peak"], warmup_steps=s["warmup_steps"],
-                                              decay_steps=s["decay_steps"], end_value=s["end"])
-
-
-def make_optimizer(config: dict, schedule):
-    """clip_by_global_norm, then AdamW, on the block's schedule. inject_hyperparams wraps the chain
-    so the learning rate of each step sits in the optimizer state (where Tunix reads it)."""
-    import optax
-
-    def clipped_adamw(learning_rate):
-        return optax.chain(optax.clip_by_global_norm(config["max_grad_norm"]),
-                           optax.adamw(learning_rate, b1=config["adam_b1"], b2=config["adam_b2"],
-                                       weight_decay=config["weight_decay"]))
-
-    return optax.inject_hyperparams(clipped_adamw)(learning_rate=schedule)
-
-
-# ================================================================================================
-# Rewards: plain functions of (prompts, completions, answer); Tunix sums them per completion
-# ================================================================================================
-
-OUTCOMES = ("format_error", "missing_proof", "hallucination", "correct_abstention", "correct_answer", "incorrect")
-
-
-def reward_functions(config: dict, outcomes: list) -> list:
-    """DIPG: the environment's reward at the block's penalty level; each completion's scorer metrics
-    land in `outcomes` (scored once: step_metrics counts them). GSM8K: the phase's reward list."""
-    if config["phase"] == "grpo":
-        return [rewards.make_dipg_reward(config["penalty"], outcomes=outcomes)]
-    return list(rewards.PHASE_REWARDS[config["phase"]])
-
-
-def step_metrics(config: dict, outcomes: list, metrics_log, current_step):
-    """A Tunix metric function: what the completions of a step did. Tunix logs the returned scalars
-    with the step's rewards (so they reach metrics.jsonl and TensorBoard)."""
-    import numpy as np
-
-    def metrics(prompts, completions, rewards, answer=None, **_):
-        step = current_step()
-        scores = np.asarray(rewards, dtype=float).reshape(-1, config["num_generations"])
-        out = {"step/reward_std": float(np.std(scores, ddof=1)) if scores.size > 1 else 0.0,
-               # a group whose rewards all tie has zero advantage: it teaches nothing
-               "step/groups_with_spread": float(np.mean(scores.std(axis=1) > 0)),
-               "step/n_completions": len(completions)}
-        if config["phase"] == "grpo":
-            scored, outcomes[:] = list(outcomes), []
-            for name in OUTCOMES:
-                out[f"step/{name}"] = sum(s["outcome"] == name for s in scored)
-            out["step/abstention"] = sum(s["abstained"] for s in scored)
-            out["step/refusal"] = sum(s["refusal"] for s in scored)
-        else:
-            out.update({f"step/{k}": v for k, v in gsm8k_counts(completions, answer).items()})
-        # Which prompts the step trained on (a hash of each row's answer), and now and then a sample.
-        metrics_log.extras[step] = {"examples": list(dict.fromkeys(example_hash(a) for a in answer))}
-        if config["sample_every"] and (config["start_step"] - 1 + step) % config["sample_every"] == 0:
-            metrics_log.text(f"completion (reward {scores.flat[0]:.2f})", str(completions[0]), step)
-        return {k: (v, np.mean) for k, v in out.items()}
-
-    return metrics
-
-
-def gsm8k_counts(completions, answers) -> dict:
-    m = rewards.phase_metrics([str(c) for c in completions], [str(a) for a in answers])
-    n = len(completions)
-    return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
-            "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],
-            "mean_length_chars": m["mean_length"]}
-
-
 # ================================================================================================
 # The GRPO block: model -> data -> reward -> cluster -> learner -> train
 # ================================================================================================
 
-def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    """Train one GRPO block (or GSM8K phase) into run_dir; returns the last global step completed."""
+def build_grpo(config: dict, run_dir: Path, reward_fns=None) -> dict:
+    """Everything a GRPO block (or GSM8K phase) hands to Tunix, built from its configuration.
+    reward_fns replaces the phase's rewards (tests use a scripted one)."""
     from tunix.perf import export as perf_export
     from tunix.perf import metrics as perf_metrics
     from tunix.rl import rl_cluster as rl
@@ -446,7 +149,7 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
 
     # Reward: the environment's score of each completion, at this block's penalty level.
     outcomes = []
-    reward_fns = reward_functions(config, outcomes)
+    reward_fns = reward_fns or reward_functions(config, outcomes)
 
     # Cluster: actor, reference and rollout share one mesh; Tunix times each part of a step.
     schedule = learning_rate_schedule(config)
@@ -480,8 +183,14 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     learner = grpo_learner.GRPOLearner(
         rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
         metric_fns=[step_metrics(config, outcomes, metrics, current_step=lambda: cluster.global_steps + 1)])
+    return dict(learner=learner, cluster=cluster, training=training, rows=rows, metrics=metrics)
 
-    # Train. The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
+
+def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
+    """Train one GRPO block into run_dir; returns the last global step completed."""
+    grpo = build_grpo(config, run_dir)
+    cluster, training, metrics = grpo["cluster"], grpo["training"], grpo["metrics"]
+    # The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
     done = cluster.actor_trainer.train_steps
     cluster.global_steps = done
     if done:
@@ -491,7 +200,8 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
     cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
     with stopper:
-        learner.train(batches(rows, config["batch_size"], config["seed"], start_position(config) + done * config["batch_size"]))
+        grpo["learner"].train(batches(grpo["rows"], config["batch_size"], config["seed"],
+                                      start_position(config) + done * config["batch_size"]))
     metrics.finish()
     return config["start_step"] - 1 + cluster.actor_trainer.train_steps
 
@@ -579,6 +289,202 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     return config["start_step"] - 1 + trainer.train_steps
 
 
+# ================================================================================================
+# Data: prompts in a seeded order
+# ================================================================================================
+
+def load_rows(config: dict) -> list[dict]:
+    """Training rows of the phase: {"prompts": chat prompt, "answer": what the reward needs}
+    (SFT: {"prompt", "completion"})."""
+    import data
+
+    n = config["n_prompts"]
+    if config["phase"] in ("sft", "grpo"):
+        rows = data.load_dipg(config["dataset"], "train", n=n, seed=config["seed"] if config["dataset"] == "builtin" else 0)
+        return [(data.to_sft_example if config["phase"] == "sft" else data.to_grpo_example)(r) for r in rows]
+    if config["phase"] == "generalize":
+        items = data.load_mixed(n or 2000, seed=config["seed"], gsm_source=config["dataset"])
+    else:
+        items = data.load_gsm8k(config["dataset"], "train", seed=config["seed"])
+        if config["phase"] == "format":
+            items = list(data.iterable_slice(items, config["slice_start"], config["slice_end"]))
+        items = items[:n]
+    return [{"prompts": data.gsm8k_prompt(it["question"]), "answer": it["answer"]} for it in items]
+
+
+def start_position(config: dict) -> int:
+    """Where in the prompt order this block starts (in prompts), by --data-order."""
+    if config.get("data_order") == "continue":
+        return (config["start_step"] - 1) * config["batch_size"]
+    return 0
+
+
+def batches(rows: list[dict], batch_size: int, seed: int, start_position: int = 0):
+    """Endless batches in a seeded order, from `start_position` (in prompts) on. Tunix wants each
+    batch as a dict of numpy arrays: it repeats every array G times along axis 0 to make the groups."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    position = start_position
+    while True:
+        picked = [rows[order[(position + i) % len(rows)]] for i in range(batch_size)]
+        yield {key: np.array([str(r[key]) for r in picked]) for key in picked[0]}
+        position += batch_size
+
+
+def fit_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
+    """Make every prompt fit in max_prompt_length tokens (with the <bos> the sampler adds): Tunix's
+    sampler does not cut long prompts. We drop the middle (the context), keeping the instructions
+    and the question; the reward still sees the whole context."""
+    budget, cut, out = max_prompt_length - 1, 0, []
+    for row in rows:
+        ids = tokenizer.encode(row["prompts"])
+        if len(ids) > budget:
+            cut, keep = cut + 1, budget - 4  # decode/encode round trips can add a token or two
+            while True:
+                text = tokenizer.decode(ids[:keep // 2]) + tokenizer.decode(ids[len(ids) - (keep - keep // 2):])
+                if len(tokenizer.encode(text)) <= budget or keep <= 2:
+                    break
+                keep -= 2
+            row = dict(row, prompts=text)
+        out.append(row)
+    if cut:
+        log.warning("%d of %d prompts are longer than --max-prompt-length %d: their middle was cut",
+                    cut, len(rows), max_prompt_length)
+    return out
+
+
+def example_hash(answer: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(answer).encode()).hexdigest()[:10]
+
+
+# ================================================================================================
+# Model: base weights + LoRA; the reference is the policy as the block starts, frozen
+# ================================================================================================
+
+def load_policy(config: dict):
+    """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
+    import model as model_lib
+
+    axes = runs.parse_mesh(config["mesh"])
+    try:
+        mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
+        base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
+                                            dtype=config["dtype"], seed=config["seed"])
+    except model_lib.WeightsUnavailable as e:
+        hint = " -- on this machine, run the embedded model instead: --model gemma-3-270m" if config["model"] != "gemma-3-270m" else ""
+        sys.exit(f"error: {e}{hint}")
+    except (ValueError, FileNotFoundError) as e:  # e.g. --model-path holds another model, a mesh too big
+        sys.exit(f"error: --model {config['model']} --mesh {config['mesh']}: {e}")
+    policy = model_lib.apply_lora(base, rank=config["lora_rank"], alpha=config["lora_alpha"], mesh=mesh, seed=config["seed"])
+    if config["init_from"]:
+        run_dir = Path(config["init_from"])
+        try:
+            step, _ = model_lib.restore_checkpoint(run_dir, policy, checkpoint_dir=runs.read_metadata(run_dir)["checkpoint_dir"])
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --init-from {run_dir}: {e}")
+        log.info("restored the LoRA weights of %s (its checkpoint %d)", run_dir, step)
+    return policy, tokenizer, mesh
+
+
+def frozen_reference(policy):
+    """The KL anchor: the policy as it is now, frozen. nnx.merge builds a second module around the
+    SAME backbone arrays (no copy; Tunix sees they are shared) plus a copy of the small LoRA arrays,
+    which the optimizer never touches. Each block anchors to the weights it started from."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, lora, backbone = nnx.split(policy, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), backbone)
+
+
+# ================================================================================================
+# Optimizer: clip, then AdamW on the block's schedule
+# ================================================================================================
+
+def learning_rate_schedule(config: dict):
+    """The block's schedule (config["lr_schedule"], as --print-config shows it); every block restarts it."""
+    import optax
+
+    s = config["lr_schedule"]
+    return optax.warmup_cosine_decay_schedule(init_value=s["init"], peak_value=s["peak"], warmup_steps=s["warmup_steps"],
+                                              decay_steps=s["decay_steps"], end_value=s["end"])
+
+
+def make_optimizer(config: dict, schedule):
+    """clip_by_global_norm, then AdamW, on the block's schedule. inject_hyperparams keeps the values
+    in the optimizer state, so what Tunix runs can be read back (and Tunix logs the learning rate)."""
+    import optax
+
+    def clipped_adamw(learning_rate, b1, b2, weight_decay, max_grad_norm):
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                           optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+
+    return optax.inject_hyperparams(clipped_adamw)(
+        learning_rate=schedule, b1=config["adam_b1"], b2=config["adam_b2"], weight_decay=config["weight_decay"],
+        max_grad_norm=config["max_grad_norm"])
+
+
+# ================================================================================================
+# Rewards: plain functions of (prompts, completions, answer); Tunix sums them per completion
+# ================================================================================================
+
+OUTCOMES = rewards.OUTCOME_LABELS  # what a completion did, as the reward ladder decided it
+
+
+def reward_functions(config: dict, outcomes: list) -> list:
+    """DIPG: the environment's reward at the block's penalty level; each completion's scorer metrics
+    land in `outcomes` (scored once: step_metrics counts them). GSM8K: the phase's reward list."""
+    if config["phase"] == "grpo":
+        return [rewards.make_dipg_reward(config["penalty"], outcomes=outcomes)]
+    return list(rewards.PHASE_REWARDS[config["phase"]])
+
+
+def step_metrics(config: dict, outcomes: list, metrics_log, current_step):
+    """A Tunix metric function: what the completions of a step did. Tunix logs the returned scalars
+    with the step's rewards (so they reach metrics.jsonl and TensorBoard)."""
+    import numpy as np
+
+    def metrics(prompts, completions, rewards, answer=None, **_):
+        step = current_step()
+        scores = np.asarray(rewards, dtype=float).reshape(-1, config["num_generations"])
+        out = {"step/reward_std": float(np.std(scores, ddof=1)) if scores.size > 1 else 0.0,
+               # a group whose rewards all tie has zero advantage: it teaches nothing
+               "step/groups_with_spread": float(np.mean(scores.std(axis=1) > 0)),
+               "step/n_completions": len(completions)}
+        if config["phase"] == "grpo":
+            scored, outcomes[:] = list(outcomes), []
+            for name in OUTCOMES:
+                out[f"step/{name}"] = sum(s["outcome"] == name for s in scored)
+            out["step/abstention"] = sum(s["abstained"] for s in scored)
+            out["step/refusal"] = sum(s["refusal"] for s in scored)
+        else:
+            out.update({f"step/{k}": v for k, v in gsm8k_counts(completions, answer).items()})
+        # Which prompts the step trained on (a hash of each row's answer), and now and then a sample.
+        metrics_log.extras[step] = {"examples": list(dict.fromkeys(example_hash(a) for a in answer))}
+        if config["sample_every"] and (config["start_step"] - 1 + step) % config["sample_every"] == 0:
+            metrics_log.text(f"completion (reward {scores.flat[0]:.2f})", str(completions[0]), step)
+        return {k: (v, np.mean) for k, v in out.items()}
+
+    return metrics
+
+
+def gsm8k_counts(completions, answers) -> dict:
+    m = rewards.phase_metrics([str(c) for c in completions], [str(a) for a in answers])
+    n = len(completions)
+    return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
+            "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],
+            "mean_length_chars": m["mean_length"]}
+
+
+def resolve_config(args, parser, init_meta=None) -> dict:
+    """The flat configuration of one block: flags over the published defaults of its phase."""
+    return runs.resolve_config(sys.modules[__name__], args, parser, init_meta)
+
+
 def train_block(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     return (run_sft if config["phase"] == "sft" else run_grpo)(config, run_dir, stop_after)
 
@@ -588,7 +494,7 @@ def train_block(config: dict, run_dir: Path, stop_after: int | None = None) -> i
 # ================================================================================================
 
 def main(argv=None) -> int:
-    args, parser = parse_args(argv)
+    args, parser = runs.parse_args(sys.modules[__name__], argv)
     runs.setup_logging()
     if args.phase == "curriculum":
         return runs.run_curriculum(args, parser, resolve_config, train_block, PRESETS[args.preset],
