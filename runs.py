@@ -36,9 +36,12 @@ def setup_logging() -> None:
 
 def write_json(path, obj) -> None:
     """Write JSON atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    import tempfile
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -55,6 +58,128 @@ def is_main_process() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+# ================================================================================================
+# Configuration: train.py's published settings, the flags over them, and the checks
+# ================================================================================================
+
+def parse_args(method, argv=None):
+    """The command line: every published setting of train.py (method.GRPO, method.SFT) is a flag
+    --like-this; left unset, it takes the published value of the phase."""
+    import argparse
+
+    import rewards
+
+    p = argparse.ArgumentParser(description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum "
+                                            "(and seed 002's GSM8K phases) with Tunix.")
+    p.add_argument("--phase", required=True, choices=method.PHASES + ("curriculum",),
+                   help="one block, or 'curriculum': the whole journey of --schedule, evaluated after each block")
+    p.add_argument("--penalty", choices=tuple(rewards.PENALTIES), help="DIPG penalty level of a GRPO block (default soft)")
+    p.add_argument("--model", help="gemma-3-1b-it (published), gemma-3-270m (embedded, offline) or tiny (tests)")
+    p.add_argument("--model-path", help="local Hugging Face-format directory with the model's weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on GPU/TPU (as the published TPU run), float32 on CPU")
+    p.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh over Tunix's axes (default %(default)s)")
+    p.add_argument("--dataset", default="builtin", help="builtin (default), hub, a hub id or a local .jsonl/.json/.parquet")
+    p.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
+    p.add_argument("--seed", type=int, default=0, help="data order and LoRA init (default %(default)s)")
+    p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
+    # Every published setting is a flag; left unset, it takes the published value of the phase.
+    choices = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "data_order": ("restart", "continue"),
+               "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None}
+    for key in dict.fromkeys([*method.GRPO, *method.SFT, *method.GSM8K_SLICE]):
+        if key == "model":
+            continue
+        grpo, sft = method.GRPO.get(key), method.SFT.get(key, method.GSM8K_SLICE.get(key))
+        published = " / ".join(f"{name} {v}" for name, v in (("GRPO", grpo), ("SFT", sft)) if v is not None)
+        flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
+        p.add_argument(*flags, dest=key, type=type(grpo if grpo is not None else sft), choices=choices.get(key),
+                       help=f"default (published): {published}")
+    j = p.add_argument_group("run directory and the journey")
+    j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
+    j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
+    j.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its last checkpoint")
+    j.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
+    j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
+    j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
+    j.add_argument("--schedule", default="sft," + ",".join(method.PUBLISHED_SCHEDULE), help="curriculum: blocks in order")
+    j.add_argument("--preset", choices=tuple(method.PRESETS), default="paper",
+                   help="curriculum: paper = the published settings; cpu = sized for 2 CPU cores (~20 min)")
+    j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
+    return p.parse_args(argv), p
+
+
+
+
+def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
+    """The flat configuration of one block: flags over the published defaults of its phase. A block
+    started --init-from keeps the model and LoRA shape of that run (its LoRA weights must fit)."""
+    phase = args.phase
+    if args.penalty and phase != "grpo":
+        parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
+    import dataclasses
+
+    import rewards
+
+    defaults = method.phase_defaults(phase)
+    if init_meta is not None:
+        for key in ("model", "lora_rank", "lora_alpha"):
+            asked = getattr(args, key)
+            if asked is not None and asked != init_meta.get(key):
+                parser.error(f"--{key.replace('_', '-')} {asked} differs from the init run's {init_meta.get(key)} "
+                             f"({args.init_from}); its LoRA weights belong to that model. Drop the flag.")
+            defaults[key] = init_meta[key]
+    config = {"phase": phase, "penalty": (args.penalty or "soft") if phase == "grpo" else None}
+    config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
+    config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
+                  mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed,
+                  init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
+                  start_step=(init_meta["global_step"] + 1) if init_meta else 1)
+    config["end_step"] = config["start_step"] + config["max_steps"] - 1
+    config["lr_schedule"] = method.lr_schedule(config)
+    if phase == "grpo":  # the rewards by their published names, so --print-config shows the whole block
+        config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
+    elif phase != "sft":
+        config["reward_functions"] = [f.__name__ for f in rewards.PHASE_REWARDS[phase]]
+    # Checks a typo would otherwise turn into a confusing failure an hour later.
+    try:
+        parse_mesh(config["mesh"])
+    except ValueError as e:
+        parser.error(str(e))
+    if config["max_steps"] < 1:
+        parser.error("--steps must be >= 1")
+    if phase != "sft":
+        if config["num_generations"] < 2:
+            parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
+        if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
+            parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
+                         f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
+    if phase == "format" and not 0 <= config["slice_start"] < config["slice_end"] <= 1:
+        parser.error("--slice-start/--slice-end: need 0 <= start < end <= 1")
+    return config
+
+
+def resolve_dtype(dtype: str) -> str:
+    """--dtype auto: bfloat16 on accelerators (the published TPU run computed in bf16), float32 on CPU
+    (bfloat16 matrix products are slow there)."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def parse_mesh(text: str) -> dict:
+    """'fsdp=2,tp=1' -> {'fsdp': 2, 'tp': 1}."""
+    axes = {"fsdp": 1, "tp": 1}
+    for part in filter(None, text.replace(" ", "").split(",")):
+        name, _, value = part.partition("=")
+        if name not in axes or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--mesh {text!r}: expected fsdp=N,tp=M with N, M >= 1")
+        axes[name] = int(value)
+    return axes
 
 
 # ================================================================================================
