@@ -21,7 +21,10 @@ Each row is checked with the real scorer while it is made (`_problems`): the gol
 and no context line copied as the answer would pass the synthesis check. A row that fails is drawn
 again. Why: the package's grounding test for a proof that is not an exact substring (quote marks and
 dashes make ours not one) is a fuzzy sentence match anchored by difflib's junk heuristics, and it
-fails for some sentences that are perfectly copied (rewards._is_grounded).
+fails for some sentences that are perfectly copied (rewards._is_grounded). Known cost: the match is
+anchored at the first context line sharing the sentence's longest run of rare characters, so a kept
+needle row has its answer line before the near-duplicate about the other child more often than chance
+(75 of the 100 needle rows of the eval 500, against 50 expected).
 
 `REFERENCE_POLICIES` holds two model-free policies (row -> response) that show how much of the
 reward a trick earns; `python data.py stats` prints them.
@@ -147,9 +150,9 @@ ATTRS = {
 }
 
 
-def _attr(rng, key, who, value=None):
+def _attr(rng, key, who):
     a = ATTRS[key]
-    v = value or a["value"](rng)
+    v = a["value"](rng)
     return v, a["say"].format(who=who, v=v)
 
 
@@ -513,7 +516,7 @@ def _vignette(rng, split, kind) -> dict:
     size = lambda: sum(map(len, [intro, *body, *filler, s["question"], gold])) + len(body) + len(filler)
     while size() > MAX_CHARS and filler and (kind != "needle" or 1 + len(body) + len(filler) > 25):
         filler.remove(max(filler, key=len))  # keep the count, drop the longest
-    return dict(lines=[intro, *body, *filler], question=s["question"], gold=gold, answer=s["answer"], family=family, quotes=facts)
+    return dict(lines=[intro, *body, *filler], question=s["question"], gold=gold, family=family)
 
 
 def _problems(v: dict, kind: str) -> list[str]:
