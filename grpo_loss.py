@@ -1,0 +1,236 @@
+"""The GRPO loss without full-vocabulary logits: log-probs of completion tokens, a chunk at a time.
+
+Why: Tunix 0.1.7 computes every per-token log-prob from the model's full output, float32 logits of
+shape [G, prompt + completion, 262,144] -- 6.4 GB per copy at the published G=4 and 1,024 + 512
+tokens, and the policy loss keeps several (log-softmax, the entropy's softmax, their gradients).
+On one H100 the published block in float32 asked XLA for a 40.71 GiB buffer (REFERENCE.md section 7).
+Only the completion positions matter, and each needs ONE number: log p(token). So we
+
+1. run the model's own ``__call__`` (the qwix-LoRA interception lives there, so the LoRA policy and
+   the frozen reference both work) with ``output_hidden_states=True``: the final-normed hidden
+   states are sown as an ``nnx.Intermediate``; the logits it also returns are never used, so XLA
+   drops that [B, L, V] matmul from the compiled program;
+2. keep the hidden states of the positions that predict completion tokens, flatten them to
+   [B * T, D], and for ``chunk_size`` positions at a time compute logits with the model's own
+   unembedding (``embedder.decode``), log-softmax in float32 and pick the token's log-prob.
+   ``lax.map`` runs the chunks one after another and ``jax.checkpoint`` makes the backward pass
+   recompute a chunk's logits instead of storing them: at most a few [chunk_size, V] float32
+   arrays are alive at any time (chunk_size 256 -> 256 MiB each).
+
+``use_chunked_logps(learner, chunk_size)`` installs this into a Tunix ``GRPOLearner`` for the three
+places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the hook
+GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
+
+The loss is the PUBLISHED one, Tunix 0.1.3's ``grpo_loss_fn``, configured through the Tunix 0.1.7
+``GRPOConfig`` fields: per token ``-min(r A, clip(r, 1-eps, 1+eps) A) + beta * KL`` with
+``KL = compute_kl_divergence(logp, ref_logp, algo_config.kl_loss_mode)`` ("low_var_kl" is 0.1.3's
+``exp(ref - logp) - (ref - logp) - 1``), aggregated by ``common.aggregate_loss(...,
+algo_config.loss_agg_mode)`` ("token-mean" is 0.1.3's ``sum(loss * mask) / sum(mask)``).
+Where it differs from 0.1.3 or 0.1.7 (none of it matters at the published settings):
+
+* log-softmax is float32 (as 0.1.7; 0.1.3 used the logits' dtype, i.e. bfloat16 in a bf16 run);
+* logits are divided by the rollout temperature when it is not 1 (as 0.1.7; 0.1.3 never did;
+  published temperature is 1.0) -- here the old-policy pass does too, which 0.1.7's does not;
+* the log-ratio is clamped to +-20 before exp (as 0.1.7; 0.1.3 had no clamp). With
+  num_iterations = 1 (published) the ratio is exactly 1 and the clamp never acts; with more
+  iterations it only acts at ratios beyond e^20 = 5e8, where 0.1.3's exp overflows to inf/NaN
+  in the advantage-negative branch. Kept: it can only turn a NaN step into a finite one;
+* no entropy: 0.1.7 computes the mean token entropy over the full logits and returns it in aux,
+  but GRPOLearner never logs it (it logs kl and pg_clipfrac) and 0.1.3 had none. Computing it here
+  would cost a second softmax pass per chunk for a number nobody reads;
+* aux carries kl (mean per-token KL over completion tokens, logged as actor/kl), kl_loss, pg_loss,
+  pg_clipfrac and ppo_kl, 0.1.7's names; its other diagnostics (is_ratio/*, advantage/*) are
+  not computed;
+* 0.1.7's options outside the published recipe are refused at install time, not silently
+  ignored: loss_algo "gspo-token", dual-clip epsilon_c, policy_loss_fn other than "grpo". A
+  per-token ``sampler_is_weights`` on the train example is applied as 0.1.7 applies it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from tunix.rl import common
+
+DEFAULT_CHUNK_SIZE = 256  # token positions whose float32 logits exist at once: 256 x 262,144 x 4 B = 256 MiB
+
+# The log importance ratio is clamped to this before exp (Tunix 0.1.7; see the module docstring).
+LOG_RATIO_CLAMP = 20.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probs of the completion, chunked
+# ----------------------------------------------------------------------------------------------
+
+def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> jax.Array:
+    """Final-normed hidden states [B, T, D] of the positions that predict completion tokens 0..T-1,
+    i.e. prompt+completion positions P-1 .. P+T-2 (the logits Tunix keeps: ``[:, -T-1:-1]``).
+
+    Inputs are built exactly as Tunix builds them (``common.process_ids``: left-padded prompt +
+    right-padded completion, positions counted over non-pad tokens, causal mask without pads).
+    ``model`` is called through its own ``__call__`` so qwix LoRA applies; ``nnx.capture`` collects
+    the sown hidden states without leaving them in the model."""
+    tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
+    # The returned logits are dead code: XLA removes the [B, L, V] unembedding from the program.
+    forward = nnx.capture(model, nnx.Intermediate)
+    _, intermediates = forward(tokens, positions=positions, cache=None, attention_mask=attention_mask,
+                               output_hidden_states=True)
+    (hidden,) = intermediates["all_hidden_states"]  # sown once, after final_norm
+    length = completion_ids.shape[1]
+    return hidden[:, -length - 1:-1, :]
+
+
+def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                        temperature: float = 1.0) -> jax.Array:
+    """log softmax(unembed(hidden) / temperature)[target] for every position: [B, T] float32.
+
+    hidden [B, T, D], targets [B, T] int. Positions are flattened to B*T and processed
+    ``chunk_size`` at a time (the last chunk padded), so the float32 logits of at most one chunk
+    exist at once, forward and backward (``jax.checkpoint`` recomputes them for the gradient)."""
+    batch, length, width = hidden.shape
+    n = batch * length
+    n_chunks = -(-n // chunk_size)
+    pad = n_chunks * chunk_size - n
+    flat_hidden = jnp.pad(hidden.reshape(n, width), ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
+    flat_targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(n_chunks, chunk_size)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        logits = unembed(h).astype(jnp.float32)  # [chunk_size, V]: the only vocabulary-sized array
+        if temperature not in (0.0, 1.0):  # Tunix's rule: T=0 (greedy) and T=1 leave logits alone
+            logits = logits / temperature
+        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    logps = jax.lax.map(one_chunk, (flat_hidden, flat_targets))
+    return logps.reshape(-1)[:n].reshape(batch, length)
+
+
+def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    temperature: float = 1.0) -> jax.Array:
+    """The chunked equivalent of Tunix's ``common.compute_per_token_logps``: [B, T] float32 log-probs
+    of the completion tokens (values at pad positions are computed but meaningless, as in Tunix)."""
+    hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id)
+    return chunked_token_logps(model.embedder.decode, hidden, completion_ids, chunk_size, temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id", "chunk_size", "temperature"))
+def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_size, temperature):
+    """Compiled, gradient-free ``per_token_logps`` for the reference and old-policy passes."""
+    model = nnx.merge(graphdef, state)
+    return jax.lax.stop_gradient(per_token_logps(model, prompt_ids, completion_ids, pad_id, chunk_size, temperature))
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy loss
+# ----------------------------------------------------------------------------------------------
+
+def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux).
+
+    ``train_example`` is Tunix's TrainExample (prompt/completion ids and masks, advantages [B],
+    ref_per_token_logps and old_per_token_logps [B, T] or None). ``algo_config`` is the
+    GRPOConfig: beta, epsilon (and epsilon_high if it has one), kl_loss_mode, kl_clamp_value,
+    loss_agg_mode and the rollout temperature decide everything."""
+    mask = train_example.completion_mask
+    logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
+                            algo_config.temperature)
+    if train_example.old_per_token_logps is None:  # one iteration per batch: the ratio is exactly 1
+        old_logps = jax.lax.stop_gradient(logps)
+    else:
+        old_logps = train_example.old_per_token_logps.astype(jnp.float32)
+    log_ratio = logps - old_logps
+    ppo_kl = (-log_ratio * mask).sum() / jnp.clip(mask.sum(), min=1)
+    ratio = jnp.exp(jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    advantages = train_example.advantages.astype(jnp.float32)
+    advantages = advantages if advantages.ndim == 2 else advantages[:, None]
+    epsilon_high = getattr(algo_config, "epsilon_high", None) or algo_config.epsilon
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1 - algo_config.epsilon, 1 + epsilon_high)
+    per_token_loss = jnp.maximum(unclipped, clipped)  # = -min(r A, clip(r) A)
+    if getattr(train_example, "sampler_is_weights", None) is not None:
+        per_token_loss = per_token_loss * train_example.sampler_is_weights.astype(jnp.float32)
+
+    loss = common.aggregate_loss(per_token_loss, mask, algo_config.loss_agg_mode)
+    aux = {"pg_loss": loss, "ppo_kl": ppo_kl, "kl": 0.0, "kl_loss": 0.0,
+           "pg_clipfrac": (jnp.greater(clipped, unclipped) * mask).sum() / jnp.clip(mask.sum(), min=1)}
+    if train_example.ref_per_token_logps is not None:
+        kl = common.compute_kl_divergence(logps, train_example.ref_per_token_logps, algo_config.kl_loss_mode,
+                                          clamp_value=getattr(algo_config, "kl_clamp_value", None))
+        aux["kl"] = (kl * mask).sum() / jnp.clip(mask.sum(), min=1)
+        # Every aggregation mode is linear, so beta * agg(kl) + agg(pg) = agg(pg + beta * kl): 0.1.3's form.
+        aux["kl_loss"] = common.aggregate_loss(kl, mask, algo_config.loss_agg_mode)
+        loss = loss + algo_config.beta * aux["kl_loss"]
+    return loss, aux
+
+
+# ----------------------------------------------------------------------------------------------
+# Installing it into a Tunix GRPOLearner
+# ----------------------------------------------------------------------------------------------
+
+def check_supported(algo_config) -> None:
+    """Refuse the GRPOConfig options this loss does not implement (rather than ignore them)."""
+    unsupported = []
+    if getattr(algo_config, "policy_loss_fn", "grpo") != "grpo":
+        unsupported.append(f"policy_loss_fn={algo_config.policy_loss_fn!r}")
+    if getattr(algo_config, "loss_algo", "grpo") != "grpo":
+        unsupported.append(f"loss_algo={algo_config.loss_algo!r}")
+    if getattr(algo_config, "epsilon_c", None) is not None:
+        unsupported.append(f"epsilon_c={algo_config.epsilon_c!r} (dual clip)")
+    if unsupported:
+        raise ValueError(f"the chunked GRPO loss implements the published GRPO loss only; "
+                         f"unsupported: {', '.join(unsupported)}")
+
+
+def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks of ``chunk_size`` positions.
+
+    Call it right after ``GRPOLearner(...)`` and before ``learner.train``. It replaces:
+
+    * the policy loss, through ``actor_trainer.with_loss_fn`` -- the extension point GRPOLearner's
+      own ``__init__`` uses (same signature; GRPOLearner's ``gen_model_input_fn`` still feeds it);
+    * the reference log-probs (``rl_cluster.inference_worker.get_ref_per_token_logps``) and the
+      old-policy log-probs (``rl_cluster.rollout.get_per_token_logps``, used when
+      num_iterations > 1). Tunix 0.1.7 offers no hook for these two, so they are overridden on
+      these two instances (not the classes), with the same signatures; see ``_override``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    config = learner.algo_config
+    check_supported(config)
+    cluster = learner.rl_cluster
+    pad_id = cluster.rollout.pad_id()
+
+    # GRPOLearner closes over its config for the same reason: jax transforms reject partials with kwargs.
+    cluster.actor_trainer.with_loss_fn(
+        lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size),
+        has_aux=True)
+
+    worker = cluster.inference_worker
+
+    def reference_logps(prompt_tokens, completion_tokens, pad_id, eos_id, temperature=1.0):
+        graphdef, state = nnx.split(worker.get_model("reference"))
+        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, temperature)
+
+    def old_policy_logps(prompt_tokens, completion_tokens):
+        graphdef, state = nnx.split(cluster.rollout.model())
+        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size,
+                              config.temperature)
+
+    _override(worker, "get_ref_per_token_logps", reference_logps)
+    _override(cluster.rollout, "get_per_token_logps", old_policy_logps)
+
+
+def _override(instance, name: str, replacement) -> None:
+    """Replace one method of one object (its class and every other instance stay as they are).
+    The only override of Tunix here: RLCluster calls ``instance.name(...)``, and 0.1.7 has no
+    setting that changes how these log-probs are computed (its main branch later added
+    ``compute_logps_chunk_size``). Refuses if the method is gone, i.e. Tunix changed under us."""
+    if not callable(getattr(instance, name, None)):
+        raise AttributeError(f"{type(instance).__name__}.{name} not found: this Tunix version computes "
+                             "log-probs elsewhere; grpo_loss.py needs updating")
+    setattr(instance, name, replacement)

@@ -1,0 +1,197 @@
+"""Tests for grpo_loss.py on the real `tiny` Gemma 3 (full 262,144-token vocabulary) with qwix LoRA
+and real Tunix objects.
+
+* chunked per-token log-probs == Tunix 0.1.7's full-logits ``common.compute_per_token_logps``, for
+  chunk sizes that divide B*T, that do not, and that exceed it; left-padded prompts, right-padded
+  completions; on the LoRA policy (with non-zero adapters, so LoRA must be applied) and on the base;
+* loss and LoRA gradients == the published formula (Tunix 0.1.3's grpo_loss_fn) written out here
+  on full-logits log-probs, with and without old-policy log-probs (ratio != 1, clipping active);
+* the GRPOConfig decides: kl_loss_mode and loss_agg_mode change the loss;
+* ``use_chunked_logps`` installs into a real RLCluster + GRPOLearner.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from tunix.rl import common
+from tunix.rl import rl_cluster as rl
+from tunix.rl.grpo import grpo_learner
+from tunix.rl.rollout import base_rollout
+
+import grpo_loss as G
+import model as M
+
+B, P, T = 3, 9, 7  # generations, prompt length (left-padded), completion length (right-padded)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(base model, LoRA policy with random non-zero adapters, pad id)."""
+    base, tokenizer, _ = M.load("tiny")
+    policy = M.apply_lora(base, rank=4, alpha=4.0)
+    # qwix starts lora_b at zero (the LoRA model == the base); make the adapters matter.
+    lora = nnx.state(policy, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(lora))))
+    nnx.update(policy, jax.tree.map(lambda x: 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), lora))
+    return base, policy, tokenizer.pad_id()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny):
+    """Left-padded prompts (row 0: 4 pads, row 1: 1), right-padded completions (row 0 ends after
+    5 tokens, row 2 after 3), advantages, and reference log-probs near the policy's."""
+    _, policy, pad = tiny
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(5, 50_000, (B, P))
+    prompt[0, :4] = pad
+    prompt[1, :1] = pad
+    completion = rng.integers(5, 50_000, (B, T))
+    completion[0, 5:] = pad
+    completion[2, 3:] = pad
+    prompt, completion = jnp.asarray(prompt, jnp.int32), jnp.asarray(completion, jnp.int32)
+    full = tunix_logps(policy, prompt, completion, pad)
+    return dict(
+        prompt_ids=prompt, prompt_mask=prompt != pad, completion_ids=completion,
+        completion_mask=(completion != pad).astype(jnp.int32),
+        advantages=jnp.asarray([1.3, -0.4, -0.9], jnp.float32),
+        ref_per_token_logps=full + jnp.asarray(rng.normal(0, 0.3, (B, T)), jnp.float32),
+        # old-policy log-probs off by ~0.5 nats: many ratios beyond 1 +- epsilon, so clipping acts
+        old_per_token_logps=full + jnp.asarray(rng.normal(0, 0.5, (B, T)), jnp.float32),
+    )
+
+
+def tunix_logps(model, prompt, completion, pad, temperature=1.0):
+    """Tunix 0.1.7's own log-probs: one full forward pass, float32 [B, L, V] logits."""
+    graphdef, state = nnx.split(model)
+    return common.compute_per_token_logps(graphdef, state, prompt, completion, pad, pad, stop_gradient=False,
+                                          temperature=temperature)
+
+
+def config(**kw):
+    c = grpo_learner.GRPOConfig(num_generations=B, beta=0.08, epsilon=0.2,
+                                **{"kl_loss_mode": "low_var_kl", "loss_agg_mode": "token-mean", **kw})
+    c.temperature = 1.0  # GRPOLearner sets this from the rollout config
+    return c
+
+
+def example(batch, old=True):
+    return grpo_learner.TrainExample(**{**batch, "old_per_token_logps": batch["old_per_token_logps"] if old else None})
+
+
+# ---------------------------------------------------------------- log-probs
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, B * T, 64])  # 5 does not divide B*T = 21; 64 > B*T
+def test_chunked_logps_equal_tunix_full_logits(tiny, batch, chunk_size):
+    base, policy, pad = tiny
+    for model in (policy, base):
+        expected = tunix_logps(model, batch["prompt_ids"], batch["completion_ids"], pad)
+        got = G.per_token_logps(model, batch["prompt_ids"], batch["completion_ids"], pad, chunk_size)
+        assert got.shape == (B, T) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_lora_is_applied(tiny, batch):
+    """The hidden states come through the model's qwix-intercepted __call__: adapters count."""
+    base, policy, pad = tiny
+    args = (batch["prompt_ids"], batch["completion_ids"], pad)
+    assert float(jnp.max(jnp.abs(G.per_token_logps(policy, *args) - G.per_token_logps(base, *args)))) > 1e-2
+
+
+def test_temperature_divides_logits_as_tunix_does(tiny, batch):
+    _, policy, pad = tiny
+    expected = tunix_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad, temperature=0.7)
+    got = G.per_token_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad, 8, temperature=0.7)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the loss
+
+def published_loss(model, ex, pad, beta=0.08, epsilon=0.2, kl_mode="low_var_kl"):
+    """Tunix 0.1.3's grpo_loss_fn, written from its formula on full-logits log-probs:
+    per token -min(r A, clip(r, 1-eps, 1+eps) A) + beta * KL, token mean over the whole batch."""
+    logps = tunix_logps(model, ex.prompt_ids, ex.completion_ids, pad)
+    old = jax.lax.stop_gradient(logps) if ex.old_per_token_logps is None else ex.old_per_token_logps
+    ratio = jnp.exp(logps - old)
+    adv = ex.advantages[:, None]
+    per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - epsilon, 1 + epsilon) * adv)
+    d = ex.ref_per_token_logps - logps
+    kl = jnp.exp(d) - d - 1 if kl_mode == "low_var_kl" else logps - ex.ref_per_token_logps
+    mask = ex.completion_mask
+    return ((per_token + beta * kl) * mask).sum() / mask.sum(), (kl * mask).sum() / mask.sum()
+
+
+def lora_value_and_grad(fn, model):
+    return nnx.value_and_grad(fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(model)
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["one-iteration", "old-logps"])
+def test_loss_and_gradients_equal_the_published_formula(tiny, batch, old):
+    _, policy, pad = tiny
+    ex = example(batch, old)
+    (loss, aux), grads = lora_value_and_grad(lambda m: G.grpo_loss(m, ex, config(), pad, chunk_size=5), policy)
+    (want, want_kl), want_grads = lora_value_and_grad(lambda m: published_loss(m, ex, pad), policy)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["kl"], want_kl, rtol=1e-5, atol=1e-6)
+    if old:
+        assert 0 < float(aux["pg_clipfrac"]) < 1  # the clipped branch is exercised
+    leaves, want_leaves = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
+    assert len(leaves) == len(want_leaves) > 0
+    assert max(float(jnp.max(jnp.abs(g))) for g in leaves) > 1e-4  # gradients are not trivially zero
+    for g, w in zip(leaves, want_leaves):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_config_decides_kl_estimator_and_aggregation(tiny, batch):
+    _, policy, pad = tiny
+    ex = example(batch)
+    low_var, _ = G.grpo_loss(policy, ex, config(), pad, 8)
+    plain_kl, _ = G.grpo_loss(policy, ex, config(kl_loss_mode="kl"), pad, 8)
+    want, _ = published_loss(policy, ex, pad, kl_mode="kl")
+    np.testing.assert_allclose(plain_kl, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(low_var) - float(plain_kl)) > 1e-3
+    per_sequence, _ = G.grpo_loss(policy, ex, config(loss_agg_mode="sequence-mean-token-mean"), pad, 8)
+    assert abs(float(per_sequence) - float(low_var)) > 1e-4
+
+
+# ---------------------------------------------------------------- installed into Tunix
+
+def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path):
+    base, policy, pad = tiny
+    _, tokenizer, _ = M.load("tiny")  # the tokenizer only; the models are the fixture's
+    mesh = M.make_mesh(1, 1)
+    training = rl.RLTrainingConfig(actor_optimizer=optax.sgd(1e-3), max_steps=1, mini_batch_size=1,
+                                   train_micro_batch_size=1, eval_every_n_steps=10 ** 9)
+    rollout = base_rollout.RolloutConfig(max_tokens_to_generate=T, max_prompt_length=P, kv_cache_size=32)
+    cluster = rl.RLCluster(
+        actor=policy, reference=base, tokenizer=tokenizer,
+        cluster_config=rl.ClusterConfig(role_to_mesh={r: mesh for r in (rl.Role.ACTOR, rl.Role.REFERENCE, rl.Role.ROLLOUT)},
+                                        rollout_engine="vanilla", offload_to_cpu=False, training_config=training,
+                                        rollout_config=rollout))
+    learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=config(), reward_fns=lambda prompts, completions, **_: [0.0] * len(prompts))
+    G.use_chunked_logps(learner, chunk_size=4)
+
+    # The reference pass, called as RLCluster calls it (at the rollout temperature, RolloutConfig's
+    # default 0.9 here), gives Tunix's numbers for the reference model.
+    ids = batch["prompt_ids"], batch["completion_ids"]
+    ref = cluster.get_ref_per_token_logps(*ids, pad, pad)
+    np.testing.assert_allclose(ref, tunix_logps(base, *ids, pad, temperature=0.9), atol=2e-5)
+    # The old-policy pass (num_iterations > 1) too, for the rollout's model (the policy), at the same
+    # temperature as the policy loss (Tunix 0.1.7's own old-policy pass ignores the temperature).
+    old = cluster.get_old_per_token_logps(*ids)
+    np.testing.assert_allclose(old, tunix_logps(policy, *ids, pad, temperature=0.9), atol=2e-5)
+    # The trainer's loss is ours, fed the way GRPOLearner feeds it.
+    learner.algo_config.temperature = 1.0  # the published rollout temperature, which published_loss assumes
+    ex = example(batch)
+    inputs = cluster.actor_trainer.gen_model_input_fn(ex)
+    loss, aux = cluster.actor_trainer.loss_fn(policy, **inputs)
+    want, _ = published_loss(policy, ex, pad)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    assert set(aux) >= {"kl", "pg_clipfrac"}  # what GRPOLearner logs
+
+
+def test_unsupported_options_are_refused():
+    with pytest.raises(ValueError, match="loss_algo='gspo-token'"):
+        G.check_supported(config(loss_algo="gspo-token"))
