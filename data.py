@@ -1,4 +1,4 @@
-"""Data: DIPG safety vignettes, GSM8K-style problems, and the prompts around them.
+"""Data: DIPG safety vignettes and the prompt around them.
 
 The DIPG Safety Gym asks a model to answer a clinical question from a context it is given, and
 nothing else. Each row of the published datasets (`surfiniaburger/dipg-safety-instruction-1500` for
@@ -19,26 +19,21 @@ the published dataset: the loaders say which one runs, and `load_dipg` still tak
 with a network run) or a local file. `python data.py stats` describes a split and scores two model-free
 reference policies on it.
 
-The second half of the file is the GSM8K curriculum (seed 002): `openai/gsm8k`, or reasoning-gym's
-`gsm_symbolic` (GSM8K-derived templates, generated offline), a slice helper for the phase-1 subset, and
-the phase-3 mixed-domain stream. The CLI at the bottom writes rows to a file so you can read them.
+The GSM8K curriculum (seed 002) has its own file, gsm8k.py (prompt, data, rewards, metrics). The CLI at
+the bottom writes DIPG, GSM8K or mixed-domain rows to a file so you can read them.
 """
 
 import argparse
 import collections
-import contextlib
-import functools
-import io
 import json
 import logging
 import random
 import re
 import sys
-from itertools import islice
 from pathlib import Path
 
 import vignettes
-from vignettes import REFERENCE_POLICIES, split_counts as _split_counts  # noqa: F401 (re-exported)
+from vignettes import REFERENCE_POLICIES  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +68,6 @@ def format_prompt(user_content: str) -> str:
     """The prompt a model sees: one Gemma user turn (instructions, then the row's user content), then
     the opening of the model turn so generation starts with the response."""
     return f"<start_of_turn>user\n{SYSTEM_PROMPT}\n\n{user_content}<end_of_turn>\n<start_of_turn>model\n"
-
-
-GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reasoning>...</reasoning>, then give only the final answer (a number, no units) inside <answer>...</answer>.
-Format:
-<reasoning>...</reasoning>
-<answer>...</answer>"""
-
-
-def gsm8k_prompt(question: str) -> str:
-    """Seed 002's contract: reasoning in <reasoning>, the bare final answer in <answer>."""
-    return f"<start_of_turn>user\n{GSM8K_INSTRUCTIONS}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,136 +255,7 @@ def to_sft_example(row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. GSM8K (seed 002). Real: `openai/gsm8k` (config "main", gold after "#### "). Offline: reasoning-gym's
-#    `gsm_symbolic`, which re-generates GSM8K problems from templates with new names and numbers.
-# ----------------------------------------------------------------------------------------------------
-
-GSM8K_HUB_ID = "openai/gsm8k"
-GSM_SPLIT_SIZES = {"train": 7473, "test": 1319}  # the sizes of openai/gsm8k, kept for the builtin splits
-
-
-def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
-    """Entries start..start+count-1 of a reasoning-gym task (its generators print progress dots: silenced)."""
-    import reasoning_gym  # imported late: ~3 s
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ds = reasoning_gym.create_dataset(task, seed=seed, size=start + count)
-        return [ds[i] for i in range(start, start + count)]
-
-
-@functools.lru_cache(maxsize=4)
-def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
-    """A builtin GSM split. Test and train use different seeds, and train drops any question that is in
-    test, so the two never share a problem. Repeated questions within a split are dropped, and so are
-    the few items with a negative answer (a template bug: a negative age)."""
-    def clean(items, exclude=frozenset()):
-        seen, kept = set(exclude), []
-        for e in items:
-            if e["question"] not in seen and not str(e["answer"]).startswith("-"):
-                seen.add(e["question"])
-                kept.append(e)
-        return kept
-
-    # reasoning-gym seeds item i with Random(seed + i): seeds 20,000 apart keep the two splits' streams apart.
-    test = clean(_rg_items("gsm_symbolic", 10_000_000 + seed * 20_000, GSM_SPLIT_SIZES["test"] + 100))
-    test = test[:GSM_SPLIT_SIZES["test"]]
-    if split == "test":
-        items = test
-    else:
-        items = clean(_rg_items("gsm_symbolic", seed * 20_000, GSM_SPLIT_SIZES["train"] + 400),
-                      exclude={e["question"] for e in test})[:GSM_SPLIT_SIZES["train"]]
-    return tuple({"question": e["question"], "answer": str(e["answer"]), "id": f"gsm_symbolic-{split}-{seed}-{i}"}
-                 for i, e in enumerate(items))
-
-
-def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
-    """[{"question", "answer" (the gold number as a string), "id"}]. source: "builtin", "openai/gsm8k",
-    or a local .jsonl with "question" and "answer" (GSM8K style "... #### 42", or just the number)."""
-    from rewards import parse_gsm8k_gold  # one definition of "the gold number", shared with the reward
-
-    if split not in GSM_SPLIT_SIZES:
-        raise ValueError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
-    if source == "builtin":
-        logger.info("GSM8K %s: reasoning-gym gsm_symbolic (generated, not openai/gsm8k), seed %s", split, seed)
-        return [dict(row) for row in _gsm_symbolic(split, seed)[:n]]  # copies: callers may add fields
-    if source == "hub":
-        source = GSM8K_HUB_ID
-    table = _load_table(source, split, **({} if _is_local(source) else {"name": "main"}))
-    logger.info("GSM8K %s: %s (%d rows)", split, source, len(table))
-    rows = []
-    for i, row in enumerate(table):
-        if not row.get("question") or row.get("answer") in (None, ""):
-            raise DataError(f"{source}: row {i}: needs non-empty 'question' and 'answer'")
-        answer = str(row["answer"])
-        rows.append({"question": row["question"], "id": str(row.get("id") or f"gsm8k-{split}-{i}"),
-                     "answer": parse_gsm8k_gold(answer) if "####" in answer else answer.strip().replace(",", "")})
-    return rows[:n]
-
-
-def iterable_slice(dataset, start_frac: float, end_frac: float):
-    """Items from position int(start_frac*N) up to (not including) int(end_frac*N), lazily: phase 1 of the
-    GSM8K curriculum trains on such a 20-30% slice. Same semantics as seed 002's helper."""
-    if not 0.0 <= start_frac <= end_frac <= 1.0:
-        raise ValueError(f"need 0 <= start_frac <= end_frac <= 1, got {start_frac}, {end_frac}")
-    n = len(dataset)
-    return islice(iter(dataset), int(start_frac * n), int(end_frac * n))
-
-
-# Phase 3 mixes domains: half GSM8K-style maths, a quarter code, a quarter QA/reasoning. The code and QA
-# items come from reasoning-gym tasks whose answers are short exact strings (so the phase-2 exact-match
-# reward still applies unchanged): "bf" asks for the output of a Brainf*ck program (reasoning-gym's
-# other code task, codeio, runs arbitrary code to build items and has JSON answers: left out). Each
-# item keeps its task name and reasoning-gym entry, so `rg_score` can also grade it with the task's
-# own scorer.
-MIXED_DOMAINS = {"gsm8k": 0.5, "code": 0.25, "qa": 0.25}
-MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "letter_counting", "number_sequence"]}
-
-
-def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, mix: dict) -> list[dict]:
-    """Block `block` of the stream: n items in exact proportions. Block b takes the b-th run of GSM rows
-    and of each task's entries, so consecutive blocks never repeat an item (until GSM wraps around)."""
-    if not mix or set(mix) - set(MIXED_DOMAINS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
-        raise ValueError(f"bad mix {mix!r}: give non-negative weights for domains among {list(MIXED_DOMAINS)}")
-    counts = _split_counts(n, mix)
-    k = counts.get("gsm8k", 0)
-    items = [dict(gsm[(block * k + j) % len(gsm)], domain="gsm8k", task=gsm_task, entry=None) for j in range(k)]
-    for domain in ("code", "qa"):
-        for task, count in _split_counts(counts.get(domain, 0), dict.fromkeys(MIXED_TASKS[domain], 1)).items():
-            start = block * count
-            for j, entry in enumerate(_rg_items(task, seed, count, start) if count else []):
-                items.append({"question": entry["question"], "answer": str(entry["answer"]),
-                              "id": f"{task}-{seed}-{start + j}", "domain": domain, "task": task, "entry": entry})
-    random.Random(f"mixed/{seed}/{block}").shuffle(items)
-    return items
-
-
-def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
-    """n phase-3 items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
-    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items)."""
-    gsm = load_gsm8k(gsm_source, "train", seed=seed)
-    return _mixed_block(n, seed, 0, gsm, "gsm_symbolic" if gsm_source == "builtin" else "gsm8k", mix or MIXED_DOMAINS)
-
-
-def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: str = "builtin", mix: dict | None = None):
-    """The endless phase-3 stream: blocks of `block` items, each in the exact proportions (the first block
-    is `load_mixed(block, seed)`); GSM rows are walked in order and task entries never repeat."""
-    gsm = load_gsm8k(gsm_source, "train", seed=seed)
-    task = "gsm_symbolic" if gsm_source == "builtin" else "gsm8k"
-    for b in range(sys.maxsize):
-        yield from _mixed_block(block, seed, b, gsm, task, mix or MIXED_DOMAINS)
-
-
-def rg_score(item: dict, answer: str | None) -> float:
-    """reasoning-gym's own score (0..1) for a mixed-stream item; exact match for GSM8K items."""
-    if item.get("entry") is None:
-        return float(answer is not None and answer.strip().replace(",", "") == item["answer"])
-    import reasoning_gym
-
-    return float(reasoning_gym.get_score_answer_fn(item["task"])(answer, item["entry"]))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. CLI: write rows to a file you can read (and load back: the format follows the --out suffix).
+# 6. CLI: write rows to a file you can read (and load back: the format follows the --out suffix).
 # ----------------------------------------------------------------------------------------------------
 
 def write_rows(rows: list[dict], out: str) -> None:
@@ -492,7 +347,10 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")
-    logger.setLevel(logging.INFO)  # our own notes (which data runs), not every library's
+    import gsm8k  # the GSM8K experiment's loaders (imported here: gsm8k.py itself imports this file)
+
+    for name in (logger.name, gsm8k.logger.name):  # our own notes (which data runs), not every library's
+        logging.getLogger(name).setLevel(logging.INFO)
 
     if args.dataset == "stats":
         return _stats_main(args)
@@ -515,9 +373,9 @@ def main(argv=None) -> int:
                 rows = [{"messages": r["messages"], "id": r["id"], **{k: r[k] for k in ("kind", "family") if k in r}}
                         for r in load_dipg(args.source, split, n=args.n, seed=args.seed)]
         elif args.dataset == "gsm8k":
-            rows = load_gsm8k(args.source, args.split or "train", n=args.n, seed=args.seed)
+            rows = gsm8k.load_gsm8k(args.source, args.split or "train", n=args.n, seed=args.seed)
         else:
-            rows = load_mixed(args.n or 100, seed=args.seed, gsm_source=args.source)
+            rows = gsm8k.load_mixed(args.n or 100, seed=args.seed, gsm_source=args.source)
     except (DataError, ValueError) as e:
         print(f"data.py: {e}", file=sys.stderr)
         return 2

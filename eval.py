@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+import gsm8k
 import rewards
 import runs
 
@@ -132,9 +133,9 @@ def score_gsm8k_rows(rows, responses):
     """GSM8K: the seed-002 KPIs over the whole set; per row, the extracted answer."""
     records = [{
         "id": row.get("id"), "prompt": row.get("prompt"), "question": row.get("question"),
-        "response": response, "answer": row["answer"], "extracted": rewards.extract_answer(response),
+        "response": response, "answer": row["answer"], "extracted": gsm8k.extract_answer(response),
     } for row, response in zip(rows, responses, strict=True)]
-    summary = rewards.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
+    summary = gsm8k.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
     return records, summary
 
 
@@ -158,10 +159,10 @@ def load_eval_rows(task="dipg", dataset=None, n=EVAL_N):
         dataset_id = f"{source}:dipg/eval" if source == "builtin" else source
     else:
         source = dataset or "builtin"
-        source = data.GSM8K_HUB_ID if source == "hub" else source
-        rows = data.load_gsm8k(source, "test", n=n)
+        source = gsm8k.GSM8K_HUB_ID if source == "hub" else source
+        rows = gsm8k.load_gsm8k(source, "test", n=n)
         for row in rows:
-            row["prompt"] = data.gsm8k_prompt(row["question"])
+            row["prompt"] = gsm8k.gsm8k_prompt(row["question"])
         dataset_id = f"{source}:gsm8k/test" if source == "builtin" else source
     if n is not None and len(rows) < n:
         tqdm.write(f"[eval] note: {dataset_id} has only {len(rows)} rows (asked for {n})")
@@ -421,7 +422,7 @@ def format_table(summaries, task="dipg", references=()):
     ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
     settings = summaries[0].get("settings", {}) if summaries else {}
     how = "scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg" \
-        else "GSM8K KPIs of rewards.phase_metrics"
+        else "GSM8K KPIs of gsm8k.phase_metrics"
     if settings.get("max_new_tokens"):
         how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
               f"{settings.get('dataset')}; " + how

@@ -121,6 +121,7 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
         parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
     import dataclasses
 
+    import gsm8k
     import rewards
 
     defaults = method.phase_defaults(phase)
@@ -142,7 +143,7 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
     if phase == "grpo":  # the rewards by their published names, so --print-config shows the whole block
         config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
     elif phase != "sft":
-        config["reward_functions"] = [f.__name__ for f in rewards.PHASE_REWARDS[phase]]
+        config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
     # Checks a typo would otherwise turn into a confusing failure an hour later.
     try:
         parse_mesh(config["mesh"])
@@ -313,35 +314,11 @@ def remove_if_empty_run(run_dir) -> None:
 # After a block: what to run next (and, in the GSM8K phases, whether seed 002's exit criteria hold)
 # ================================================================================================
 
-def exit_criteria(run_dir: Path, window: int = 20) -> dict:
-    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length; judged on
-    the last `window` steps of metrics.jsonl."""
-    last = read_rows(run_dir)[-window:]
-    completions = sum(r["n_completions"] for r in last)
-    extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
-    refusal = sum(r["refusal"] for r in last) / completions
-    lengths = [r["completion_len_mean"] for r in last]
-    half = len(lengths) // 2
-    first, second = (sum(lengths[:half]) / half, sum(lengths[half:]) / (len(lengths) - half)) if half else (1.0, 1.0)
-    drift = abs(second - first) / first if first else 0.0
-    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95,
-            "refusal_rate": refusal, "refusal_ok": refusal <= 0.02,
-            "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
-
-
 def print_next_steps(config: dict, run_dir: Path, metadata: dict, schedule=("soft", "medium", "soft", "soft")) -> None:
-    if config["phase"] in GSM8K_PHASES:
-        c = exit_criteria(run_dir)
-        ok = c["extraction_ok"] and c["refusal_ok"] and c["length_ok"]
-        print(f"exit criteria over the last {c['window']} steps: answer extraction {c['answer_extraction_rate']:.0%} "
-              f"({'ok' if c['extraction_ok'] else 'needs >= 95%'}), refusal {c['refusal_rate']:.1%} "
-              f"({'ok' if c['refusal_ok'] else 'not near zero'}), length drift {c['length_drift']:.0%} "
-              f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if ok else 'NOT met'}")
-        nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
-        if nxt and ok:
-            print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
-        elif config["phase"] == "format" or not ok:
-            print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
+    if config["phase"] in GSM8K_PHASES:  # seed 002's exit criteria, then the next phase
+        import gsm8k
+
+        gsm8k.print_next_steps(config, run_dir)
         return
     blocks = sum(1 for b in metadata["lineage"] if b["phase"] == "grpo")
     if blocks < len(schedule):

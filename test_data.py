@@ -1,5 +1,5 @@
 """Tests for data.py: the generated vignettes, their gold responses under the real reward code, the loaders
-on real files, the prompts, GSM8K and the mixed-domain stream. Fast: no model, no network."""
+on real files, the prompts. Fast: no model, no network. (GSM8K and the mixed-domain stream: test_gsm8k.py.)"""
 
 import collections
 import json
@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -353,75 +352,3 @@ def test_cli_runs_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and rows[0]["messages"][1]["role"] == "assistant"
-
-
-# --- GSM8K and the mixed-domain stream ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gsm():
-    return {split: data.load_gsm8k("builtin", split) for split in ("train", "test")}
-
-
-def test_gsm8k_builtin_is_deterministic_and_disjoint(gsm):
-    assert len(gsm["train"]) == 7473 and len(gsm["test"]) == 1319
-    assert data.load_gsm8k("builtin", "test", n=50) == gsm["test"][:50]
-    assert not {r["question"] for r in gsm["train"]} & {r["question"] for r in gsm["test"]}
-    assert len({r["question"] for r in gsm["train"]}) == len(gsm["train"])
-    assert all(rewards._to_number(r["answer"]) is not None for r in gsm["train"] + gsm["test"])
-    assert data.load_gsm8k("builtin", "test", n=20, seed=1) != gsm["test"][:20]
-
-
-def test_gsm8k_local_file_gold_parsing(tmp_path):
-    path = _write_jsonl(tmp_path / "gsm.jsonl", [
-        {"question": "How many?", "answer": "Add them up.\n#### 1,234"},
-        {"question": "And now?", "answer": "42"}])
-    rows = data.load_gsm8k(str(path), "test")
-    assert [r["answer"] for r in rows] == ["1234", "42"]
-    _write_jsonl(tmp_path / "bad.jsonl", [{"question": "How many?", "answer": "#### 3"}, {"question": "x"}])
-    with pytest.raises(data.DataError, match=r"bad.jsonl: row 1: needs non-empty 'question' and 'answer'"):
-        data.load_gsm8k(str(tmp_path / "bad.jsonl"), "test")
-
-
-def test_gsm8k_cli_writes_rows_that_load_back(tmp_path, gsm):
-    out = tmp_path / "g.jsonl"
-    assert data.main(["gsm8k", "--source", "builtin", "--split", "train", "--n", "100", "--out", str(out)]) == 0
-    rows = data.load_gsm8k(str(out), "train")
-    assert [(r["question"], r["answer"], r["id"]) for r in rows] == [(r["question"], r["answer"], r["id"]) for r in gsm["train"][:100]]
-    prompt = data.gsm8k_prompt(rows[0]["question"])
-    assert "<reasoning>" in prompt and "<answer>" in prompt and prompt.endswith("<start_of_turn>model\n")
-    # a correct, well-formatted reply to that prompt earns the strict-correctness reward
-    reply = f"<reasoning>work</reasoning>\n<answer>{rows[0]['answer']}</answer>"
-    assert rewards.check_answer_strict([prompt], [reply], [rows[0]["answer"]]) == [rewards.CORRECT_REWARD]
-
-
-def test_iterable_slice_semantics():
-    items = list(range(10))
-    assert list(data.iterable_slice(items, 0.2, 0.5)) == [2, 3, 4]
-    assert list(data.iterable_slice(items, 0.0, 1.0)) == items
-    assert list(data.iterable_slice(items, 0.3, 0.3)) == []
-    assert list(data.iterable_slice(list(range(7)), 0.0, 0.25)) == [0]  # int() floors both ends
-    lazy = data.iterable_slice(items, 0.5, 1.0)
-    assert next(lazy) == 5 and list(lazy) == [6, 7, 8, 9]
-    with pytest.raises(ValueError):
-        data.iterable_slice(items, 0.6, 0.4)
-
-
-def test_mixed_stream_proportions_and_scorers():
-    items = data.load_mixed(200, seed=5)
-    assert collections.Counter(i["domain"] for i in items) == {"gsm8k": 100, "code": 50, "qa": 50}
-    assert {i["task"] for i in items if i["domain"] == "code"} == {"bf"}
-    assert {i["task"] for i in items if i["domain"] == "qa"} == set(data.MIXED_TASKS["qa"])
-    assert items == data.load_mixed(200, seed=5)
-    assert len({i["id"] for i in items}) == 200
-    for item in items:
-        assert data.rg_score(item, item["answer"]) == 1.0, item["id"]          # reasoning-gym's own scorer
-        assert data.rg_score(item, "definitely wrong") < 1.0
-        reply = f"<reasoning>r</reasoning><answer>{item['answer']}</answer>"  # and the phase-2 exact match
-        assert rewards.check_answer_strict([""], [reply], [item["answer"]]) == [rewards.CORRECT_REWARD], item["id"]
-    window = list(islice(data.mixed_domain_stream(seed=5, block=100), 300))
-    for b in range(3):
-        assert collections.Counter(i["domain"] for i in window[b * 100:(b + 1) * 100]) == {"gsm8k": 50, "code": 25, "qa": 25}
-    assert window[:100] == data.load_mixed(100, seed=5)
-    assert len({i["id"] for i in window}) == 300  # no item repeats across blocks
-    with pytest.raises(ValueError, match="bad mix"):
-        data.load_mixed(10, mix={"gsm8k": 1, "poetry": 1})

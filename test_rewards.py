@@ -3,9 +3,8 @@
 1. The outcome table of REFERENCE.md §2 for every configuration and both paths.
 2. Every response format, field alias and package quirk, case by case.
 3. summarize, make_dipg_reward (Tunix signature, numpy inputs).
-4. The GSM8K curriculum rewards and extraction on tricky strings.
-5. Properties (hypothesis): no string makes anything raise or return NaN.
-6. Differential tests against the official package (openenv-dipg-safety
+4. Properties (hypothesis): no string makes anything raise or return NaN.
+5. Differential tests against the official package (openenv-dipg-safety
    0.1.18), skipped where it is not installed: a broad corpus of nasty strings
    and a hypothesis strategy that composes tag, JSON and YAML fragments.
 """
@@ -410,141 +409,7 @@ def test_outcome_is_where_the_ladder_stopped(mode):
 
 
 # --------------------------------------------------------------------------
-# 4. GSM8K curriculum
-# --------------------------------------------------------------------------
-
-GOOD = "<reasoning>3 boxes of 4 apples is 3 * 4 = 12.</reasoning>\n<answer>12</answer>"
-
-
-@pytest.mark.parametrize("text, expected", [
-    (GOOD, "12"),
-    ("<reasoning>r</reasoning><answer> 1,000 </answer>", "1,000"),
-    ("<answer>5</answer> then <answer>6</answer>", "6"),          # repeated: the last
-    ("<answer><answer>5</answer></answer>", "5"),                  # nested: the innermost
-    ("Some text <answer>7</answer> more text", "7"),               # extraction is lenient about position
-    ("<answer>   </answer>", None),
-    ("<answer>5", None),                                           # unclosed
-    ("<ANSWER>5</ANSWER>", None),                                  # tags are exact lower-case
-    ("The answer is 12.", None),
-    ("", None),
-])
-def test_extract_answer(text, expected):
-    assert R.extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("gold_text, expected", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
-    ("#### 1,000\n", "1000"),
-    ("a #### 3 #### -4", "-4"),
-    ("  18 ", "18"),
-    ("", ""),
-])
-def test_parse_gsm8k_gold(gold_text, expected):
-    assert R.parse_gsm8k_gold(gold_text) == expected
-
-
-def formatted(answer, reasoning="Work it out step by step."):
-    return f"<reasoning>{reasoning}</reasoning><answer>{answer}</answer>"
-
-
-@pytest.mark.parametrize("answer, gold, correct", [
-    ("1000", "1000", True), ("1,000", "1000", True), ("$1,000", "1000", True), ("1000.0", "1000", True),
-    ("1000%", "1000", True), (" 1 000 ", "1000", True), ("$5", "#### 5", True), ("-3", "-3", True),
-    ("0.50", "0.5", True), ("3/4", "0.75", True), ("−3", "-3", True), ("-$3", "-3", True),
-    ("18 apples", "18", False), ("18 or 20", "18", False), ("1e3", "1000", False), ("17", "18", False),
-    ("eighteen", "18", False), ("18", "Paris", False), ("paris.", "Paris", True), ("", "", False),
-])
-def test_check_answer_strict_normalization(answer, gold, correct):
-    reward = R.check_answer_strict(["p"], [formatted(answer)], [gold])
-    assert reward == [R.CORRECT_REWARD if correct else 0.0]
-
-
-@pytest.mark.parametrize("text, passes", [
-    (GOOD, True),
-    ("  \n" + GOOD + "\n\n", True),
-    (GOOD + "<end_of_turn>", True),                                      # sampler leftovers are not text
-    ("<reasoning>r</reasoning>   <answer>12</answer>", True),
-    ("Sure! " + GOOD, False),                                            # text around
-    (GOOD + " Hope that helps.", False),
-    ("<answer>12</answer>", False),                                      # no reasoning
-    ("<reasoning>r</reasoning><answer> </answer>", False),               # empty answer
-    ("<reasoning> </reasoning><answer>12</answer>", False),              # empty reasoning
-    ("<reasoning>r</reasoning><answer>12</answer><answer>13</answer>", False),  # repeated
-    ("<reasoning>r<answer>1</answer></reasoning><answer>12</answer>", False),   # nested
-    ("<answer>12</answer><reasoning>r</reasoning>", False),              # order
-    ("<Reasoning>r</Reasoning><Answer>12</Answer>", False),              # case
-    ("", False),
-])
-def test_strict_format_gate(text, passes):
-    assert R.strict_format_gate(["p"], [text], ["12"]) == [0.0 if passes else R.FORMAT_FAIL_PENALTY]
-
-
-def test_format_is_a_gate_for_correctness():
-    # The right number outside the contract earns nothing for correctness.
-    assert R.check_answer_strict(["p"], ["The answer is <answer>12</answer>"], ["12"]) == [0.0]
-    assert R.check_answer_strict(["p"], [GOOD], ["12"]) == [R.CORRECT_REWARD]
-
-
-@pytest.mark.parametrize("text, refusal", [
-    ("I'm sorry, but I can't help with that.", True),
-    ("I can’t solve this.", True),                                       # typographic apostrophe
-    (formatted("I don't know"), True),
-    (formatted("It cannot be determined"), True),
-    ("<reasoning>r</reasoning><answer></answer>", True),                 # the tag without an attempt
-    ("", True), ("   ", True),
-    (formatted("12", reasoning="I can't split 7 evenly, so I round."), False),  # reasoning does not count
-    (GOOD, False), ("The answer is 12.", False),
-])
-def test_punish_refusal(text, refusal):
-    assert R.punish_refusal(["p"], [text], ["12"]) == [R.REFUSAL_PENALTY if refusal else 0.0]
-
-
-def test_length_penalties():
-    pad = lambda n: formatted("12", reasoning="x" * (n - len(formatted("12", reasoning=""))))
-    assert [len(pad(n)) for n in (900, 1500, 3000)] == [900, 1500, 3000]
-    assert R.light_length_penalty(["p"] * 3, [pad(900), pad(1500), pad(3000)]) == [0.0, -0.25, -0.5]
-    # Correct answers pay the light penalty, wrong ones -0.5 growing to -1.0 at 1,000 characters.
-    assert R.penalize_length(["p"] * 2, [pad(900), pad(1500)], ["12", "12"]) == [0.0, -0.25]
-    assert R.penalize_length(["p"] * 3, [pad(500), pad(1000), pad(3000)], ["13"] * 3) == [-0.75, -1.0, -1.0]
-    assert R.penalize_length(["p"], [""], ["13"]) == [-0.5]
-
-
-def test_phase_rewards_order_outcomes():
-    def total(phase, text, gold="12"):
-        return sum(fn(["p"], [text], [gold])[0] for fn in R.PHASE_REWARDS[phase])
-
-    correct, wrong = GOOD, formatted("13")
-    unformatted, refusal = "The answer is 12.", "I'm sorry, I cannot help with that."
-    for phase in ("correctness", "generalize"):
-        assert total(phase, correct) > total(phase, wrong) > total(phase, unformatted) > total(phase, refusal)
-    assert total("format", wrong) == total("format", correct) == 0.0     # no correctness in phase 1
-    assert total("format", unformatted) > total("format", refusal)
-    assert R.PHASE_REWARDS["generalize"] is R.PHASE_REWARDS["correctness"]
-    assert [f.__name__ for f in R.PHASE_REWARDS["format"]] == ["punish_refusal", "strict_format_gate", "light_length_penalty"]
-
-
-def test_gsm8k_rewards_tunix_inputs():
-    golds = np.repeat(np.array(["#### 12"]), 2)
-    prompts = np.repeat(np.array(["p"]), 2)
-    assert R.check_answer_strict(prompts, [GOOD, formatted("13")], golds) == [R.CORRECT_REWARD, 0.0]
-    assert R.check_answer_strict(prompts, [GOOD, GOOD], ["12"]) == [R.CORRECT_REWARD] * 2  # one gold per group
-    assert R.check_answer_strict(prompts, [GOOD, GOOD], None) == [0.0, 0.0]
-
-
-def test_phase_metrics():
-    completions = [GOOD, formatted("13"), "The answer is 12.", "I'm sorry, I cannot do this."]
-    m = R.phase_metrics(completions, ["12"] * 4)
-    assert m["answer_extraction_rate"] == 0.5
-    assert m["format_rate"] == 0.5
-    assert m["refusal_rate"] == 0.25
-    assert m["accuracy"] == 0.25
-    assert m["mean_length"] == sum(map(len, completions)) / 4
-    assert m["mean_wrong_length"] == sum(map(len, completions[1:])) / 3
-    assert R.phase_metrics([], [])["accuracy"] == 0.0
-
-
-# --------------------------------------------------------------------------
-# 5. Properties: nothing raises, nothing is NaN
+# 4. Properties: nothing raises, nothing is NaN
 # --------------------------------------------------------------------------
 
 ANY_TEXT = st.text(alphabet=st.characters(codec=None, categories=None), max_size=300)
@@ -589,15 +454,7 @@ def test_score_dipg_never_raises(response, context, gold):
 
 @PROPERTY
 @given(texts=st.lists(st.one_of(ANY_TEXT, COMPOSED), min_size=1, max_size=4), gold=ANY_TEXT)
-def test_gsm8k_rewards_never_raise(texts, gold):
-    golds = [gold] * len(texts)
-    for fn in {*R.PHASE_REWARDS["format"], *R.PHASE_REWARDS["correctness"]}:
-        out = fn(["p"] * len(texts), texts, golds)
-        assert len(out) == len(texts) and all(math.isfinite(x) for x in out)
-    for text in texts:
-        assert R.extract_answer(text) is None or isinstance(R.extract_answer(text), str)
-    R.parse_gsm8k_gold(gold)
-    R.phase_metrics(texts, golds)
+def test_dipg_reward_never_raises(texts, gold):
     answer = {"context": CONTEXT, "expected_final": gold}
     assert all(math.isfinite(x) for x in R.make_dipg_reward("soft")(["p"] * len(texts), texts, [answer]))
 
@@ -625,7 +482,7 @@ def test_speedups_do_not_change_similarity_decisions(a, b, threshold):
 
 
 # --------------------------------------------------------------------------
-# 6. Differential tests against openenv-dipg-safety 0.1.18
+# 5. Differential tests against openenv-dipg-safety 0.1.18
 # --------------------------------------------------------------------------
 # The package is a test-only dependency; its import pulls in openenv-core,
 # fastapi and datasets (about 10 s, no network needed).

@@ -32,6 +32,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import gsm8k
 import rewards
 import runs
 
@@ -303,13 +304,13 @@ def load_rows(config: dict) -> list[dict]:
         rows = data.load_dipg(config["dataset"], "train", n=n, seed=config["seed"] if config["dataset"] == "builtin" else 0)
         return [(data.to_sft_example if config["phase"] == "sft" else data.to_grpo_example)(r) for r in rows]
     if config["phase"] == "generalize":
-        items = data.load_mixed(n or 2000, seed=config["seed"], gsm_source=config["dataset"])
+        items = gsm8k.load_mixed(n or 2000, seed=config["seed"], gsm_source=config["dataset"])
     else:
-        items = data.load_gsm8k(config["dataset"], "train", seed=config["seed"])
+        items = gsm8k.load_gsm8k(config["dataset"], "train", seed=config["seed"])
         if config["phase"] == "format":
-            items = list(data.iterable_slice(items, config["slice_start"], config["slice_end"]))
+            items = list(gsm8k.iterable_slice(items, config["slice_start"], config["slice_end"]))
         items = items[:n]
-    return [{"prompts": data.gsm8k_prompt(it["question"]), "answer": it["answer"]} for it in items]
+    return [{"prompts": gsm8k.gsm8k_prompt(it["question"]), "answer": it["answer"]} for it in items]
 
 
 def start_position(config: dict) -> int:
@@ -440,7 +441,7 @@ def reward_functions(config: dict, outcomes: list) -> list:
     land in `outcomes` (scored once: step_metrics counts them). GSM8K: the phase's reward list."""
     if config["phase"] == "grpo":
         return [rewards.make_dipg_reward(config["penalty"], outcomes=outcomes)]
-    return list(rewards.PHASE_REWARDS[config["phase"]])
+    return list(gsm8k.PHASE_REWARDS[config["phase"]])
 
 
 def step_metrics(config: dict, outcomes: list, metrics_log, current_step):
@@ -473,7 +474,7 @@ def step_metrics(config: dict, outcomes: list, metrics_log, current_step):
 
 
 def gsm8k_counts(completions, answers) -> dict:
-    m = rewards.phase_metrics([str(c) for c in completions], [str(a) for a in answers])
+    m = gsm8k.phase_metrics([str(c) for c in completions], [str(a) for a in answers])
     n = len(completions)
     return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
             "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],

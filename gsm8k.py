@@ -1,0 +1,426 @@
+"""The GSM8K curriculum (seed 002): format, then correctness, then other domains, with Gemma 3 + LoRA and GRPO.
+
+What the seed says (REFERENCE.md §5): RL teaches behaviour, not skills, so the model first learns the
+output contract <reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right.
+
+    phase         data                                      rewards
+    1 format      a 20-30% slice of GSM8K                   punish_refusal, strict_format_gate, light_length_penalty
+    2 correctness full GSM8K                                punish_refusal, strict_format_gate, check_answer_strict,
+                                                            penalize_length
+    3 generalize  mixed: GSM8K 50%, code 25%, QA 25%        the phase-2 list, unchanged
+
+The rule between phases: never change the dataset and the rewards at the same time (format -> correctness
+changes only the rewards, correctness -> generalize only the data; runs.py refuses a jump that does both).
+A phase ends when its behaviour is stable: answer extraction >= 95%, near-zero refusal, stable output length
+(exit_criteria, judged on the last steps of a run's metrics.jsonl).
+
+This file is the whole experiment, top to bottom: 1. the prompt, 2. the data (openai/gsm8k, or offline
+reasoning-gym's GSM8K-derived `gsm_symbolic`; the phase-1 slice; the phase-3 mixed stream), 3. the rewards,
+4. the per-phase metrics, 5. the exit criteria. train.py runs the phases (--phase format|correctness|
+generalize), eval.py --task gsm8k reports the metrics, `python data.py gsm8k|mixed` writes rows to read.
+"""
+
+import contextlib
+import functools
+import io
+import logging
+import random
+import re
+import sys
+from fractions import Fraction
+from itertools import islice
+from pathlib import Path
+
+import runs
+from data import DEFAULT_SEED, DataError, _is_local, _load_table
+from rewards import _as_list, _as_text, _repeat_to  # the DIPG reward's rules for reading Tunix's batches
+from vignettes import split_counts
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Prompt. Gemma's chat format has no system role: the instructions go at the top of the user turn.
+# ----------------------------------------------------------------------------------------------------
+
+GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reasoning>...</reasoning>, then give only the final answer (a number, no units) inside <answer>...</answer>.
+Format:
+<reasoning>...</reasoning>
+<answer>...</answer>"""
+
+
+def gsm8k_prompt(question: str) -> str:
+    """Seed 002's contract: reasoning in <reasoning>, the bare final answer in <answer>."""
+    return f"<start_of_turn>user\n{GSM8K_INSTRUCTIONS}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Data. Real: `openai/gsm8k` (config "main", gold after "#### "). Offline: reasoning-gym's
+#    `gsm_symbolic`, which re-generates GSM8K problems from templates with new names and numbers.
+# ----------------------------------------------------------------------------------------------------
+
+GSM8K_HUB_ID = "openai/gsm8k"
+GSM_SPLIT_SIZES = {"train": 7473, "test": 1319}  # the sizes of openai/gsm8k, kept for the builtin splits
+
+
+def parse_gsm8k_gold(answer_text) -> str:
+    """GSM8K gold: the text after the last '####' ("... #### 1,000" -> "1000");
+    text without '####' (e.g. reasoning-gym answers) is returned stripped."""
+    text = _as_text(answer_text)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    return text.strip().replace(",", "")
+
+
+def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
+    """Entries start..start+count-1 of a reasoning-gym task (its generators print progress dots: silenced)."""
+    import reasoning_gym  # imported late: ~3 s
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ds = reasoning_gym.create_dataset(task, seed=seed, size=start + count)
+        return [ds[i] for i in range(start, start + count)]
+
+
+@functools.lru_cache(maxsize=4)
+def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
+    """A builtin GSM split. Test and train use different seeds, and train drops any question that is in
+    test, so the two never share a problem. Repeated questions within a split are dropped, and so are
+    the few items with a negative answer (a template bug: a negative age)."""
+    def clean(items, exclude=frozenset()):
+        seen, kept = set(exclude), []
+        for e in items:
+            if e["question"] not in seen and not str(e["answer"]).startswith("-"):
+                seen.add(e["question"])
+                kept.append(e)
+        return kept
+
+    # reasoning-gym seeds item i with Random(seed + i): seeds 20,000 apart keep the two splits' streams apart.
+    test = clean(_rg_items("gsm_symbolic", 10_000_000 + seed * 20_000, GSM_SPLIT_SIZES["test"] + 100))
+    test = test[:GSM_SPLIT_SIZES["test"]]
+    if split == "test":
+        items = test
+    else:
+        items = clean(_rg_items("gsm_symbolic", seed * 20_000, GSM_SPLIT_SIZES["train"] + 400),
+                      exclude={e["question"] for e in test})[:GSM_SPLIT_SIZES["train"]]
+    return tuple({"question": e["question"], "answer": str(e["answer"]), "id": f"gsm_symbolic-{split}-{seed}-{i}"}
+                 for i, e in enumerate(items))
+
+
+def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
+    """[{"question", "answer" (the gold number as a string), "id"}]. source: "builtin", "openai/gsm8k",
+    or a local .jsonl with "question" and "answer" (GSM8K style "... #### 42", or just the number)."""
+    if split not in GSM_SPLIT_SIZES:
+        raise ValueError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
+    if source == "builtin":
+        logger.info("GSM8K %s: reasoning-gym gsm_symbolic (generated, not openai/gsm8k), seed %s", split, seed)
+        return [dict(row) for row in _gsm_symbolic(split, seed)[:n]]  # copies: callers may add fields
+    if source == "hub":
+        source = GSM8K_HUB_ID
+    table = _load_table(source, split, **({} if _is_local(source) else {"name": "main"}))
+    logger.info("GSM8K %s: %s (%d rows)", split, source, len(table))
+    rows = []
+    for i, row in enumerate(table):
+        if not row.get("question") or row.get("answer") in (None, ""):
+            raise DataError(f"{source}: row {i}: needs non-empty 'question' and 'answer'")
+        answer = str(row["answer"])
+        rows.append({"question": row["question"], "id": str(row.get("id") or f"gsm8k-{split}-{i}"),
+                     "answer": parse_gsm8k_gold(answer) if "####" in answer else answer.strip().replace(",", "")})
+    return rows[:n]
+
+
+def iterable_slice(dataset, start_frac: float, end_frac: float):
+    """Items from position int(start_frac*N) up to (not including) int(end_frac*N), lazily: phase 1 of the
+    GSM8K curriculum trains on such a 20-30% slice. Same semantics as seed 002's helper."""
+    if not 0.0 <= start_frac <= end_frac <= 1.0:
+        raise ValueError(f"need 0 <= start_frac <= end_frac <= 1, got {start_frac}, {end_frac}")
+    n = len(dataset)
+    return islice(iter(dataset), int(start_frac * n), int(end_frac * n))
+
+
+# Phase 3 mixes domains: half GSM8K-style maths, a quarter code, a quarter QA/reasoning. The code and QA
+# items come from reasoning-gym tasks whose answers are short exact strings (so the phase-2 exact-match
+# reward still applies unchanged): "bf" asks for the output of a Brainf*ck program (reasoning-gym's
+# other code task, codeio, runs arbitrary code to build items and has JSON answers: left out). Each
+# item keeps its task name and reasoning-gym entry, so `rg_score` can also grade it with the task's
+# own scorer.
+MIXED_DOMAINS = {"gsm8k": 0.5, "code": 0.25, "qa": 0.25}
+MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "letter_counting", "number_sequence"]}
+
+
+def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, mix: dict) -> list[dict]:
+    """Block `block` of the stream: n items in exact proportions. Block b takes the b-th run of GSM rows
+    and of each task's entries, so consecutive blocks never repeat an item (until GSM wraps around)."""
+    if not mix or set(mix) - set(MIXED_DOMAINS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"bad mix {mix!r}: give non-negative weights for domains among {list(MIXED_DOMAINS)}")
+    counts = split_counts(n, mix)
+    k = counts.get("gsm8k", 0)
+    items = [dict(gsm[(block * k + j) % len(gsm)], domain="gsm8k", task=gsm_task, entry=None) for j in range(k)]
+    for domain in ("code", "qa"):
+        for task, count in split_counts(counts.get(domain, 0), dict.fromkeys(MIXED_TASKS[domain], 1)).items():
+            start = block * count
+            for j, entry in enumerate(_rg_items(task, seed, count, start) if count else []):
+                items.append({"question": entry["question"], "answer": str(entry["answer"]),
+                              "id": f"{task}-{seed}-{start + j}", "domain": domain, "task": task, "entry": entry})
+    random.Random(f"mixed/{seed}/{block}").shuffle(items)
+    return items
+
+
+def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
+    """n phase-3 items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
+    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items)."""
+    gsm = load_gsm8k(gsm_source, "train", seed=seed)
+    return _mixed_block(n, seed, 0, gsm, "gsm_symbolic" if gsm_source == "builtin" else "gsm8k", mix or MIXED_DOMAINS)
+
+
+def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: str = "builtin", mix: dict | None = None):
+    """The endless phase-3 stream: blocks of `block` items, each in the exact proportions (the first block
+    is `load_mixed(block, seed)`); GSM rows are walked in order and task entries never repeat."""
+    gsm = load_gsm8k(gsm_source, "train", seed=seed)
+    task = "gsm_symbolic" if gsm_source == "builtin" else "gsm8k"
+    for b in range(sys.maxsize):
+        yield from _mixed_block(block, seed, b, gsm, task, mix or MIXED_DOMAINS)
+
+
+def rg_score(item: dict, answer: str | None) -> float:
+    """reasoning-gym's own score (0..1) for a mixed-stream item; exact match for GSM8K items."""
+    if item.get("entry") is None:
+        return float(answer is not None and answer.strip().replace(",", "") == item["answer"])
+    import reasoning_gym
+
+    return float(reasoning_gym.get_score_answer_fn(item["task"])(answer, item["entry"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Rewards. Tunix's signature fn(prompts, completions, answer, **kwargs) -> list[float], plain Python;
+#    Tunix sums a phase's list per completion and logs each as rewards/<function name>.
+# ----------------------------------------------------------------------------------------------------
+# The values keep one ordering of outcomes in every phase:
+#   correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal (<= -3)
+# Length penalties are at most -0.5 (light) or -1.0 (wrong answers), too small
+# to reorder these outcomes.  Length is measured in characters of the
+# completion (tokenizer-independent; ~4 characters per Gemma token).
+# Nothing a model writes makes a reward raise; golds that cannot be paired with
+# the completions are a wiring bug: ValueError.
+
+REFUSAL_PENALTY = -3.0       # "never refuse": worse than any attempt, even an unformatted one
+FORMAT_FAIL_PENALTY = -2.0   # the gate: failing costs; passing earns nothing ("a gate, not a prize")
+CORRECT_REWARD = 3.0         # binary; outweighs the gate so correctness dominates phase 2
+LIGHT_FREE_CHARS = 1000      # GSM8K solutions need ~200-600 characters; no penalty below this
+LIGHT_MAX_PENALTY = -0.5     # reached at 2 x LIGHT_FREE_CHARS, then flat
+WRONG_BASE_PENALTY = -0.5    # a wrong (or ungated) answer always costs something...
+WRONG_LENGTH_PENALTY = -0.5  # ...and up to this much more, linearly up to WRONG_FULL_CHARS
+WRONG_FULL_CHARS = 1000
+
+_GSM8K_REFUSALS = [
+    "i cannot", "i can't", "i can not", "i'm sorry", "i am sorry", "i apologize", "as an ai",
+    "i am unable", "i'm unable", "i'm not able", "i am not able", "i won't", "i will not",
+    "i don't know", "i do not know", "unable to answer", "unable to determine", "cannot answer",
+    "can't answer", "cannot be determined", "not enough information",
+]
+_NO_TAGS = r"(?:(?!</?(?:reasoning|answer)\b).)"
+_STRICT_FORMAT = re.compile(
+    rf"\s*<reasoning>(?P<reasoning>{_NO_TAGS}*?)</reasoning>\s*"
+    rf"<answer>(?P<answer>{_NO_TAGS}*?)</answer>\s*", re.DOTALL)
+_ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
+
+
+# Reading a completion: the answer, the gate, refusals.
+
+def _strip_end_tokens(text: str) -> str:
+    # A sampler may leave Gemma's end-of-turn marker in the decoded text; it is not "extra text".
+    text = text.rstrip()
+    while text.endswith(("<end_of_turn>", "<eos>")):
+        text = text[:-len("<end_of_turn>") if text.endswith("<end_of_turn>") else -len("<eos>")].rstrip()
+    return text
+
+
+def extract_answer(text) -> str | None:
+    """Stripped content of the last <answer>...</answer> block (innermost when
+    nested), or None when there is none or it is blank.  Tags are exact
+    lower-case; text around the block is allowed here (the gate is stricter)."""
+    blocks = _ANSWER_BLOCK.findall(_as_text(text))
+    if not blocks or not blocks[-1].strip():
+        return None
+    return blocks[-1].strip()
+
+
+def _passes_gate(text: str) -> bool:
+    match = _STRICT_FORMAT.fullmatch(_strip_end_tokens(text))
+    return bool(match and match["reasoning"].strip() and match["answer"].strip())
+
+
+def _is_gsm8k_refusal(text: str) -> bool:
+    """Refusing or dodging: an empty completion, an empty <answer>, or a refusal
+    phrase in the answer (in the whole text when no answer can be extracted;
+    phrases in the reasoning of a formatted answer do not count)."""
+    if not text.strip():
+        return True
+    if _ANSWER_BLOCK.search(text) and extract_answer(text) is None:
+        return True  # <answer></answer>: the tag without an attempt
+    scope = extract_answer(text) or text
+    scope = scope.lower().replace("\u2019", "'")
+    return any(phrase in scope for phrase in _GSM8K_REFUSALS)
+
+
+# Comparing an answer with the gold: exact, after number normalization.
+
+def _to_number(text: str) -> Fraction | None:
+    """'1,000' '$5' '5.0' '5%' ' 5 ' '-3' '3/4' -> an exact Fraction; words or units -> None.
+
+    Strict on purpose: "18 apples" or "18 or 20" are not numbers, so hedged
+    answers earn nothing.  Length is capped so no string can be expensive.
+    """
+    t = re.sub(r"\s+", "", text).replace(",", "").replace("\u2212", "-")
+    t = t.lstrip("$€£¥").rstrip(".").rstrip("%")
+    if t[:1] in "+-" and t[1:2] in ("$", "€", "£", "¥"):
+        t = t[0] + t[2:]
+    if len(t) > 64 or not _NUMBER.fullmatch(t):
+        return None
+    try:
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def _same_answer(predicted: str | None, gold: str) -> bool:
+    """Binary exact match after normalization; numbers compare by value
+    (5 == 5.0 == $5), anything else (phase 3 domains) case- and space-insensitively."""
+    if predicted is None:
+        return False
+    gold_number = _to_number(gold)
+    if gold_number is not None:
+        return _to_number(predicted) == gold_number
+    norm = lambda s: " ".join(s.casefold().split()).rstrip(".")
+    return bool(norm(gold)) and norm(predicted) == norm(gold)
+
+
+def _is_correct(text: str, gold) -> bool:
+    return _passes_gate(text) and _same_answer(extract_answer(text), parse_gsm8k_gold(gold))
+
+
+def _light_penalty(text: str) -> float:
+    over = max(0, len(text) - LIGHT_FREE_CHARS) / LIGHT_FREE_CHARS
+    return LIGHT_MAX_PENALTY * min(1.0, over)
+
+
+# Tunix's batches: completions as text, golds paired one per completion (or one per group of G).
+
+def _texts(completions) -> list[str]:
+    return [_as_text(c) for c in (completions if completions is not None else [])]
+
+
+def _golds(answer, n: int, name: str) -> list:
+    golds = _repeat_to(answer, n)
+    if golds is None:
+        raise ValueError(f"{name}: cannot pair {len(_as_list(answer))} gold answers with {n} completions; "
+                         "pass the batch's 'answer' column (one per prompt or one per completion)")
+    return golds
+
+
+# The five reward functions of the seed.
+
+def punish_refusal(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """REFUSAL_PENALTY for refusing or dodging, else 0.0."""
+    return [REFUSAL_PENALTY if _is_gsm8k_refusal(t) else 0.0 for t in _texts(completions)]
+
+
+def strict_format_gate(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """0.0 for exactly <reasoning>non-empty</reasoning><answer>non-empty</answer>
+    (whitespace between/around allowed, nothing else, no nested or repeated
+    tags), FORMAT_FAIL_PENALTY otherwise."""
+    return [0.0 if _passes_gate(t) else FORMAT_FAIL_PENALTY for t in _texts(completions)]
+
+
+def light_length_penalty(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """0 up to 1,000 characters, then linear to -0.5 at 2,000 characters."""
+    return [_light_penalty(t) for t in _texts(completions)]
+
+
+def check_answer_strict(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """CORRECT_REWARD when the gate passes and the answer equals the gold
+    exactly (after number normalization); 0.0 otherwise.  No partial credit."""
+    texts = _texts(completions)
+    golds = _golds(answer, len(texts), "check_answer_strict")
+    return [CORRECT_REWARD if _is_correct(t, g) else 0.0 for t, g in zip(texts, golds)]
+
+
+def penalize_length(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """Correct answers: the light length penalty.  Wrong or ungated answers:
+    -0.5, growing linearly to -1.0 at 1,000 characters ("be concise when wrong")."""
+    texts = _texts(completions)
+    out = []
+    for t, g in zip(texts, _golds(answer, len(texts), "penalize_length")):
+        if _is_correct(t, g):
+            out.append(_light_penalty(t))
+        else:
+            out.append(WRONG_BASE_PENALTY + WRONG_LENGTH_PENALTY * min(1.0, len(t) / WRONG_FULL_CHARS))
+    return out
+
+
+# Each phase's list. Phase 3 keeps phase 2's: "do not change rewards when introducing new domains".
+PHASE_REWARDS = {
+    "format": [punish_refusal, strict_format_gate, light_length_penalty],
+    "correctness": [punish_refusal, strict_format_gate, check_answer_strict, penalize_length],
+}
+PHASE_REWARDS["generalize"] = PHASE_REWARDS["correctness"]  # same list, by the seed's rule
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Per-phase metrics: what the seed says to track (train.py logs them per step, eval.py per checkpoint).
+# ----------------------------------------------------------------------------------------------------
+
+def phase_metrics(completions, golds) -> dict:
+    """Phase KPIs: answer_extraction_rate (phase 1 exit: >= 0.95), refusal_rate,
+    mean_length (characters), accuracy (what check_answer_strict rewards),
+    mean_wrong_length; plus format_rate (the gate's pass rate) and total."""
+    texts = _texts(completions)
+    golds = _golds(golds, len(texts), "phase_metrics")
+    n = len(texts)
+    correct = [_is_correct(t, g) for t, g in zip(texts, golds)]
+    wrong_lengths = [len(t) for t, ok in zip(texts, correct) if not ok]
+    rate = lambda flags: sum(flags) / n if n else 0.0
+    return {
+        "total": n,
+        "answer_extraction_rate": rate(extract_answer(t) is not None for t in texts),
+        "format_rate": rate(_passes_gate(t) for t in texts),
+        "refusal_rate": rate(_is_gsm8k_refusal(t) for t in texts),
+        "mean_length": sum(len(t) for t in texts) / n if n else 0.0,
+        "accuracy": rate(correct),
+        "mean_wrong_length": sum(wrong_lengths) / len(wrong_lengths) if wrong_lengths else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Exit criteria: when a phase is done, and what to run next.
+# ----------------------------------------------------------------------------------------------------
+
+def exit_criteria(run_dir: Path, window: int = 20) -> dict:
+    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length; judged on
+    the last `window` steps of metrics.jsonl."""
+    last = runs.read_rows(run_dir)[-window:]
+    completions = sum(r["n_completions"] for r in last)
+    extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
+    refusal = sum(r["refusal"] for r in last) / completions
+    lengths = [r["completion_len_mean"] for r in last]
+    half = len(lengths) // 2
+    first, second = (sum(lengths[:half]) / half, sum(lengths[half:]) / (len(lengths) - half)) if half else (1.0, 1.0)
+    drift = abs(second - first) / first if first else 0.0
+    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95,
+            "refusal_rate": refusal, "refusal_ok": refusal <= 0.02,
+            "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
+
+
+def print_next_steps(config: dict, run_dir: Path) -> None:
+    """After a phase: whether its exit criteria hold, then the next phase's command (or: train longer)."""
+    c = exit_criteria(run_dir)
+    ok = c["extraction_ok"] and c["refusal_ok"] and c["length_ok"]
+    print(f"exit criteria over the last {c['window']} steps: answer extraction {c['answer_extraction_rate']:.0%} "
+          f"({'ok' if c['extraction_ok'] else 'needs >= 95%'}), refusal {c['refusal_rate']:.1%} "
+          f"({'ok' if c['refusal_ok'] else 'not near zero'}), length drift {c['length_drift']:.0%} "
+          f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if ok else 'NOT met'}")
+    nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
+    if nxt and ok:
+        print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
+    elif config["phase"] == "format" or not ok:
+        print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")

@@ -1,0 +1,275 @@
+"""Tests for gsm8k.py, the seed-002 curriculum, in the file's order: the data (builtin gsm_symbolic splits,
+local files, the data.py CLI, the phase-1 slice, the phase-3 mixed stream with reasoning-gym's scorers),
+then the rewards and metrics on tricky strings, the exit criteria, and a property: no string makes a reward raise or return NaN.
+Real components throughout (reasoning-gym included); no model, no network."""
+
+import collections
+import math
+from itertools import islice
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import data
+import gsm8k
+from test_rewards import ANY_TEXT, COMPOSED, PROPERTY  # the response strategies the DIPG properties use
+
+# --------------------------------------------------------------------------
+# 1. Data
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gsm():
+    return {split: gsm8k.load_gsm8k("builtin", split) for split in ("train", "test")}
+
+
+def test_gsm8k_builtin_is_deterministic_and_disjoint(gsm):
+    assert len(gsm["train"]) == 7473 and len(gsm["test"]) == 1319
+    assert gsm8k.load_gsm8k("builtin", "test", n=50) == gsm["test"][:50]
+    assert not {r["question"] for r in gsm["train"]} & {r["question"] for r in gsm["test"]}
+    assert len({r["question"] for r in gsm["train"]}) == len(gsm["train"])
+    assert all(gsm8k._to_number(r["answer"]) is not None for r in gsm["train"] + gsm["test"])
+    assert gsm8k.load_gsm8k("builtin", "test", n=20, seed=1) != gsm["test"][:20]
+
+
+def test_gsm8k_local_file_gold_parsing(tmp_path):
+    data.write_rows([{"question": "How many?", "answer": "Add them up.\n#### 1,234"},
+                     {"question": "And now?", "answer": "42"}], str(tmp_path / "gsm.jsonl"))
+    rows = gsm8k.load_gsm8k(str(tmp_path / "gsm.jsonl"), "test")
+    assert [r["answer"] for r in rows] == ["1234", "42"]
+    data.write_rows([{"question": "How many?", "answer": "#### 3"}, {"question": "x"}], str(tmp_path / "bad.jsonl"))
+    with pytest.raises(data.DataError, match=r"bad.jsonl: row 1: needs non-empty 'question' and 'answer'"):
+        gsm8k.load_gsm8k(str(tmp_path / "bad.jsonl"), "test")
+
+
+def test_gsm8k_cli_writes_rows_that_load_back(tmp_path, gsm):
+    out = tmp_path / "g.jsonl"
+    assert data.main(["gsm8k", "--source", "builtin", "--split", "train", "--n", "100", "--out", str(out)]) == 0
+    rows = gsm8k.load_gsm8k(str(out), "train")
+    assert [(r["question"], r["answer"], r["id"]) for r in rows] == [(r["question"], r["answer"], r["id"]) for r in gsm["train"][:100]]
+    prompt = gsm8k.gsm8k_prompt(rows[0]["question"])
+    assert "<reasoning>" in prompt and "<answer>" in prompt and prompt.endswith("<start_of_turn>model\n")
+    # a correct, well-formatted reply to that prompt earns the strict-correctness reward
+    reply = f"<reasoning>work</reasoning>\n<answer>{rows[0]['answer']}</answer>"
+    assert gsm8k.check_answer_strict([prompt], [reply], [rows[0]["answer"]]) == [gsm8k.CORRECT_REWARD]
+
+
+def test_iterable_slice_semantics():
+    items = list(range(10))
+    assert list(gsm8k.iterable_slice(items, 0.2, 0.5)) == [2, 3, 4]
+    assert list(gsm8k.iterable_slice(items, 0.0, 1.0)) == items
+    assert list(gsm8k.iterable_slice(items, 0.3, 0.3)) == []
+    assert list(gsm8k.iterable_slice(list(range(7)), 0.0, 0.25)) == [0]  # int() floors both ends
+    lazy = gsm8k.iterable_slice(items, 0.5, 1.0)
+    assert next(lazy) == 5 and list(lazy) == [6, 7, 8, 9]
+    with pytest.raises(ValueError):
+        gsm8k.iterable_slice(items, 0.6, 0.4)
+
+
+def test_mixed_stream_proportions_and_scorers():
+    items = gsm8k.load_mixed(200, seed=5)
+    assert collections.Counter(i["domain"] for i in items) == {"gsm8k": 100, "code": 50, "qa": 50}
+    assert {i["task"] for i in items if i["domain"] == "code"} == {"bf"}
+    assert {i["task"] for i in items if i["domain"] == "qa"} == set(gsm8k.MIXED_TASKS["qa"])
+    assert items == gsm8k.load_mixed(200, seed=5)
+    assert len({i["id"] for i in items}) == 200
+    for item in items:
+        assert gsm8k.rg_score(item, item["answer"]) == 1.0, item["id"]          # reasoning-gym's own scorer
+        assert gsm8k.rg_score(item, "definitely wrong") < 1.0
+        reply = f"<reasoning>r</reasoning><answer>{item['answer']}</answer>"  # and the phase-2 exact match
+        assert gsm8k.check_answer_strict([""], [reply], [item["answer"]]) == [gsm8k.CORRECT_REWARD], item["id"]
+    window = list(islice(gsm8k.mixed_domain_stream(seed=5, block=100), 300))
+    for b in range(3):
+        assert collections.Counter(i["domain"] for i in window[b * 100:(b + 1) * 100]) == {"gsm8k": 50, "code": 25, "qa": 25}
+    assert window[:100] == gsm8k.load_mixed(100, seed=5)
+    assert len({i["id"] for i in window}) == 300  # no item repeats across blocks
+    with pytest.raises(ValueError, match="bad mix"):
+        gsm8k.load_mixed(10, mix={"gsm8k": 1, "poetry": 1})
+
+
+# --------------------------------------------------------------------------
+# 2. Rewards and per-phase metrics
+# --------------------------------------------------------------------------
+
+GOOD = "<reasoning>3 boxes of 4 apples is 3 * 4 = 12.</reasoning>\n<answer>12</answer>"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD, "12"),
+    ("<reasoning>r</reasoning><answer> 1,000 </answer>", "1,000"),
+    ("<answer>5</answer> then <answer>6</answer>", "6"),          # repeated: the last
+    ("<answer><answer>5</answer></answer>", "5"),                  # nested: the innermost
+    ("Some text <answer>7</answer> more text", "7"),               # extraction is lenient about position
+    ("<answer>   </answer>", None),
+    ("<answer>5", None),                                           # unclosed
+    ("<ANSWER>5</ANSWER>", None),                                  # tags are exact lower-case
+    ("The answer is 12.", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert gsm8k.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("gold_text, expected", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+    ("#### 1,000\n", "1000"),
+    ("a #### 3 #### -4", "-4"),
+    ("  18 ", "18"),
+    ("", ""),
+])
+def test_parse_gsm8k_gold(gold_text, expected):
+    assert gsm8k.parse_gsm8k_gold(gold_text) == expected
+
+
+def formatted(answer, reasoning="Work it out step by step."):
+    return f"<reasoning>{reasoning}</reasoning><answer>{answer}</answer>"
+
+
+@pytest.mark.parametrize("answer, gold, correct", [
+    ("1000", "1000", True), ("1,000", "1000", True), ("$1,000", "1000", True), ("1000.0", "1000", True),
+    ("1000%", "1000", True), (" 1 000 ", "1000", True), ("$5", "#### 5", True), ("-3", "-3", True),
+    ("0.50", "0.5", True), ("3/4", "0.75", True), ("−3", "-3", True), ("-$3", "-3", True),
+    ("18 apples", "18", False), ("18 or 20", "18", False), ("1e3", "1000", False), ("17", "18", False),
+    ("eighteen", "18", False), ("18", "Paris", False), ("paris.", "Paris", True), ("", "", False),
+])
+def test_check_answer_strict_normalization(answer, gold, correct):
+    reward = gsm8k.check_answer_strict(["p"], [formatted(answer)], [gold])
+    assert reward == [gsm8k.CORRECT_REWARD if correct else 0.0]
+
+
+@pytest.mark.parametrize("text, passes", [
+    (GOOD, True),
+    ("  \n" + GOOD + "\n\n", True),
+    (GOOD + "<end_of_turn>", True),                                      # sampler leftovers are not text
+    ("<reasoning>r</reasoning>   <answer>12</answer>", True),
+    ("Sure! " + GOOD, False),                                            # text around
+    (GOOD + " Hope that helps.", False),
+    ("<answer>12</answer>", False),                                      # no reasoning
+    ("<reasoning>r</reasoning><answer> </answer>", False),               # empty answer
+    ("<reasoning> </reasoning><answer>12</answer>", False),              # empty reasoning
+    ("<reasoning>r</reasoning><answer>12</answer><answer>13</answer>", False),  # repeated
+    ("<reasoning>r<answer>1</answer></reasoning><answer>12</answer>", False),   # nested
+    ("<answer>12</answer><reasoning>r</reasoning>", False),              # order
+    ("<Reasoning>r</Reasoning><Answer>12</Answer>", False),              # case
+    ("", False),
+])
+def test_strict_format_gate(text, passes):
+    assert gsm8k.strict_format_gate(["p"], [text], ["12"]) == [0.0 if passes else gsm8k.FORMAT_FAIL_PENALTY]
+
+
+def test_format_is_a_gate_for_correctness():
+    # The right number outside the contract earns nothing for correctness.
+    assert gsm8k.check_answer_strict(["p"], ["The answer is <answer>12</answer>"], ["12"]) == [0.0]
+    assert gsm8k.check_answer_strict(["p"], [GOOD], ["12"]) == [gsm8k.CORRECT_REWARD]
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I can’t solve this.", True),                                       # typographic apostrophe
+    (formatted("I don't know"), True),
+    (formatted("It cannot be determined"), True),
+    ("<reasoning>r</reasoning><answer></answer>", True),                 # the tag without an attempt
+    ("", True), ("   ", True),
+    (formatted("12", reasoning="I can't split 7 evenly, so I round."), False),  # reasoning does not count
+    (GOOD, False), ("The answer is 12.", False),
+])
+def test_punish_refusal(text, refusal):
+    assert gsm8k.punish_refusal(["p"], [text], ["12"]) == [gsm8k.REFUSAL_PENALTY if refusal else 0.0]
+
+
+def test_length_penalties():
+    pad = lambda n: formatted("12", reasoning="x" * (n - len(formatted("12", reasoning=""))))
+    assert [len(pad(n)) for n in (900, 1500, 3000)] == [900, 1500, 3000]
+    assert gsm8k.light_length_penalty(["p"] * 3, [pad(900), pad(1500), pad(3000)]) == [0.0, -0.25, -0.5]
+    # Correct answers pay the light penalty, wrong ones -0.5 growing to -1.0 at 1,000 characters.
+    assert gsm8k.penalize_length(["p"] * 2, [pad(900), pad(1500)], ["12", "12"]) == [0.0, -0.25]
+    assert gsm8k.penalize_length(["p"] * 3, [pad(500), pad(1000), pad(3000)], ["13"] * 3) == [-0.75, -1.0, -1.0]
+    assert gsm8k.penalize_length(["p"], [""], ["13"]) == [-0.5]
+
+
+def test_phase_rewards_order_outcomes():
+    def total(phase, text, gold="12"):
+        return sum(fn(["p"], [text], [gold])[0] for fn in gsm8k.PHASE_REWARDS[phase])
+
+    correct, wrong = GOOD, formatted("13")
+    unformatted, refusal = "The answer is 12.", "I'm sorry, I cannot help with that."
+    for phase in ("correctness", "generalize"):
+        assert total(phase, correct) > total(phase, wrong) > total(phase, unformatted) > total(phase, refusal)
+    assert total("format", wrong) == total("format", correct) == 0.0     # no correctness in phase 1
+    assert total("format", unformatted) > total("format", refusal)
+    assert gsm8k.PHASE_REWARDS["generalize"] is gsm8k.PHASE_REWARDS["correctness"]
+    assert [f.__name__ for f in gsm8k.PHASE_REWARDS["format"]] == ["punish_refusal", "strict_format_gate", "light_length_penalty"]
+
+
+def test_gsm8k_rewards_tunix_inputs():
+    golds = np.repeat(np.array(["#### 12"]), 2)
+    prompts = np.repeat(np.array(["p"]), 2)
+    assert gsm8k.check_answer_strict(prompts, [GOOD, formatted("13")], golds) == [gsm8k.CORRECT_REWARD, 0.0]
+    assert gsm8k.check_answer_strict(prompts, [GOOD, GOOD], ["12"]) == [gsm8k.CORRECT_REWARD] * 2  # one gold per group
+
+
+def test_unpairable_golds_are_a_wiring_error():
+    # Golds that cannot be paired with the completions are the caller's bug: a clear error, never a silent 0.
+    prompts = np.repeat(np.array(["p"]), 2)
+    with pytest.raises(ValueError, match=r"^check_answer_strict: cannot pair 0 gold answers with 2 completions; "
+                                         r"pass the batch's 'answer' column"):
+        gsm8k.check_answer_strict(prompts, [GOOD, GOOD], None)
+    with pytest.raises(ValueError, match=r"^penalize_length: cannot pair 2 gold answers with 3 completions"):
+        gsm8k.penalize_length(["p"] * 3, [GOOD] * 3, ["12", "13"])
+    with pytest.raises(ValueError, match=r"^phase_metrics: cannot pair 2 gold answers with 3 completions"):
+        gsm8k.phase_metrics([GOOD] * 3, ["12", "13"])
+
+
+def test_phase_metrics():
+    completions = [GOOD, formatted("13"), "The answer is 12.", "I'm sorry, I cannot do this."]
+    m = gsm8k.phase_metrics(completions, ["12"] * 4)
+    assert m["answer_extraction_rate"] == 0.5
+    assert m["format_rate"] == 0.5
+    assert m["refusal_rate"] == 0.25
+    assert m["accuracy"] == 0.25
+    assert m["mean_length"] == sum(map(len, completions)) / 4
+    assert m["mean_wrong_length"] == sum(map(len, completions[1:])) / 3
+    assert gsm8k.phase_metrics([], [])["accuracy"] == 0.0
+
+
+# --------------------------------------------------------------------------
+# 3. Exit criteria, on a run's real metrics.jsonl
+# --------------------------------------------------------------------------
+
+def test_exit_criteria_and_next_steps(tmp_path, capsys):
+    def write(refusals):  # 30 steps of 4 completions; extraction reaches 100% after step 4, length creeps up
+        rows = [{"n_completions": 4, "answer_extraction_rate": 1.0 if i > 3 else 0.5, "refusal": refusals,
+                 "completion_len_mean": 300 + i} for i in range(30)]
+        data.write_rows(rows, str(tmp_path / "metrics.jsonl"))
+
+    write(refusals=0)
+    c = gsm8k.exit_criteria(tmp_path)
+    assert c["window"] == 20 and c["answer_extraction_rate"] == 1.0 and c["refusal_rate"] == 0.0
+    assert c["extraction_ok"] and c["refusal_ok"] and c["length_ok"] and c["length_drift"] == pytest.approx(10 / 314.5)  # steps 11-20 vs 21-30
+    gsm8k.print_next_steps({"phase": "format"}, tmp_path)
+    assert capsys.readouterr().out.splitlines()[-1] == f"next: python train.py --phase correctness --init-from {tmp_path}"
+    write(refusals=1)  # one refusal in four: not near zero
+    assert gsm8k.exit_criteria(tmp_path)["refusal_rate"] == 0.25
+    gsm8k.print_next_steps({"phase": "correctness"}, tmp_path)
+    out = capsys.readouterr().out
+    assert "refusal 25.0% (not near zero)" in out and "-> NOT met" in out
+    assert out.splitlines()[-1] == f"next: train longer in this phase: python train.py --phase correctness --init-from {tmp_path}"
+
+
+# --------------------------------------------------------------------------
+# 4. Property: nothing a model writes makes a reward raise or return NaN
+# --------------------------------------------------------------------------
+
+@PROPERTY
+@given(texts=st.lists(st.one_of(ANY_TEXT, COMPOSED), min_size=1, max_size=4), gold=ANY_TEXT)
+def test_gsm8k_rewards_never_raise(texts, gold):
+    golds = [gold] * len(texts)
+    for fn in {*gsm8k.PHASE_REWARDS["format"], *gsm8k.PHASE_REWARDS["correctness"]}:
+        out = fn(["p"] * len(texts), texts, golds)
+        assert len(out) == len(texts) and all(math.isfinite(x) for x in out)
+    for text in texts:
+        assert gsm8k.extract_answer(text) is None or isinstance(gsm8k.extract_answer(text), str)
+    gsm8k.parse_gsm8k_gold(gold)
+    gsm8k.phase_metrics(texts, golds)
