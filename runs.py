@@ -370,6 +370,10 @@ class MetricsLog:
         self.lock = threading.Lock()  # rollout metrics are logged from Tunix's data thread
         self.main = is_main_process()
         self.bar = self.tensorboard = None
+        # Tunix registers its backends as process-wide jax.monitoring listeners, which are never
+        # removed: a log takes scalars only between start() and finish(), so a later block in the
+        # same process (tests) never writes into an earlier block's files.
+        self.active = False
 
     def start(self, done_steps: int) -> None:
         """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
@@ -385,6 +389,7 @@ class MetricsLog:
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
         self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.main else None
         self.last_time = time.time()
+        self.active = True
 
     def options(self, run_dir: Path):
         """The MetricsLoggerOptions to hand to a Tunix trainer: this object is its only backend."""
@@ -397,7 +402,7 @@ class MetricsLog:
         import numpy as np
 
         parts = event.split("/")
-        if step is None or len(parts) < 3 or parts[1] != "train":
+        if not self.active or step is None or len(parts) < 3 or parts[1] != "train":
             return
         try:
             value = float(np.mean(np.asarray(value, dtype=float)))
@@ -425,7 +430,8 @@ class MetricsLog:
         # Tunix reads the rate from the optimizer state when it flushes, a step late: use the schedule.
         row["learning_rate"] = float(self.schedule(local_step - 1))
         now = time.time()
-        row.setdefault("seconds", now - self.last_time)
+        if "seconds" not in row:  # SFT: Tunix times no phases; the wall time since the last row
+            row["seconds"] = now - self.last_time
         self.last_time = now
         tokens = row.pop("tokens_per_step", None) or row.get("completion_len_mean", 0) * row.get("n_completions", 0)
         row["tokens_per_second"] = tokens / row["seconds"] if tokens and row["seconds"] else None
@@ -460,6 +466,7 @@ class MetricsLog:
 
     def finish(self):
         self.flush()
+        self.active = False
         if self.bar is not None:
             self.bar.close()
         if self.tensorboard is not None:
@@ -597,10 +604,7 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
     root.mkdir(parents=True, exist_ok=True)
     settings = preset["eval"]
     rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
-    summaries = [in_child_process(eval_lib.evaluate_run, "base", rows, dataset_id=eval_dataset,
-                                  model_name=preset["sft"].get("model", args.model), model_path=args.model_path,
-                                  max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
-                                  out_dir=root / "eval" / "base")] if settings.get("base", True) else []
+    summaries = []
     init_from = args.init_from
     for i, block in enumerate(schedule, 1):
         # The user's flags, then the preset's, then the published defaults (in resolve_config).
@@ -612,6 +616,11 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
                 setattr(b, key, value)
         init_meta = load_init_run(b.init_from) if b.init_from else None
         config = resolve_config(b, parser, init_meta)
+        if i == 1:  # the model before any training: the table's first column
+            summaries.append(in_child_process(eval_lib.evaluate_run, "base", rows, dataset_id=eval_dataset,
+                                              model_name=config["model"], model_path=config["model_path"],
+                                              max_new_tokens=settings["max_new_tokens"],
+                                              batch_size=settings["batch_size"], out_dir=root / "eval" / "base"))
         run_dir = root / default_out(config).name
         existing = read_metadata(run_dir)
         print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")

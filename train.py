@@ -201,8 +201,8 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
     cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
     with stopper:
-        grpo["learner"].train(batches(grpo["rows"], config["batch_size"], config["seed"],
-                                      start_position(config) + done * config["batch_size"]))
+        # On a resume Tunix fast-forwards past the batches its checkpoint already trained on.
+        grpo["learner"].train(batches(grpo["rows"], config["batch_size"], config["seed"], start_position(config)))
     metrics.finish()
     return config["start_step"] - 1 + cluster.actor_trainer.train_steps
 
@@ -211,7 +211,7 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
 # The SFT block: Tunix's PeftTrainer, LoRA, loss on the response tokens only
 # ================================================================================================
 
-def sft_batches(rows, tokenizer, config, start_position):
+def sft_batches(rows, tokenizer, config):
     """Endless micro-batches of TrainingInput: <bos> prompt response, padded to max_seq_length, with
     input_mask 1 on the response tokens only (the loss ignores the prompt)."""
     import numpy as np
@@ -230,7 +230,7 @@ def sft_batches(rows, tokenizer, config, start_position):
     if truncated:
         log.warning("%d of %d SFT examples are longer than --max-seq-length %d: their prompts were cut at the start",
                     truncated, len(rows), length)
-    for batch in batches([{"i": i} for i in range(len(encoded))], config["batch_size"], config["seed"], start_position):
+    for batch in batches([{"i": i} for i in range(len(encoded))], config["batch_size"], config["seed"]):
         picked = [encoded[int(i)] for i in batch["i"]]
         yield peft_trainer.TrainingInput(input_tokens=np.array([p[0] for p in picked], dtype=np.int32),
                                          input_mask=np.array([p[1] for p in picked], dtype=np.int32))
@@ -278,7 +278,7 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
         stopper = runs.StopRequest(on_stop=stop)
         trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, on_step_end))
         with stopper:
-            trainer.train(sft_batches(rows, tokenizer, config, (config["start_step"] - 1 + done) * config["batch_size"] * accumulation))
+            trainer.train(sft_batches(rows, tokenizer, config))  # on a resume Tunix fast-forwards
         metrics.finish()
         if trainer.train_steps >= config["max_steps"]:
             # Greedy samples after SFT: does the model now write <think>, <proof> and <answer>?
