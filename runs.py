@@ -53,6 +53,37 @@ def read_metadata(run_dir) -> dict | None:
         return None
 
 
+def join_processes() -> int:
+    """Join a multi-process launch before JAX touches a device; returns the number of processes.
+
+    Several processes (the hosts of a TPU slice, GPU nodes) must call jax.distributed.initialize()
+    before any computation; then jax.devices() lists every device of every process, one mesh spans
+    them all (mesh_axes), and process 0 writes metadata, logs and plots (is_main_process). Triggered
+    by JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port: any launcher), or by a
+    launcher JAX detects itself (multi-host Cloud TPU, SLURM, Open MPI). One process does nothing."""
+    import jax
+
+    if "JAX_NUM_PROCESSES" in os.environ:
+        jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif any(int(os.environ.get(v, "1")) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")) \
+            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()  # JAX reads the coordinator, count and rank from the launcher
+    return jax.process_count()
+
+
+def mesh_axes(text: str) -> dict:
+    """--mesh, widened over every device of a multi-process launch: fsdp = devices // tp."""
+    import jax
+
+    axes = parse_mesh(text)
+    if jax.process_count() > 1 and axes["fsdp"] * axes["tp"] < jax.device_count():
+        axes["fsdp"] = jax.device_count() // axes["tp"]
+        log.info("%d processes, %d devices: mesh fsdp=%d,tp=%d", jax.process_count(), jax.device_count(),
+                 axes["fsdp"], axes["tp"])
+    return axes
+
+
 def is_main_process() -> bool:
     """On a multi-process launch (a TPU pod slice, several GPU hosts) one process writes the files."""
     import jax
@@ -104,9 +135,12 @@ def parse_args(method, argv=None):
     j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
     j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
-    j.add_argument("--schedule", default="sft," + ",".join(method.PUBLISHED_SCHEDULE), help="curriculum: blocks in order")
+    j.add_argument("--schedule", help="curriculum: blocks in order (default: the preset's; published: sft,"
+                                      + ",".join(method.PUBLISHED_SCHEDULE) + ")")
     j.add_argument("--preset", choices=tuple(method.PRESETS), default="paper",
-                   help="curriculum: paper = the published settings; cpu = sized for 2 CPU cores (~20 min)")
+                   help="curriculum: paper = the published journey (gemma-3-1b-it); gpu = the same on the embedded "
+                        "270M for one accelerator (~20 min on an H100); cpu = base vs SFT + one short GRPO block "
+                        "on 2 CPU cores (~20 min)")
     j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
     return p.parse_args(argv), p
 
@@ -154,6 +188,8 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
     if phase != "sft":
         if config["num_generations"] < 2:
             parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
+        if config["logps_chunk_size"] < 0:
+            parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
         if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
             parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
                          f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
@@ -597,13 +633,14 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
     import eval as eval_lib
 
     try:
-        schedule = parse_schedule(args.schedule, levels)
+        schedule = parse_schedule(args.schedule or preset["schedule"], levels)
     except ValueError as e:
         parser.error(str(e))
     root = Path(args.out or "runs")
     root.mkdir(parents=True, exist_ok=True)
     settings = preset["eval"]
     rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
+    references = eval_lib.reference_summaries(rows)  # what a number is worth: two policies with no model
     summaries = []
     init_from = args.init_from
     for i, block in enumerate(schedule, 1):
@@ -640,7 +677,7 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
         summaries.append(in_child_process(eval_lib.evaluate_run, str(run_dir), rows, dataset_id=eval_dataset,
                                           max_new_tokens=settings["max_new_tokens"],
                                           batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
-        table = eval_lib.write_table(summaries, root / "table.md")
+        table = eval_lib.write_table(summaries, root / "table.md", references=references)
         eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=published)
         init_from = run_dir
     print(f"\n{table}\nwrote {root / 'table.md'} and {root / 'curriculum.png'}")

@@ -56,7 +56,7 @@ def chain(tmp_path_factory, env):
     out = {"root": root, "sft": sft, "soft": soft, "medium": medium}
     # SFT steps 1-2 (2 micro-batches each), stopped after step 1 as if by Ctrl-C, then resumed.
     out["sft_stopped_proc"] = run(["--phase", "sft", *TINY, "--steps", 2, "--batch-size", 1,
-                                   "--gradient-accumulation-steps", 2, "--max-seq-length", 64,
+                                   "--gradient-accumulation-steps", 2, "--max-seq-length", 768,
                                    "--max-tokens-to-generate", 8, "--stop-after", 1, "--out", sft], env)
     out["sft_stopped_meta"], out["sft_stopped_rows"] = metadata(sft), rows(sft)
     out["sft_proc"] = run(["--phase", "sft", "--resume", "--out", sft], env)
@@ -347,7 +347,7 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     the same command resumes it, then skips everything already done."""
     root = tmp_path / "runs"
     journey = ["--phase", "curriculum", "--schedule", "sft,soft", "--preset", "cpu", *TINY_GRPO,
-               "--steps", 2, "--max-seq-length", 64, "--out", root]
+               "--steps", 2, "--max-seq-length", 768, "--out", root]
     first = run(journey + ["--stop-after", 3], env, check=False)
     assert first.returncode == 1 and "run the same command again" in first.stdout
     assert metadata(root / "sft")["complete"] and (root / "eval" / "sft" / "summary.json").is_file()
@@ -371,3 +371,40 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
 def test_curriculum_schedule_is_checked(env):
     proc = run(["--phase", "curriculum", "--schedule", "soft,sft"], env, check=False)
     assert proc.returncode == 2 and "--schedule 'soft,sft'" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Beyond one machine: several processes join one mesh (here two local CPU processes)
+# ------------------------------------------------------------------------------------------------
+
+JOIN = """
+import json, jax, jax.numpy as jnp, numpy as np
+import model, runs
+n = runs.join_processes()
+axes = runs.mesh_axes("fsdp=1,tp=1")
+mesh = model.make_mesh(axes["fsdp"], axes["tp"])
+x = jax.make_array_from_callback((8,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")),
+                                 lambda i: np.arange(8.0)[i])
+print(json.dumps({"processes": n, "devices": jax.device_count(), "axes": axes,
+                  "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process()}))
+"""
+
+
+def test_two_processes_join_one_mesh():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
+                                                  JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}"))
+             for i in range(2)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    for r in results:
+        assert (r["processes"], r["devices"], r["axes"], r["sum"]) == (2, 2, {"fsdp": 2, "tp": 1}, 28.0)
+    assert [r["main"] for r in results] == [True, False]  # process 0 alone writes the run's files

@@ -68,6 +68,10 @@ GRPO = dict(
     temperature=1.0, top_p=1.0, top_k=50,
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
     save_every=100, keep_checkpoints=2,
+    # Not a published setting, memory only: log-probs of this many completion positions at a time
+    # (grpo_loss.py), never Tunix 0.1.7's full [G, prompt + completion, 262,144] float32 logits.
+    # 0 = Tunix's own computation.
+    logps_chunk_size=256,
     # Which prompts a block sees. Published (reading (a)): each block was a fresh run of the same
     # script, its data pipeline rebuilt, so every block trained on the SAME first 300 prompts of the
     # seeded order. "continue" instead picks up where the previous block stopped.
@@ -89,22 +93,33 @@ SFT = dict(
 )
 GRPO_ONLY = ("num_generations", "num_iterations", "beta", "epsilon", "kl_loss_mode", "loss_agg_mode",
              "max_prompt_length", "kv_cache_size", "temperature", "top_p", "top_k", "lr_init", "warmup_ratio",
-             "lr_end_ratio", "data_order")
+             "lr_end_ratio", "data_order", "logps_chunk_size")
 
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
 PHASES = ("sft", "grpo", "format", "correctness", "generalize")
 GSM8K_SLICE = {"slice_start": 0.0, "slice_end": 0.25}     # seed 002: "a random 20-30% slice"
 
-# --phase curriculum --preset: the whole journey at other sizes (flags on the command line win).
+# --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
+# preset evaluates the base model first, then each block, greedy, on the builtin eval split.
 PRESETS = {
-    "paper": {"grpo": {}, "sft": {}, "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 8}},
-    "cpu": {  # measured: see README, "CPU quickstart"
-        "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 512,
-                 "max_tokens_to_generate": 32, "kv_cache_size": 1024, "save_every": 2},
-        "sft": {"model": "gemma-3-270m", "max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1,
-                "max_seq_length": 512, "max_tokens_to_generate": 32, "save_every": 3},
-        "eval": {"n": 6, "max_new_tokens": 32, "batch_size": 6},
-    },
+    # The published journey: gemma-3-1b-it, published steps and settings, 50 vignettes x 512 tokens.
+    "paper": {"schedule": "sft,soft,medium,soft,soft", "grpo": {}, "sft": {},
+              "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 8}},
+    # The same journey on the embedded 270M, sized for one accelerator (bf16 by --dtype auto).
+    "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m"},
+            "sft": {"model": "gemma-3-270m"}, "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 25}},
+    # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft
+    # block shows GRPO groups whose rewards differ. What differs from the published settings, and why:
+    # SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at 2e-5) on the vignettes that
+    # fit 768 tokens; GRPO 2 steps, prompts cut to 768 tokens, 160 new tokens; 8 eval vignettes x 256
+    # tokens (enough for a complete answer: golds are 116-287 tokens).
+    "cpu": {"schedule": "sft,soft",
+            "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 2,
+                    "gradient_accumulation_steps": 1, "max_seq_length": 768, "max_tokens_to_generate": 160,
+                    "save_every": 12},
+            "grpo": {"model": "gemma-3-270m", "max_steps": 2, "max_prompt_length": 768,
+                     "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2},
+            "eval": {"n": 8, "max_new_tokens": 256, "batch_size": 8}},
 }
 
 
@@ -138,6 +153,7 @@ def build_grpo(config: dict, run_dir: Path, reward_fns=None) -> dict:
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
 
+    import grpo_loss
     import model as model_lib
 
     # Model: the policy continues the previous block; the reference is that same start, frozen.
@@ -184,6 +200,8 @@ def build_grpo(config: dict, run_dir: Path, reward_fns=None) -> dict:
     learner = grpo_learner.GRPOLearner(
         rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
         metric_fns=[step_metrics(config, outcomes, metrics, current_step=lambda: cluster.global_steps + 1)])
+    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits (grpo_loss.py)
+        grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"])
     return dict(learner=learner, cluster=cluster, training=training, rows=rows, metrics=metrics)
 
 
@@ -213,23 +231,23 @@ def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
 
 def sft_batches(rows, tokenizer, config):
     """Endless micro-batches of TrainingInput: <bos> prompt response, padded to max_seq_length, with
-    input_mask 1 on the response tokens only (the loss ignores the prompt)."""
+    input_mask 1 on the response tokens only (the loss ignores the prompt). The published data fits
+    1,024 tokens; with a smaller --max-seq-length the longer rows are left out."""
     import numpy as np
     from tunix.sft import peft_trainer
 
     length, pad = config["max_seq_length"], tokenizer.pad_id()
-    encoded, truncated = [], 0
-    for r in rows:
+    encoded = []
+    for r in rows:  # a row that does not fit is left out, never cut: its quotes live in its context
         prompt, answer = tokenizer.encode(r["prompt"]), tokenizer.encode(r["completion"])
-        if len(prompt) + len(answer) + 1 > length:  # keep the response (the loss), cut the prompt's start
-            truncated += 1
-            answer = answer[:length - 1 - min(len(prompt), (length - 1) // 2)]
-            prompt = prompt[len(prompt) - (length - 1 - len(answer)):]
-        ids, mask = [tokenizer.bos_id()] + prompt + answer, [0] * (1 + len(prompt)) + [1] * len(answer)
-        encoded.append((ids + [pad] * (length - len(ids)), mask + [0] * (length - len(mask))))
-    if truncated:
-        log.warning("%d of %d SFT examples are longer than --max-seq-length %d: their prompts were cut at the start",
-                    truncated, len(rows), length)
+        if 1 + len(prompt) + len(answer) <= length:
+            ids, mask = [tokenizer.bos_id()] + prompt + answer, [0] * (1 + len(prompt)) + [1] * len(answer)
+            encoded.append((ids + [pad] * (length - len(ids)), mask + [0] * (length - len(mask))))
+    if len(encoded) < len(rows):
+        log.warning("SFT: %d of %d examples are longer than --max-seq-length %d tokens and are left out",
+                    len(rows) - len(encoded), len(rows), length)
+    if not encoded:
+        sys.exit(f"error: no SFT example fits --max-seq-length {length}; raise it")
     for batch in batches([{"i": i} for i in range(len(encoded))], config["batch_size"], config["seed"]):
         picked = [encoded[int(i)] for i in batch["i"]]
         yield peft_trainer.TrainingInput(input_tokens=np.array([p[0] for p in picked], dtype=np.int32),
@@ -369,7 +387,7 @@ def load_policy(config: dict):
     """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
     import model as model_lib
 
-    axes = runs.parse_mesh(config["mesh"])
+    axes = runs.mesh_axes(config["mesh"])
     try:
         mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
         base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
@@ -497,6 +515,7 @@ def train_block(config: dict, run_dir: Path, stop_after: int | None = None) -> i
 def main(argv=None) -> int:
     args, parser = runs.parse_args(sys.modules[__name__], argv)
     runs.setup_logging()
+    runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
     if args.phase == "curriculum":
         return runs.run_curriculum(args, parser, resolve_config, train_block, PRESETS[args.preset],
                                    levels=tuple(rewards.PENALTIES),
