@@ -359,7 +359,8 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     assert grpo["complete"] and [b["phase"] for b in grpo["lineage"]] == ["sft", "grpo"]
     assert [r["step"] for r in rows(root / "grpo_soft_4")] == [3, 4]
     table = (root / "table.md").read_text()
-    assert table.splitlines()[0] == "| Metric | Base | SFT | GRPO (2) |"  # GRPO columns count steps after SFT
+    # GRPO columns count steps after SFT; two scripted policies show what a number is worth
+    assert table.splitlines()[0] == "| Metric | Base | SFT | GRPO (2) | Always abstain | Copy best line |"
     summary = json.loads((root / "eval" / "grpo_soft_4" / "summary.json").read_text())
     assert summary["total"] == 6 and summary["settings"]["max_new_tokens"] == 32  # the cpu preset's eval
     assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -89,7 +89,7 @@ SFT = dict(
     batch_size=2,                    # micro batch
     gradient_accumulation_steps=8,   # -> 16 sequences per optimizer step
     max_seq_length=1024,
-    max_tokens_to_generate=512,      # of the greedy samples that check the format at the end
+    max_tokens_to_generate=512,      # of the greedy samples that check the format at the end (0: none)
 )
 GRPO_ONLY = ("num_generations", "num_iterations", "beta", "epsilon", "kl_loss_mode", "loss_agg_mode",
              "max_prompt_length", "kv_cache_size", "temperature", "top_p", "top_k", "lr_init", "warmup_ratio",
@@ -109,17 +109,20 @@ PRESETS = {
     "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m"},
             "sft": {"model": "gemma-3-270m"}, "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 25}},
     # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft
-    # block shows GRPO groups whose rewards differ. What differs from the published settings, and why:
-    # SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at 2e-5) on the vignettes that
-    # fit 768 tokens; GRPO 2 steps, prompts cut to 768 tokens, 160 new tokens; 8 eval vignettes x 256
-    # tokens (enough for a complete answer: golds are 116-287 tokens).
+    # block shows GRPO groups whose rewards differ. What differs from the published settings, and why
+    # (README, "CPU quickstart"): SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at
+    # 2e-5; 10 steps did not yet give one grounded proof) on the vignettes that fit 768 tokens, 2 per
+    # step as micro batches of 1 (Tunix's SFT loss holds full float32 logits: batch 2 peaked at 15 GB); GRPO
+    # 2 steps with G=2 (G=4 peaked at 17 GB here), prompts cut to 768 tokens, 160 new tokens; 6 eval
+    # vignettes x 256 tokens (a complete answer: golds are 116-287 tokens). The SFT evaluation shows
+    # the format, so no samples after SFT.
     "cpu": {"schedule": "sft,soft",
-            "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 2,
-                    "gradient_accumulation_steps": 1, "max_seq_length": 768, "max_tokens_to_generate": 160,
+            "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
+                    "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
                     "save_every": 12},
-            "grpo": {"model": "gemma-3-270m", "max_steps": 2, "max_prompt_length": 768,
+            "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 768,
                      "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2},
-            "eval": {"n": 8, "max_new_tokens": 256, "batch_size": 8}},
+            "eval": {"n": 6, "max_new_tokens": 256, "batch_size": 6}},
 }
 
 
@@ -298,7 +301,7 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
         with stopper:
             trainer.train(sft_batches(rows, tokenizer, config))  # on a resume Tunix fast-forwards
         metrics.finish()
-        if trainer.train_steps >= config["max_steps"]:
+        if trainer.train_steps >= config["max_steps"] and config["max_tokens_to_generate"]:
             # Greedy samples after SFT: does the model now write <think>, <proof> and <answer>?
             outs = model_lib.generate(policy, tokenizer, [r["prompt"] for r in rows[:4]],
                                       max_new_tokens=config["max_tokens_to_generate"], progress=False)
