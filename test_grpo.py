@@ -11,8 +11,10 @@ for a few real GRPO steps in this process:
                                     0.1.7's default "kl" pushes the sampled tokens down.
 """
 
+import jax
 import numpy as np
 import pytest
+from jax._src.dispatch import JAXPR_TO_MLIR_MODULE_EVENT  # the event JAX records when it lowers a new program
 
 import runs
 import train
@@ -146,7 +148,7 @@ def tiny_runs(tmp_path_factory):
     def scripted(prompts, completions, **_):
         return [1.0 if str(c) in preferred else 0.0 for c in completions]
 
-    out = {}
+    out, lowered = {}, []
     for name, reward, mode in (("scripted", scripted, "low_var_kl"), ("constant", constant, "low_var_kl"),
                                ("constant_kl", constant, "kl")):
         config = block_config(*flags, "--kl-loss-mode", mode)
@@ -157,11 +159,24 @@ def tiny_runs(tmp_path_factory):
         top50 = np.argsort(before)[::-1][:50]
         preferred.clear()
         preferred.update(tokenizer.decode([int(i)]) for i in top50[::2])
-        grpo["metrics"].start(0)
-        grpo["learner"].train(train.batches(grpo["rows"], 1, config["seed"]))
-        grpo["metrics"].finish()
+        cluster = grpo["cluster"]
+
+        def on_lowering(event, seconds, fun_name="", **_):  # JAX turns a program into XLA: a new shape
+            if event == JAXPR_TO_MLIR_MODULE_EVENT:
+                lowered.append((name, fun_name, cluster.global_steps))
+
+        jax.monitoring.register_event_duration_secs_listener(on_lowering)
+        try:
+            grpo["metrics"].start(0)
+            grpo["learner"].train(train.batches(grpo["rows"], 1, config["seed"]))
+            grpo["metrics"].finish()
+        finally:
+            try:
+                jax.monitoring.unregister_event_duration_listener(on_lowering)
+            except AssertionError:
+                pass  # Tunix's logger clears every jax.monitoring listener when training ends
         out[name] = dict(before=before, after=next_token_logprobs(policy, tokenizer, prompt), top50=top50,
-                         rows=runs.read_rows(root / name))
+                         rows=runs.read_rows(root / name), lowered=[x[1:] for x in lowered if x[0] == name])
     return out
 
 
@@ -187,3 +202,15 @@ def test_kl_pulls_towards_reference(tiny_runs):
               for name, run in tiny_runs.items() if name.startswith("constant")}
     assert change["constant"] > -1e-3, change     # no lower than they started
     assert change["constant_kl"] < -0.1, change   # pushed down
+
+
+def test_each_step_reuses_the_compiled_programs(tiny_runs):
+    """Issue 11: the rollout (prefill, decode loop), the log-prob pass and the train step are each
+    compiled once, in the first step, and the later steps compile nothing (a weight update that
+    changed a dtype or a sharding, or a prompt padded to a new length, would compile them again).
+    (Small eager programs also appear once, e.g. the learning rate read from the schedule when
+    step 1's metrics row is written, during step 2.)"""
+    lowered = tiny_runs["scripted"]["lowered"]  # (program, cluster.global_steps when lowered), 4 steps
+    for program in ("_prefill_fn", "_decode_fn", "_logps_no_grad", "_train_step"):
+        assert [step for fun, step in lowered if program in fun] == [0], (program, lowered)
+    assert [fun for fun, step in lowered if step == 3] == [], "the last step compiled"
