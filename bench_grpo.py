@@ -14,7 +14,10 @@ per second) and adds what they lack:
 * compile time: the first step's seconds minus the median of the later steps;
 * the bandwidth floor of the rollout: a decode step reads every weight once, so
   max_tokens_to_generate x weight bytes / memory bandwidth is the least a rollout can take
-  (--bandwidth, default 3.35e12 B/s on GPU (H100), 18e9 B/s on CPU (REFERENCE.md section 6)).
+  (--bandwidth, default 3.35e12 B/s on GPU (H100), 18e9 B/s on CPU (REFERENCE.md section 6)),
+  and the same per decode step beside the measured one (decode_step_ms: the rollout's seconds
+  over max_tokens_to_generate, which assumes every completion runs to the limit);
+* --profile DIR: a JAX profiler trace of the run, to see where a rollout's time goes.
 
 --random-weights: weights with the model's names and shapes, drawn from a seeded normal (std
 1/sqrt(width), norms 0), written once as a Hugging Face-format directory under the model cache and
@@ -153,6 +156,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-cache-size", type=int, default=2048)
     p.add_argument("--bandwidth", type=float,
                    help="memory bandwidth in bytes/s for the floor (default: 3.35e12 on GPU, 18e9 on CPU)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="also record a JAX profiler trace of the whole run into DIR (open it with TensorBoard's "
+                        "profile plugin or ui.perfetto.dev); use --steps 2 to keep it small")
     p.add_argument("--out", help="also write the JSON record to this file")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -172,7 +178,11 @@ def main(argv=None) -> int:
                       "--kv-cache-size", str(args.kv_cache_size),
                       "--save-every", str(10 ** 6), "--out", str(run_dir), *train_extra]
         start = time.time()
-        train.main(train_args)
+        if args.profile:
+            with jax.profiler.trace(args.profile):  # the first step compiles; the later ones are the profile
+                train.main(train_args)
+        else:
+            train.main(train_args)
         wall = time.time() - start
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         config = json.loads((run_dir / "metadata.json").read_text())["config"]
@@ -191,6 +201,11 @@ def main(argv=None) -> int:
         # The rollout can be no faster than reading every weight once per decode step.
         "rollout_floor_seconds": args.max_tokens_to_generate * wbytes / bandwidth,
     }
+    # Per decode step (the G completions advance together; exact when every completion runs to the
+    # limit, as with random weights): measured against the floor of reading the weights once.
+    if record["rollout_seconds"] is not None:
+        record["decode_step_ms"] = 1000 * record["rollout_seconds"] / args.max_tokens_to_generate
+        record["decode_step_floor_ms"] = 1000 * wbytes / bandwidth
     text = json.dumps(record, indent=2, default=str)
     print(text)
     if args.out:
