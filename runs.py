@@ -6,13 +6,15 @@ every long run needs and no reader of the method does, so a fork never has to to
   run directories   RUN_DIR/metadata.json (configuration, lineage of blocks, global step, complete?)
   phase rules       seed 002: never change the dataset and the rewards in the same step
   metrics           one JSON row per global step in RUN_DIR/metrics.jsonl, a progress bar, and
-                    TensorBoard event files in RUN_DIR/tensorboard (tensorboardX, as Tunix logs)
+                    TensorBoard event files in RUN_DIR/tensorboard (tensorboardX, as Tunix logs);
+                    with --wandb PROJECT also a Weights & Biases run per block
   interruption      Ctrl-C finishes the step under way, saves a checkpoint, exits; --resume goes on
   the journey       --phase curriculum: every block and evaluation in a child process, resumable
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -91,6 +93,16 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def wait_for_all_processes(name: str) -> None:
+    """A multi-process launch: no process goes past this point before every one has reached it."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # ================================================================================================
 # Configuration: train.py's published settings, the flags over them, and the checks
 # ================================================================================================
@@ -116,6 +128,8 @@ def parse_args(method, argv=None):
     p.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA init (default %(default)s)")
     p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log metrics and samples to this Weights & Biases project "
+                                                      "(pip install wandb; WANDB_MODE=offline: local files only)")
     # Every published setting is a flag; left unset, it takes the published value of the phase.
     choices = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "data_order": ("restart", "continue"),
                "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None}
@@ -169,7 +183,7 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
     config = {"phase": phase, "penalty": (args.penalty or "soft") if phase == "grpo" else None}
     config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
     config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
-                  mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed,
+                  mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed, wandb=args.wandb,
                   init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
                   start_step=(init_meta["global_step"] + 1) if init_meta else 1)
     config["end_step"] = config["start_step"] + config["max_steps"] - 1
@@ -178,6 +192,8 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
         config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
     elif phase != "sft":
         config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
+    if config["wandb"] and importlib.util.find_spec("wandb") is None:  # now, not when the first step is logged
+        sys.exit("error: --wandb needs the wandb package, which is not installed: pip install wandb")
     # Checks a typo would otherwise turn into a confusing failure an hour later.
     try:
         parse_mesh(config["mesh"])
@@ -281,12 +297,11 @@ def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite:
     """Create the run directory and its metadata.json; never over a run unless --overwrite."""
     run_dir = Path(out) if out else default_out(config)
     existing = read_metadata(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            what = f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files"
-            sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
-                     "--overwrite to replace it, or choose another --out")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        what = f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files"
+        sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
+                 "--overwrite to replace it, or choose another --out")
+    wait_for_all_processes("run directory checked")  # every process looked before process 0 writes
     this_block = {"run_dir": str(run_dir.resolve()), "phase": config["phase"], "penalty": config["penalty"],
                   "start_step": config["start_step"], "end_step": config["end_step"]}
     metadata = {
@@ -300,8 +315,11 @@ def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite:
         "lineage": (init_meta["lineage"] if init_meta else []) + [this_block],
     }
     if is_main_process():
+        if overwrite:
+            shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "metadata.json", metadata)
+    wait_for_all_processes("run directory written")
     return run_dir
 
 
@@ -328,8 +346,9 @@ def run_block(train_block, config: dict, run_dir, stop_after: int | None = None)
     last = train_block(config, run_dir, stop_after=stop_after)
     metadata = read_metadata(run_dir)
     metadata.update(global_step=last, complete=last >= config["end_step"])
-    if is_main_process():
-        write_json(run_dir / "metadata.json", metadata)
+    if not is_main_process():
+        return run_dir
+    write_json(run_dir / "metadata.json", metadata)
     if metadata["complete"]:
         print(f"done: {run_dir} (global steps {config['start_step']}-{last})")
         print_next_steps(config, run_dir, metadata)
@@ -342,7 +361,7 @@ def run_block(train_block, config: dict, run_dir, stop_after: int | None = None)
 def remove_if_empty_run(run_dir) -> None:
     """A fresh run that failed before its first checkpoint (e.g. weights unavailable) leaves nothing
     behind, so the same command can simply be run again."""
-    if not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
+    if is_main_process() and not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -390,7 +409,8 @@ class MetricsLog:
     the others (loss, KL, timers) the count after it; we file all under the 1-based local step they
     belong to. Tunix flushes a step's metrics late (its timers only once the next step has run), so
     a step's row is written when the last of `complete_keys` arrives. Each row goes to metrics.jsonl
-    and, under the GLOBAL step, to TensorBoard (so `tensorboard --logdir runs` shows a whole journey)."""
+    and, under the GLOBAL step, to TensorBoard (so `tensorboard --logdir runs` shows a whole journey)
+    and, with --wandb, to Weights & Biases."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what train.step_metrics reports): whole numbers in the rows.
@@ -405,7 +425,7 @@ class MetricsLog:
         self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (added by train.py)
         self.lock = threading.Lock()  # rollout metrics are logged from Tunix's data thread
         self.main = is_main_process()
-        self.bar = self.tensorboard = None
+        self.bar = self.tensorboard = self.wandb = None
         # Tunix registers its backends as process-wide jax.monitoring listeners, which are never
         # removed: a log takes scalars only between start() and finish(), so a later block in the
         # same process (tests) never writes into an earlier block's files.
@@ -424,6 +444,14 @@ class MetricsLog:
         self.bar = tqdm(total=config["max_steps"], initial=done_steps, unit="step", disable=not self.main,
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
         self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.main else None
+        if self.main and config.get("wandb"):
+            import wandb
+
+            # One W&B run per block (a resumed block: a new run of the same name), grouped by the
+            # journey's directory, its charts drawn against the global step: "step" in every log call.
+            self.wandb = wandb.init(project=config["wandb"], group=self.run_dir.resolve().parent.name,
+                                    name=self.run_dir.name, config=config, dir=self.run_dir)
+            self.wandb.define_metric("*", step_metric="step")
         self.last_time = time.time()
         self.active = True
 
@@ -475,10 +503,13 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.tensorboard.add_scalar(f"{self.config['phase']}/{key}", value, step)
+        scalars = {f"{self.config['phase']}/{key}": value for key, value in row.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
+        for tag, value in scalars.items():
+            self.tensorboard.add_scalar(tag, value, step)
         self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({"step": step, **scalars})
         self.bar.set_postfix({k: _fmt(row.get(k), d) for k, d in
                               (("loss", 3), ("reward_mean", 2), ("kl", 4), ("seconds", 1)) if k in row}, refresh=False)
         self.bar.update(1)
@@ -488,6 +519,11 @@ class MetricsLog:
         if self.main:
             step = self.config["start_step"] - 1 + local_step
             self.tensorboard.add_text(tag, "```\n" + text + "\n```", step)
+            if self.wandb is not None:
+                import wandb
+
+                sample = wandb.Table(columns=["step", "tag", "text"], data=[[step, tag, text]])
+                self.wandb.log({"step": step, "samples": sample})
             self.bar.write(f"--- step {step}, {tag}:\n{text[:1500]}\n---")
 
     def flush(self):
@@ -507,6 +543,8 @@ class MetricsLog:
             self.bar.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _fmt(x, digits=2):

@@ -2,13 +2,15 @@
 
 One chain of real runs, shared by the tests (module fixture, a few minutes on 2 CPU cores):
 SFT steps 1-2 -> GRPO soft steps 3-4 (stopped after step 3 as if by Ctrl-C, then resumed) ->
-GRPO medium steps 5-6; plus a one-step GSM8K format phase for the phase rules.
+GRPO medium steps 5-6 (also logged to Weights & Biases, offline); plus a one-step GSM8K format phase
+for the phase rules.
 Each run is a subprocess, exactly what a user types. Compiled XLA programs are shared between the
 subprocesses through JAX's persistent compilation cache, which is what keeps this fast.
 """
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +68,8 @@ def chain(tmp_path_factory, env):
     out["stopped_meta"], out["stopped_rows"] = metadata(soft), rows(soft)
     out["resume_proc"] = run(["--phase", "grpo", "--resume", "--out", soft], env)
     out["medium_proc"] = run(["--phase", "grpo", "--penalty", "medium", "--init-from", soft, *TINY_GRPO,
-                              "--steps", 2, "--out", medium], env)
+                              "--steps", 2, "--out", medium, "--wandb", "dipg-test", "--sample-every", 1],
+                             dict(env, WANDB_MODE="offline"))
     return out
 
 
@@ -222,6 +225,61 @@ def test_tensorboard_shows_the_journey(chain):
     for tag in ("grpo/reward_mean", "grpo/kl", "grpo/loss", "grpo/learning_rate", "grpo/seconds",
                 "grpo/hallucination", "grpo/missing_proof", "grpo/groups_with_spread"):
         assert soft[tag] == [3, 4] and medium[tag] == [5, 6], tag
+
+
+def wandb_records(run_dir):
+    """What W&B recorded for a block run with WANDB_MODE=offline: its transaction log
+    RUN_DIR/wandb/offline-run-*/run-*.wandb, the file `wandb sync` uploads (wandb has no public reader):
+    protobuf Records in LevelDB's log format, 32 KiB blocks of chunks [crc32, length, type]."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data, block, pos, chunks, records = path.read_bytes(), 32768, 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left in the block for a chunk header: padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            records.append(wandb_internal_pb2.Record.FromString(chunks))
+            chunks = b""
+    return records
+
+
+def test_wandb_gets_the_rows_and_samples(chain):
+    """--wandb PROJECT: the block's W&B run (named after its directory, grouped by the journey's) holds
+    its configuration, every metrics.jsonl row under its global step, with the TensorBoard tags, and
+    the sample completions."""
+    records = wandb_records(chain["medium"])
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert (run.project, run.run_group, run.display_name) == ("dipg-test", chain["root"].name, "grpo_medium")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert (config["penalty"], config["start_step"], config["wandb"]) == ("medium", 5, "dipg-test")
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.HasField("history")]
+    logged = [h for h in history if "grpo/loss" in h]
+    expected = rows(chain["medium"])
+    assert [h["step"] for h in logged] == [r["step"] for r in expected] == [5, 6]
+    for h, row in zip(logged, expected):
+        numbers = {f"grpo/{k}": v for k, v in row.items() if k != "step" and type(v) in (int, float)}
+        assert {k: v for k, v in h.items() if k.startswith("grpo/")} == pytest.approx(numbers)
+    samples = [h for h in history if "samples/path" in h]
+    assert [h["step"] for h in samples] == [5, 6]
+    for h in samples:
+        table = json.loads(next(chain["medium"].glob(f"wandb/offline-run-*/files/{h['samples/path']}")).read_text())
+        ((step, tag, text),) = table["data"]
+        assert table["columns"] == ["step", "tag", "text"] and step == h["step"] and tag.startswith("completion")
+
+
+def test_wandb_missing_is_one_clear_line():
+    """Without the wandb package, --wandb stops before anything runs, saying how to get it."""
+    hide_wandb = "import sys; sys.modules['wandb'] = None; import train; sys.exit(train.main())"
+    proc = subprocess.run([sys.executable, "-c", hide_wandb, "--phase", "sft", "--wandb", "p", "--print-config"],
+                          capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --wandb needs the wandb package, which is not installed: pip install wandb"
 
 
 def test_lineage_records_every_block(chain):
@@ -382,33 +440,37 @@ def test_curriculum_schedule_is_checked(env):
 # ------------------------------------------------------------------------------------------------
 
 JOIN = """
-import json, jax, jax.numpy as jnp, numpy as np
-import model, runs
+import json, sys, time, jax, jax.numpy as jnp, numpy as np
+import model, runs, train
 n = runs.join_processes()
 axes = runs.mesh_axes("fsdp=1,tp=1")
 mesh = model.make_mesh(axes["fsdp"], axes["tp"])
 x = jax.make_array_from_callback((8,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")),
                                  lambda i: np.arange(8.0)[i])
+# Both processes prepare the same --out, process 1 late: it must not find process 0's new run there.
+args, parser = runs.parse_args(train, ["--phase", "grpo", "--model", "tiny"])
+time.sleep(2 * jax.process_index())
+run_dir = runs.prepare_run_dir(sys.argv[1], train.resolve_config(args, parser, None))
 print(json.dumps({"processes": n, "devices": jax.device_count(), "axes": axes,
-                  "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process()}))
+                  "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process(),
+                  "run_dir": sorted(p.name for p in run_dir.iterdir())}))
 """
 
 
-def test_two_processes_join_one_mesh():
+def test_two_processes_join_one_mesh(tmp_path):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", JOIN], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
-                                                  JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN, str(tmp_path / "run")], cwd=HERE, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env, JAX_PROCESS_ID=str(i)))
              for i in range(2)]
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outputs))
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     for r in results:
         assert (r["processes"], r["devices"], r["axes"], r["sum"]) == (2, 2, {"fsdp": 2, "tp": 1}, 28.0)
+        assert r["run_dir"] == ["metadata.json"]  # written once, seen by both
     assert [r["main"] for r in results] == [True, False]  # process 0 alone writes the run's files
