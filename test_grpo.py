@@ -78,14 +78,32 @@ def test_tunix_optimizer_is_the_published_adamw(published_block):
     assert rates[30] == pytest.approx(3e-6, rel=1e-4)         # end of warmup
     assert rates[299] == pytest.approx(3e-7, rel=1e-2)        # last step: 10% of the peak
     assert max(rates) == pytest.approx(3e-6, rel=1e-4)
+    # The values are used, not only stored: Tunix's optimizer updates a parameter as the published
+    # chain does, on gradients above and below the clip norm
+    # (a dropped clip, or a stored value the chain ignores, moves it differently).
+    import jax.numpy as jnp
+    import optax
+
+    published = optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(
+        optax.warmup_cosine_decay_schedule(1e-8, 3e-6, 30, 300, 3e-7), b1=0.9, b2=0.999, weight_decay=0.1))
+    params = jnp.ones(3)
+    ours, theirs, rng = optimizer.tx.init(params), published.init(params), np.random.default_rng(0)
+    for scale in (10.0, 0.01, 1.0, 0.001, 5.0):
+        grad = jnp.asarray(rng.normal(size=3) * scale, dtype=jnp.float32)
+        (got, ours), (want, theirs) = optimizer.tx.update(grad, ours, params), published.update(grad, theirs, params)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4)  # float32 hyperparameters
 
 
 def test_a_chained_block_restarts_schedule_and_prompt_order(tmp_path):
     """Reading (a) of REFERENCE: block 2 is a fresh run from block 1's final weights: the schedule
     warms up again, Adam starts from zero moments, and the prompts start from the first again."""
     small = ["--max-prompt-length", "64", "--kv-cache-size", "1024", "--n-prompts", "2"]
-    config1 = block_config(*small, "--steps", "1", "--num-generations", "2", "--max-tokens-to-generate", "4")
+    # KL mode "kl" has a gradient at policy = reference even when the rewards tie (zero advantages),
+    # so block 1 ends with Adam moments that block 2 could wrongly inherit.
+    config1 = block_config(*small, "--steps", "1", "--num-generations", "2", "--max-tokens-to-generate", "4",
+                           "--kl-loss-mode", "kl")
     run1 = runs.run_block(train.train_block, config1, runs.prepare_run_dir(tmp_path / "b1", config1))
+    assert any(float(np.abs(m).max()) > 0.0 for m in _saved_adam_moments(run1))
     config2 = block_config(*small, "--penalty", "medium", init_from=run1)
     assert (config2["start_step"], config2["end_step"], config2["max_steps"]) == (2, 301, 300)
     grpo2 = train.build_grpo(config2, runs.prepare_run_dir(tmp_path / "b2", config2))
@@ -106,6 +124,31 @@ def _adam_moments(optimizer):
         if hasattr(node, "mu"):
             leaves += [np.asarray(x) for x in jax.tree.leaves((node.mu, node.nu))]
     assert leaves, "no Adam state found"
+    return leaves
+
+
+def _saved_adam_moments(run_dir):
+    """Adam's moments (mu, nu) in the optimizer state of a run's newest Tunix checkpoint."""
+    from pathlib import Path
+
+    import orbax.checkpoint as ocp
+
+    root = Path(run_dir) / runs.read_metadata(run_dir)["checkpoint_dir"]
+    step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+    leaves = []
+
+    def walk(node, inside):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, inside or key in ("mu", "nu"))
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value, inside)
+        elif inside:
+            leaves.append(np.asarray(node))
+
+    walk(ocp.PyTreeCheckpointer().restore(str(root / str(step) / "optimizer_state")), False)
+    assert leaves, "no Adam state found in the checkpoint"
     return leaves
 
 
