@@ -192,8 +192,7 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
         config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
     elif phase != "sft":
         config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
-    if config["wandb"] and importlib.util.find_spec("wandb") is None:  # now, not when the first step is logged
-        sys.exit("error: --wandb needs the wandb package, which is not installed: pip install wandb")
+    check_wandb(config)
     # Checks a typo would otherwise turn into a confusing failure an hour later.
     try:
         parse_mesh(config["mesh"])
@@ -323,6 +322,12 @@ def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite:
     return run_dir
 
 
+def check_wandb(config: dict) -> None:
+    """--wandb (also a resumed run's saved one) fails now, not when the first step is logged."""
+    if config.get("wandb") and importlib.util.find_spec("wandb") is None:
+        sys.exit("error: --wandb needs the wandb package, which is not installed: pip install wandb")
+
+
 def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
     """--resume: the interrupted run in --out and its saved configuration."""
     if not out:
@@ -336,6 +341,7 @@ def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
     if existing["phase"] != phase:
         parser.error(f"--resume: {run_dir} is a {existing['phase']} run, not --phase {phase}")
     log.info("resuming %s with its saved configuration", run_dir)
+    check_wandb(existing["config"])
     return run_dir, existing["config"]
 
 

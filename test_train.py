@@ -273,13 +273,20 @@ def test_wandb_gets_the_rows_and_samples(chain):
         assert table["columns"] == ["step", "tag", "text"] and step == h["step"] and tag.startswith("completion")
 
 
-def test_wandb_missing_is_one_clear_line():
-    """Without the wandb package, --wandb stops before anything runs, saying how to get it."""
+def test_wandb_missing_is_one_clear_line(chain, tmp_path):
+    """Without the wandb package, --wandb stops before anything runs, saying how to get it; so does
+    --resume of an interrupted run that was started with --wandb (its saved configuration)."""
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "metadata.json").write_text(json.dumps(dict(metadata(chain["medium"]), complete=False)))
     hide_wandb = "import sys; sys.modules['wandb'] = None; import train; sys.exit(train.main())"
-    proc = subprocess.run([sys.executable, "-c", hide_wandb, "--phase", "sft", "--wandb", "p", "--print-config"],
-                          capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == "error: --wandb needs the wandb package, which is not installed: pip install wandb"
+    for flags in (["--phase", "sft", "--wandb", "p", "--print-config"],
+                  ["--phase", "grpo", "--resume", "--out", str(interrupted)]):
+        proc = subprocess.run([sys.executable, "-c", hide_wandb, *flags], capture_output=True, text=True, cwd=HERE,
+                              timeout=300)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == \
+            "error: --wandb needs the wandb package, which is not installed: pip install wandb"
 
 
 def test_lineage_records_every_block(chain):
