@@ -448,6 +448,7 @@ def test_curriculum_schedule_is_checked(env):
 
 JOIN = """
 import json, sys, time, jax, jax.numpy as jnp, numpy as np
+from pathlib import Path
 import model, runs, train
 n = runs.join_processes()
 axes = runs.mesh_axes("fsdp=1,tp=1")
@@ -457,10 +458,12 @@ x = jax.make_array_from_callback((8,), jax.sharding.NamedSharding(mesh, jax.shar
 # Both processes prepare the same --out, process 1 late: it must not find process 0's new run there.
 args, parser = runs.parse_args(train, ["--phase", "grpo", "--model", "tiny"])
 time.sleep(2 * jax.process_index())
+wrote, write_json = [], runs.write_json  # the files each process writes (still written)
+runs.write_json = lambda path, obj: (wrote.append(Path(path).name), write_json(path, obj))
 run_dir = runs.prepare_run_dir(sys.argv[1], train.resolve_config(args, parser, None))
 print(json.dumps({"processes": n, "devices": jax.device_count(), "axes": axes,
                   "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process(),
-                  "run_dir": sorted(p.name for p in run_dir.iterdir())}))
+                  "run_dir": sorted(p.name for p in run_dir.iterdir()), "wrote": wrote}))
 """
 
 
@@ -481,3 +484,4 @@ def test_two_processes_join_one_mesh(tmp_path):
         assert (r["processes"], r["devices"], r["axes"], r["sum"]) == (2, 2, {"fsdp": 2, "tp": 1}, 28.0)
         assert r["run_dir"] == ["metadata.json"]  # written once, seen by both
     assert [r["main"] for r in results] == [True, False]  # process 0 alone writes the run's files
+    assert [r["wrote"] for r in results] == [["metadata.json"], []]
