@@ -31,6 +31,7 @@ but learn nothing useful: this measures time and memory only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -178,10 +179,8 @@ def main(argv=None) -> int:
                       "--kv-cache-size", str(args.kv_cache_size),
                       "--save-every", str(10 ** 6), "--out", str(run_dir), *train_extra]
         start = time.time()
-        if args.profile:
-            with jax.profiler.trace(args.profile):  # the first step compiles; the later ones are the profile
-                train.main(train_args)
-        else:
+        # --profile: the first step compiles; the later ones are the profile.
+        with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
             train.main(train_args)
         wall = time.time() - start
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

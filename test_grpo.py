@@ -11,6 +11,8 @@ for a few real GRPO steps in this process:
                                     0.1.7's default "kl" pushes the sampled tokens down.
 """
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -109,47 +111,31 @@ def test_a_chained_block_restarts_schedule_and_prompt_order(tmp_path):
     grpo2 = train.build_grpo(config2, runs.prepare_run_dir(tmp_path / "b2", config2))
     optimizer = grpo2["cluster"].actor_trainer.optimizer
     assert int(optimizer.step.value) == 0
-    assert all(float(np.abs(m).max()) == 0.0 for m in _adam_moments(optimizer))
+    assert all(float(np.abs(m).max()) == 0.0 for m in _adam_moments(optimizer.opt_state))
     rates = learning_rates(optimizer, 300)
     assert (rates[0], rates[30], rates[299]) == pytest.approx((1e-8, 3e-6, 3e-7), rel=1e-2)
     assert train.start_position(config2) == 0
     assert train.start_position(dict(config2, data_order="continue")) == 1
 
 
-def _adam_moments(optimizer):
-    import jax
+def _adam_moments(state):
+    """Adam's moments (the leaves under a "mu" or "nu" key or field) in an optimizer state: the live
+    one Tunix's trainer holds, or one restored from a checkpoint (nested dicts)."""
+    def under_moment(path):
+        return any(getattr(key, "name", getattr(key, "key", None)) in ("mu", "nu") for key in path)
 
-    leaves = []
-    for node in jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: hasattr(x, "mu")):
-        if hasattr(node, "mu"):
-            leaves += [np.asarray(x) for x in jax.tree.leaves((node.mu, node.nu))]
+    leaves = [np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(state) if under_moment(path)]
     assert leaves, "no Adam state found"
     return leaves
 
 
 def _saved_adam_moments(run_dir):
-    """Adam's moments (mu, nu) in the optimizer state of a run's newest Tunix checkpoint."""
-    from pathlib import Path
-
+    """Adam's moments in the optimizer state of a run's newest Tunix checkpoint."""
     import orbax.checkpoint as ocp
 
     root = Path(run_dir) / runs.read_metadata(run_dir)["checkpoint_dir"]
     step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
-    leaves = []
-
-    def walk(node, inside):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, inside or key in ("mu", "nu"))
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                walk(value, inside)
-        elif inside:
-            leaves.append(np.asarray(node))
-
-    walk(ocp.PyTreeCheckpointer().restore(str(root / str(step) / "optimizer_state")), False)
-    assert leaves, "no Adam state found in the checkpoint"
-    return leaves
+    return _adam_moments(ocp.PyTreeCheckpointer().restore(str(root / str(step) / "optimizer_state")))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -478,7 +478,8 @@ def test_two_processes_join_one_mesh(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env, JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outputs))
+    errors = "\n".join(f"process {i}: {err[-1500:]}" for i, (_, err) in enumerate(outputs))
+    assert [p.returncode for p in procs] == [0, 0], errors
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     for r in results:
         assert (r["processes"], r["devices"], r["axes"], r["sum"]) == (2, 2, {"fsdp": 2, "tp": 1}, 28.0)
