@@ -2,7 +2,7 @@
 
     python bench_grpo.py --model tiny                                   # published lengths, 3 steps
     python bench_grpo.py --model gemma-3-1b-it --random-weights         # real size, no weights needed
-    python bench_grpo.py --model tiny -- --logps-chunk-size 0           # anything after -- goes to train.py
+    python bench_grpo.py --model tiny -- --logps-chunk-size 0 --remat none   # anything after -- goes to train.py
 
 It runs ``train.py --phase grpo`` in this process (published settings unless told otherwise: G=4,
 1,024-token prompts, 512 new tokens, KV cache 2,048; --steps 3) into a temporary run directory,
@@ -18,6 +18,12 @@ per second) and adds what they lack:
   and the same per decode step beside the measured one (decode_step_ms: the rollout's seconds
   over max_tokens_to_generate, which assumes every completion runs to the limit);
 * --profile DIR: a JAX profiler trace of the run, to see where a rollout's time goes.
+
+--loss-memory instead runs nothing: it compiles the policy loss and its LoRA gradient (the largest
+program of a step) at the given lengths for each --remat setting and prints XLA's planned buffers.
+On CPU it compiles in a child process that keeps JAX's remat barriers (XLA:CPU otherwise drops them
+before scheduling, GPU and TPU compilers after), so the figures show what remat saves; they still
+overstate an accelerator's (XLA:CPU computes bfloat16 matmuls in float32 copies).
 
 --random-weights: weights with the model's names and shapes, drawn from a seeded normal (std
 1/sqrt(width), norms 0), written once as a Hugging Face-format directory under the model cache and
@@ -37,6 +43,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,6 +148,47 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# --loss-memory: what XLA plans for the policy loss and its gradient, without running a step
+# ----------------------------------------------------------------------------------------------
+
+KEEP_REMAT_BARRIERS = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
+def loss_memory(name: str, model_path, dtype: str, remat: str, generations: int, prompt_length: int,
+                completion_length: int) -> dict:
+    """XLA's buffers (GiB) for grpo_loss.grpo_loss and its LoRA gradient at the published loss
+    settings (train.GRPO) and these lengths: compiled for this machine, not run."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from tunix.rl.grpo import grpo_learner
+
+    import grpo_loss
+    import train
+
+    c = train.GRPO
+    base = M.load(name, model_path=model_path, dtype=dtype)[0]
+    graphdef, lora, rest = nnx.split(M.apply_lora(base, rank=c["lora_rank"], alpha=c["lora_alpha"]), nnx.LoRAParam, ...)
+    prompt = jnp.ones((generations, prompt_length), jnp.int32)
+    completion = jnp.ones((generations, completion_length), jnp.int32)
+    example = grpo_learner.TrainExample(
+        prompt_ids=prompt, prompt_mask=prompt > 0, completion_ids=completion, completion_mask=completion,
+        advantages=jnp.ones(generations), ref_per_token_logps=jnp.zeros(completion.shape), old_per_token_logps=None)
+    algo = grpo_learner.GRPOConfig(num_generations=generations, beta=c["beta"], epsilon=c["epsilon"],
+                                   kl_loss_mode=c["kl_loss_mode"], loss_agg_mode=c["loss_agg_mode"])
+    algo.temperature = c["temperature"]  # GRPOLearner sets it from the rollout config
+
+    def step(lora, rest):
+        loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat)[0]
+        return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx.merge(graphdef, lora, rest))
+
+    plan = jax.jit(step).lower(lora, rest).compile().memory_analysis()
+    gib = lambda n: round(n / 2 ** 30, 3)
+    return {"arguments_gib": gib(plan.argument_size_in_bytes), "temp_gib": gib(plan.temp_size_in_bytes),
+            "total_gib": gib(plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
+                             - plan.alias_size_in_bytes)}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -160,16 +208,33 @@ def main(argv=None) -> int:
     p.add_argument("--profile", metavar="DIR",
                    help="also record a JAX profiler trace of the whole run into DIR (open it with TensorBoard's "
                         "profile plugin or ui.perfetto.dev); use --steps 2 to keep it small")
+    p.add_argument("--loss-memory", action="store_true",
+                   help="run nothing: print XLA's planned buffers for the policy loss and its gradient, per --remat")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--loss-memory's dtype")
     p.add_argument("--out", help="also write the JSON record to this file")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step compiles; the others are timed)")
+    model_path = random_weights_dir(args.model) if args.random_weights and args.model != "tiny" else None
+
+    if args.loss_memory:
+        if jax.devices()[0].platform == "cpu" and KEEP_REMAT_BARRIERS not in os.environ.get("XLA_FLAGS", ""):
+            env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {KEEP_REMAT_BARRIERS}".strip())
+            return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
+        dtype = runs.resolve_dtype(args.dtype)
+        lengths = (args.num_generations, args.max_prompt_length, args.max_tokens_to_generate)
+        record = {"model": args.model, "dtype": dtype, "generations, prompt, completion": lengths,
+                  "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  **{f"remat={r}": loss_memory(args.model, model_path, dtype, r, *lengths)
+                     for r in ("none", "block", "decoder")}}
+        print(json.dumps(record, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        return 0
 
     import train  # after argument parsing: --help stays fast
 
-    model_args = ["--model", args.model]
-    if args.random_weights and args.model != "tiny":
-        model_args += ["--model-path", str(random_weights_dir(args.model))]
+    model_args = ["--model", args.model] + (["--model-path", str(model_path)] if model_path else [])
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         run_dir = Path(tmp) / "run"
         train_args = ["--phase", "grpo", *model_args, "--steps", str(args.steps), "--sample-every", "0",

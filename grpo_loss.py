@@ -17,9 +17,14 @@ Only the completion positions matter, and each needs ONE number: log p(token). S
    recompute a chunk's logits instead of storing them: at most a few [chunk_size, V] float32
    arrays are alive at any time (chunk_size 256 -> 256 MiB each).
 
-``use_chunked_logps(learner, chunk_size)`` installs this into a Tunix ``GRPOLearner`` for the three
-places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the hook
-GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
+``use_chunked_logps(learner, chunk_size, remat)`` installs this into a Tunix ``GRPOLearner`` for the
+three places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the
+hook GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
+
+The model's own activations are the other large term: without rematerialization the backward pass
+keeps every decoder layer's (float32 attention weights of [G, heads, 1,536, 1,536], the MLP's
+[G, 1,536, 6,912] for the 1B, ...). ``remat="decoder"`` makes the policy loss recompute each layer
+in the backward pass instead (Tunix's ``RematConfig``; see ``rematerialized``).
 
 The loss is the PUBLISHED one, Tunix 0.1.3's ``grpo_loss_fn``, configured through the Tunix 0.1.7
 ``GRPOConfig`` fields: per token ``-min(r A, clip(r, 1-eps, 1+eps) A) + beta * KL`` with
@@ -48,11 +53,13 @@ Where it differs from 0.1.3 or 0.1.7 (none of it matters at the published settin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from tunix.models.gemma3 import model as gemma3_lib
 from tunix.rl import common
 
 DEFAULT_CHUNK_SIZE = 256  # token positions whose float32 logits exist at once: 256 x 262,144 x 4 B = 256 MiB
@@ -125,17 +132,42 @@ def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_si
     return jax.lax.stop_gradient(per_token_logps(model, prompt_ids, completion_ids, pad_id, chunk_size, temperature))
 
 
+def rematerialized(model, remat: str):
+    """The same model, whose backward pass recomputes activations instead of keeping them: Tunix's
+    ``RematConfig`` ("decoder": each decoder layer; "block": each attention and each MLP block;
+    "none": ``model`` itself). The values are the same; only memory and compute change.
+
+    Why not simply load the model with remat on: the rollout runs the policy's own modules, and
+    Tunix's sampler cannot run a rematerialized layer inside its decode loop (flax raises
+    TraceContextError). So inside the loss we build a second set of modules over the SAME arrays
+    (``nnx.merge(*nnx.split(model))``: the gradient still reaches the policy's LoRA weights) and
+    switch remat on there. Gemma3, its decoder layers and MLPs read ``config.remat_config``; the
+    attention modules keep their own copy."""
+    if remat == "none":
+        return model
+    view = nnx.merge(*nnx.split(model))
+    config = dataclasses.replace(view.config, remat_config=gemma3_lib.RematConfig[remat.upper()])
+    for _, module in view.iter_modules():
+        if isinstance(getattr(module, "config", None), gemma3_lib.ModelConfig):
+            module.config = config
+        if hasattr(module, "remat_config"):
+            module.remat_config = config.remat_config
+    return view
+
+
 # ----------------------------------------------------------------------------------------------
 # The policy loss
 # ----------------------------------------------------------------------------------------------
 
-def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
+              remat: str = "none"):
     """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux).
 
     ``train_example`` is Tunix's TrainExample (prompt/completion ids and masks, advantages [B],
     ref_per_token_logps and old_per_token_logps [B, T] or None). ``algo_config`` is the
     GRPOConfig: beta, epsilon (and epsilon_high if it has one), kl_loss_mode, kl_clamp_value,
-    loss_agg_mode and the rollout temperature decide everything."""
+    loss_agg_mode and the rollout temperature decide everything. ``remat``: see ``rematerialized``."""
+    model = rematerialized(model, remat)
     mask = train_example.completion_mask
     logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
                             algo_config.temperature)
@@ -187,8 +219,9 @@ def check_supported(algo_config) -> None:
                          f"unsupported: {', '.join(unsupported)}")
 
 
-def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks of ``chunk_size`` positions.
+def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str = "none") -> None:
+    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks of ``chunk_size`` positions
+    (and the policy loss rematerialize its layers: ``remat``, see ``rematerialized``).
 
     Call it right after ``GRPOLearner(...)`` and before ``learner.train``. It replaces:
 
@@ -200,6 +233,9 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
       these two instances (not the classes), with the same signatures; see ``_override``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if remat.upper() not in gemma3_lib.RematConfig.__members__:  # fail now, not at the first update
+        raise ValueError(f"remat must be one of {', '.join(m.lower() for m in gemma3_lib.RematConfig.__members__)}, "
+                         f"got {remat!r}")
     config = learner.algo_config
     check_supported(config)
     cluster = learner.rl_cluster
@@ -207,7 +243,7 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
 
     # GRPOLearner closes over its config for the same reason: jax transforms reject partials with kwargs.
     cluster.actor_trainer.with_loss_fn(
-        lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size),
+        lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size, remat),
         has_aux=True)
 
     worker = cluster.inference_worker

@@ -132,7 +132,8 @@ def parse_args(method, argv=None):
                                                       "(pip install wandb; WANDB_MODE=offline: local files only)")
     # Every published setting is a flag; left unset, it takes the published value of the phase.
     choices = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "data_order": ("restart", "continue"),
-               "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None}
+               "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None,
+               "remat": ("none", "block", "decoder")}
     for key in dict.fromkeys([*method.GRPO, *method.SFT, *method.GSM8K_SLICE]):
         if key == "model":
             continue
@@ -140,7 +141,7 @@ def parse_args(method, argv=None):
         published = " / ".join(f"{name} {v}" for name, v in (("GRPO", grpo), ("SFT", sft)) if v is not None)
         flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
         p.add_argument(*flags, dest=key, type=type(grpo if grpo is not None else sft), choices=choices.get(key),
-                       help=f"default (published): {published}")
+                       help=f"default{'' if key in method.NOT_PUBLISHED else ' (published)'}: {published}")
     j = p.add_argument_group("run directory and the journey")
     j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
     j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
@@ -205,6 +206,9 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
             parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
         if config["logps_chunk_size"] < 0:
             parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
+        if config["logps_chunk_size"] == 0 and config["remat"] != "none":
+            parser.error(f"--remat {config['remat']} is applied in grpo_loss.py's loss, which --logps-chunk-size 0 "
+                         "replaces with Tunix's own: add --remat none")
         if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
             parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
                          f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")

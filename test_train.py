@@ -137,6 +137,7 @@ def test_flags_override_defaults():
     (["--phase", "sft", "--penalty", "soft"], "--penalty applies to --phase grpo only"),
     (["--phase", "grpo", "--kv-cache-size", "1500"], "--kv-cache-size 1500 must exceed"),
     (["--phase", "grpo", "--num-generations", "1"], "--num-generations must be >= 2"),
+    (["--phase", "grpo", "--logps-chunk-size", "0"], "--remat decoder is applied in grpo_loss.py's loss"),
     (["--phase", "grpo", "--mesh", "dp=2"], "--mesh 'dp=2'"),
     (["--phase", "grpo", "--init-from", "/nonexistent/run"], "--init-from /nonexistent/run: no run there"),
     (["--phase", "grpo", "--resume"], "--resume needs --out"),

@@ -72,6 +72,12 @@ GRPO = dict(
     # (grpo_loss.py), never Tunix 0.1.7's full [G, prompt + completion, 262,144] float32 logits.
     # 0 = Tunix's own computation.
     logps_chunk_size=256,
+    # Not a published setting, memory only: the policy loss's backward pass recomputes each decoder
+    # layer instead of keeping its activations (Tunix's RematConfig.DECODER, applied in grpo_loss.py;
+    # the same values, for about one more forward pass in the update). gemma-3-1b-it at the published
+    # lengths in bf16: XLA's buffers for the loss and its LoRA gradient 33.3 -> 6.0 GiB (README
+    # section 8). "none": keep every activation, as Tunix does by default.
+    remat="decoder",
     # Which prompts a block sees. Published (reading (a)): each block was a fresh run of the same
     # script, its data pipeline rebuilt, so every block trained on the SAME first 300 prompts of the
     # seeded order. "continue" instead picks up where the previous block stopped.
@@ -93,8 +99,9 @@ SFT = dict(
 )
 GRPO_ONLY = ("num_generations", "num_iterations", "beta", "epsilon", "kl_loss_mode", "loss_agg_mode",
              "max_prompt_length", "kv_cache_size", "temperature", "top_p", "top_k", "lr_init", "warmup_ratio",
-             "lr_end_ratio", "data_order", "logps_chunk_size")
+             "lr_end_ratio", "data_order", "logps_chunk_size", "remat")
 
+NOT_PUBLISHED = ("logps_chunk_size", "remat")  # memory settings: they change how, not what, is computed
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
 PHASES = ("sft", "grpo", "format", "correctness", "generalize")
 GSM8K_SLICE = {"slice_start": 0.0, "slice_end": 0.25}     # seed 002: "a random 20-30% slice"
@@ -204,7 +211,7 @@ def build_grpo(config: dict, run_dir: Path, reward_fns=None) -> dict:
         rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
         metric_fns=[step_metrics(config, outcomes, metrics, current_step=lambda: cluster.global_steps + 1)])
     if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits (grpo_loss.py)
-        grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"])
+        grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"], remat=config["remat"])
     return dict(learner=learner, cluster=cluster, training=training, rows=rows, metrics=metrics)
 
 
