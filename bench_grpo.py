@@ -210,7 +210,8 @@ def main(argv=None) -> int:
                         "profile plugin or ui.perfetto.dev); use --steps 2 to keep it small")
     p.add_argument("--loss-memory", action="store_true",
                    help="run nothing: print XLA's planned buffers for the policy loss and its gradient, per --remat")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="--loss-memory's dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="as train.py's (auto: bfloat16 on GPU/TPU, float32 on CPU)")
     p.add_argument("--out", help="also write the JSON record to this file")
     args = p.parse_args(argv)
     if args.steps < 2:
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     model_args = ["--model", args.model] + (["--model-path", str(model_path)] if model_path else [])
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         run_dir = Path(tmp) / "run"
-        train_args = ["--phase", "grpo", *model_args, "--steps", str(args.steps), "--sample-every", "0",
+        train_args = ["--phase", "grpo", *model_args, "--dtype", args.dtype, "--steps", str(args.steps), "--sample-every", "0",
                       "--num-generations", str(args.num_generations),
                       "--max-prompt-length", str(args.max_prompt_length),
                       "--max-tokens-to-generate", str(args.max_tokens_to_generate),

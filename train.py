@@ -75,7 +75,7 @@ GRPO = dict(
     # Not a published setting, memory only: the policy loss's backward pass recomputes each decoder
     # layer instead of keeping its activations (Tunix's RematConfig.DECODER, applied in grpo_loss.py;
     # the same values, for about one more forward pass in the update). gemma-3-1b-it at the published
-    # lengths in bf16: XLA's buffers for the loss and its LoRA gradient 33.3 -> 6.0 GiB (README
+    # lengths in bf16: XLA's buffers for the loss and its LoRA gradient 33.3 -> 6.1 GiB (README
     # section 8). "none": keep every activation, as Tunix does by default.
     remat="decoder",
     # Which prompts a block sees. Published (reading (a)): each block was a fresh run of the same
