@@ -20,6 +20,7 @@ Only the completion positions matter, and each needs ONE number: log p(token). S
 ``use_chunked_logps(learner, chunk_size, remat)`` installs this into a Tunix ``GRPOLearner`` for the
 three places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the
 hook GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
+The SFT block's loss (``train.sft_loss``) is built from the same pieces.
 
 The model's own activations are the other large term: without rematerialization the backward pass
 keeps every decoder layer's (float32 attention weights of [G, heads, 1,536, 1,536], the MLP's
@@ -72,22 +73,28 @@ LOG_RATIO_CLAMP = 20.0
 # Per-token log-probs of the completion, chunked
 # ----------------------------------------------------------------------------------------------
 
-def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> jax.Array:
-    """Final-normed hidden states [B, T, D] of the positions that predict completion tokens 0..T-1,
-    i.e. prompt+completion positions P-1 .. P+T-2 (the logits Tunix keeps: ``[:, -T-1:-1]``).
+def hidden_states(model, tokens, positions, attention_mask) -> jax.Array:
+    """The model's final-normed hidden states [B, L, D]: its forward pass without the unembedding.
 
-    Inputs are built exactly as Tunix builds them (``common.process_ids``: left-padded prompt +
-    right-padded completion, positions counted over non-pad tokens, causal mask without pads).
     ``model`` is called through its own ``__call__`` so qwix LoRA applies; ``nnx.capture`` collects
     the sown hidden states without leaving them in the model."""
-    tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
     # The returned logits are dead code: XLA removes the [B, L, V] unembedding from the program.
     forward = nnx.capture(model, nnx.Intermediate)
     _, intermediates = forward(tokens, positions=positions, cache=None, attention_mask=attention_mask,
                                output_hidden_states=True)
     (hidden,) = intermediates["all_hidden_states"]  # sown once, after final_norm
+    return hidden
+
+
+def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> jax.Array:
+    """Final-normed hidden states [B, T, D] of the positions that predict completion tokens 0..T-1,
+    i.e. prompt+completion positions P-1 .. P+T-2 (the logits Tunix keeps: ``[:, -T-1:-1]``).
+
+    Inputs are built exactly as Tunix builds them (``common.process_ids``: left-padded prompt +
+    right-padded completion, positions counted over non-pad tokens, causal mask without pads)."""
+    tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
     length = completion_ids.shape[1]
-    return hidden[:, -length - 1:-1, :]
+    return hidden_states(model, tokens, positions, attention_mask)[:, -length - 1:-1, :]
 
 
 def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,

@@ -201,14 +201,14 @@ def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
         parser.error(str(e))
     if config["max_steps"] < 1:
         parser.error("--steps must be >= 1")
+    if config["logps_chunk_size"] < 0:
+        parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
+    if config["logps_chunk_size"] == 0 and config["remat"] != "none":
+        parser.error(f"--remat {config['remat']} is applied in our chunked loss, which --logps-chunk-size 0 "
+                     "replaces with Tunix's own: add --remat none")
     if phase != "sft":
         if config["num_generations"] < 2:
             parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
-        if config["logps_chunk_size"] < 0:
-            parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
-        if config["logps_chunk_size"] == 0 and config["remat"] != "none":
-            parser.error(f"--remat {config['remat']} is applied in grpo_loss.py's loss, which --logps-chunk-size 0 "
-                         "replaces with Tunix's own: add --remat none")
         if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
             parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
                          f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")

@@ -9,7 +9,9 @@ and real Tunix objects.
 * the GRPOConfig decides: kl_loss_mode and loss_agg_mode change the loss;
 * remat: the same loss and gradients, the policy's own modules untouched, and (in a child process
   that compiles as GPU/TPU compilers do) fewer activations kept for the backward pass;
-* ``use_chunked_logps`` installs into a real RLCluster + GRPOLearner.
+* ``use_chunked_logps`` installs into a real RLCluster + GRPOLearner;
+* the SFT loss built from the same pieces (train.sft_loss) == Tunix's PeftTrainer default loss,
+  values and LoRA gradients, and train.sft_trainer hands it to a real PeftTrainer.
 """
 
 import json
@@ -31,6 +33,7 @@ from tunix.rl.rollout import base_rollout
 
 import grpo_loss as G
 import model as M
+import train
 
 B, P, T = 3, 9, 7  # generations, prompt length (left-padded), completion length (right-padded)
 
@@ -240,3 +243,66 @@ def test_unsupported_options_are_refused():
         G.use_chunked_logps(None, remat="layer")
     with pytest.raises(ValueError, match="loss_algo='gspo-token'"):
         G.check_supported(config(loss_algo="gspo-token"))
+
+
+# ---------------------------------------------------------------- the SFT loss
+
+@pytest.fixture(scope="module")
+def sft_inputs(tiny):
+    """Two SFT rows as train.sft_batches lays them out: <bos> prompt response, right-padded, loss mask
+    on the response only (row 0: prompt 6, response 9, 5 pads; row 1: prompt 3, response 17)."""
+    from tunix.sft import peft_trainer
+
+    _, _, pad = tiny
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(5, 50_000, (2, 20)).astype(np.int32)
+    tokens[0, 15:] = pad
+    mask = np.zeros((2, 20), np.int32)
+    mask[0, 6:15] = 1
+    mask[1, 3:] = 1
+    return train.sft_model_inputs(peft_trainer.TrainingInput(input_tokens=tokens, input_mask=mask))
+
+
+@pytest.mark.parametrize("remat", ["none", "decoder"])
+def test_sft_loss_matches_tunix(tiny, sft_inputs, remat):
+    """train.sft_loss == PeftTrainer's own default loss (full float32 logits, one-hot targets): the
+    value and the LoRA gradients, with a chunk size that does not divide the 2 x 19 positions."""
+    from tunix.sft import peft_trainer
+
+    _, policy, _ = tiny
+    ours = lambda m: (train.sft_loss(m, **sft_inputs, chunk_size=5, remat=remat), None)
+    tunix = lambda m: (peft_trainer._default_loss_fn(m, **sft_inputs), None)
+    (loss, _), grads = lora_value_and_grad(ours, policy)
+    (want, _), want_grads = lora_value_and_grad(tunix, policy)
+    assert float(want) > 1.0  # a real NLL over a 262,144-token vocabulary, not a degenerate zero
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    leaves, want_leaves = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
+    assert len(leaves) == len(want_leaves) > 0 and max(float(jnp.max(jnp.abs(g))) for g in leaves) > 1e-4
+    for g, w in zip(leaves, want_leaves):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_trainer_holds_the_chunked_loss(tiny, sft_inputs):
+    """The PeftTrainer train.py builds holds our loss (--logps-chunk-size > 0) or Tunix's own (0); ours
+    gives Tunix's value on the inputs Tunix's input function makes, and Tunix trains a step with it."""
+    from tunix.sft import peft_trainer
+
+    _, policy, _ = tiny
+    config = train.phase_defaults("sft")
+    config.update(lr_schedule={"init": 1e-3, "peak": 1e-3, "warmup_steps": 0, "decay_steps": 1, "end": 1e-3},
+                  max_grad_norm=1e9)
+    training = peft_trainer.TrainingConfig(max_steps=1, eval_every_n_steps=10 ** 9)
+    schedule = train.learning_rate_schedule(config)
+    fresh = M.apply_lora(M.load("tiny")[0], rank=4, alpha=4.0)  # trained below, so not the fixture's
+    before = jax.tree.map(jnp.copy, nnx.state(fresh, nnx.LoRAParam))
+    with M.make_mesh(1, 1):
+        plain = train.sft_trainer(policy, {**config, "logps_chunk_size": 0, "remat": "none"}, training, schedule)
+        chunked = train.sft_trainer(fresh, config, training, schedule)
+        assert plain.loss_fn is peft_trainer._default_loss_fn
+        assert config["logps_chunk_size"] > 0 and chunked.loss_fn is not peft_trainer._default_loss_fn
+        np.testing.assert_allclose(chunked.loss_fn(policy, **sft_inputs), peft_trainer._default_loss_fn(policy, **sft_inputs),
+                                   rtol=1e-5)
+        chunked.with_gen_model_input_fn(lambda x: x).train(iter([sft_inputs]))
+    assert chunked.train_steps == 1
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), nnx.state(fresh, nnx.LoRAParam), before)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the step updated the LoRA weights

@@ -68,15 +68,15 @@ GRPO = dict(
     temperature=1.0, top_p=1.0, top_k=50,
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
     save_every=100, keep_checkpoints=2,
-    # Not a published setting, memory only: log-probs of this many completion positions at a time
-    # (grpo_loss.py), never Tunix 0.1.7's full [G, prompt + completion, 262,144] float32 logits.
+    # Not a published setting, memory only (GRPO and SFT): log-probs of this many token positions at
+    # a time (grpo_loss.py), never Tunix 0.1.7's full [batch, length, 262,144] float32 logits.
     # 0 = Tunix's own computation.
     logps_chunk_size=256,
-    # Not a published setting, memory only: the policy loss's backward pass recomputes each decoder
-    # layer instead of keeping its activations (Tunix's RematConfig.DECODER, applied in grpo_loss.py;
-    # the same values, for about one more forward pass in the update). gemma-3-1b-it at the published
-    # lengths in bf16: XLA's buffers for the loss and its LoRA gradient 33.3 -> 6.1 GiB (README
-    # section 8). "none": keep every activation, as Tunix does by default.
+    # Not a published setting, memory only (GRPO and SFT): the loss's backward pass recomputes each
+    # decoder layer instead of keeping its activations (Tunix's RematConfig.DECODER, applied in
+    # grpo_loss.py; the same values, for about one more forward pass in the update). gemma-3-1b-it at
+    # the published lengths in bf16: XLA's buffers for the GRPO loss and its LoRA gradient
+    # 33.3 -> 6.1 GiB (README section 8). "none": keep every activation, as Tunix does by default.
     remat="decoder",
     # Which prompts a block sees. Published (reading (a)): each block was a fresh run of the same
     # script, its data pipeline rebuilt, so every block trained on the SAME first 300 prompts of the
@@ -99,7 +99,7 @@ SFT = dict(
 )
 GRPO_ONLY = ("num_generations", "num_iterations", "beta", "epsilon", "kl_loss_mode", "loss_agg_mode",
              "max_prompt_length", "kv_cache_size", "temperature", "top_p", "top_k", "lr_init", "warmup_ratio",
-             "lr_end_ratio", "data_order", "logps_chunk_size", "remat")
+             "lr_end_ratio", "data_order")
 
 NOT_PUBLISHED = ("logps_chunk_size", "remat")  # memory settings: they change how, not what, is computed
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
@@ -274,6 +274,39 @@ def sft_model_inputs(x):
             "attention_mask": utils.make_causal_attn_mask(pad_mask)}
 
 
+def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size: int, remat: str):
+    """Tunix's SFT loss, the mean negative log-likelihood of the response tokens (input_mask 1), without
+    its full-vocabulary logits: PeftTrainer's default builds float32 logits, their log-softmax and a
+    one-hot target, each [batch, length, 262,144] (2.1 GB apiece at the published batch 2 x 1,024).
+    Here: the hidden states, then log p(next token) a chunk of positions at a time, and the backward
+    pass recomputing each decoder layer (--remat) -- grpo_loss.py's pieces. The same value as Tunix's
+    (test_sft_loss_matches_tunix), with log-softmax in float32 where Tunix uses the logits' dtype."""
+    import grpo_loss
+
+    model = grpo_loss.rematerialized(model, remat)
+    hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
+    logps = grpo_loss.chunked_token_logps(model.embedder.decode, hidden, input_tokens[:, 1:], chunk_size)
+    mask = input_mask[:, 1:].astype(logps.dtype)  # position t predicts token t+1
+    return -(logps * mask).sum() / (mask.sum() + 1e-8)
+
+
+def sft_trainer(policy, config: dict, training, schedule):
+    """Tunix's PeftTrainer for the LoRA policy: our optimizer, inputs and (--logps-chunk-size) loss."""
+    from tunix.sft import peft_trainer
+
+    trainer = peft_trainer.PeftTrainer(policy, make_optimizer(config, schedule), training)
+    trainer = trainer.with_gen_model_input_fn(sft_model_inputs)
+    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits
+        chunk_size, remat = config["logps_chunk_size"], config["remat"]
+
+        # Tunix passes the inputs by name, and nnx.value_and_grad needs them as named parameters.
+        def loss(model, input_tokens, input_mask, positions, attention_mask):
+            return sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size, remat)
+
+        trainer = trainer.with_loss_fn(loss)
+    return trainer
+
+
 def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     from tunix.sft import peft_trainer
 
@@ -290,8 +323,7 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
         metrics_logging_options=metrics.options(run_dir), **runs.checkpointing(config, run_dir / "checkpoints"))
     # PeftTrainer reads the mesh from the `with mesh:` context, which jax now calls deprecated.
     with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh:
-        trainer = peft_trainer.PeftTrainer(policy, make_optimizer(config, schedule), training)
-        trainer = trainer.with_gen_model_input_fn(sft_model_inputs)
+        trainer = sft_trainer(policy, config, training, schedule)
         done = trainer.train_steps  # > 0 when resuming: Tunix restored the checkpoint
         metrics.start(done)
         tokens_per_step = config["batch_size"] * accumulation * config["max_seq_length"]
