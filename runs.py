@@ -685,6 +685,26 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
     except ValueError as e:
         parser.error(str(e))
     root = Path(args.out or "runs")
+
+    def block_args(block: str, init_from):
+        """The user's flags, then the preset's, then the published defaults (in resolve_config)."""
+        b = argparse.Namespace(**vars(args))
+        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
+        b.init_from = str(init_from) if init_from else None
+        for key, value in preset[b.phase].items():
+            if getattr(b, key, None) is None:
+                setattr(b, key, value)
+        return b
+
+    if args.print_config:  # every block's configuration, one JSON object per line; nothing runs
+        init_from, init_meta = args.init_from, load_init_run(args.init_from) if args.init_from else None
+        for block in schedule:
+            config = resolve_config(block_args(block, init_from), parser, init_meta)
+            print(json.dumps(config))
+            # what the next block will find in this one's metadata.json once it has run
+            init_from, init_meta = root / default_out(config).name, {"global_step": config["end_step"], **{
+                k: config[k] for k in ("model", "model_path", "lora_rank", "lora_alpha")}}
+        return 0
     root.mkdir(parents=True, exist_ok=True)
     settings = preset["eval"]
     rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
@@ -692,13 +712,7 @@ def run_curriculum(args, parser, resolve_config, train_block, preset: dict, leve
     summaries = []
     init_from = args.init_from
     for i, block in enumerate(schedule, 1):
-        # The user's flags, then the preset's, then the published defaults (in resolve_config).
-        b = argparse.Namespace(**vars(args))
-        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
-        b.init_from = str(init_from) if init_from else None
-        for key, value in preset[b.phase].items():
-            if getattr(b, key, None) is None:
-                setattr(b, key, value)
+        b = block_args(block, init_from)
         init_meta = load_init_run(b.init_from) if b.init_from else None
         config = resolve_config(b, parser, init_meta)
         if i == 1:  # the model before any training: the table's first column

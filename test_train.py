@@ -20,6 +20,7 @@ import pytest
 
 import gsm8k
 import rewards
+import train
 
 HERE = Path(__file__).resolve().parent
 TRAIN = [sys.executable, str(HERE / "train.py")]
@@ -120,6 +121,18 @@ def test_print_config_medium_and_sft():
     f = print_config("--phase", "format")
     assert f["reward_functions"] == [fn.__name__ for fn in gsm8k.PHASE_REWARDS["format"]]
     assert (f["slice_start"], f["slice_end"]) == (0.0, 0.25)
+
+
+def test_print_config_curriculum_shows_every_block_and_runs_nothing(tmp_path):
+    out = tmp_path / "journey"
+    proc = run(["--phase", "curriculum", "--preset", "cpu", "--print-config", "--out", out, "--top-k", "20"],
+               os.environ)
+    sft, soft = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert {k: sft[k] for k in train.PRESETS["cpu"]["sft"]} == train.PRESETS["cpu"]["sft"]
+    assert {k: soft[k] for k in train.PRESETS["cpu"]["grpo"]} == train.PRESETS["cpu"]["grpo"]
+    assert (sft["start_step"], sft["end_step"], soft["start_step"], soft["end_step"]) == (1, 12, 13, 14)
+    assert soft["init_from"] == str((out / "sft").resolve()) and soft["top_k"] == 20  # a flag wins
+    assert not out.exists()  # no evaluation, no training, no run directory
 
 
 def test_flags_override_defaults():
@@ -302,8 +315,6 @@ def test_lineage_records_every_block(chain):
 def test_every_block_starts_at_the_first_prompt(chain):
     """Reading (a) of REFERENCE: each published block was a fresh run, its data pipeline rebuilt, so
     every block trains on the same first prompts of the seeded order (--data-order continue: not)."""
-    import train
-
     config = print_config("--phase", "grpo", *TINY_GRPO, "--steps", "6")
     examples = train.load_rows(config)
     stream = train.batches(examples, 1, config["seed"], start_position=0)
@@ -429,8 +440,6 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     # GRPO columns count steps after SFT; two scripted policies show what a number is worth
     assert table.splitlines()[0] == "| Metric | Base | SFT | GRPO (2) | Always abstain | Copy best line |"
     summary = json.loads((root / "eval" / "grpo_soft_4" / "summary.json").read_text())
-    import train
-
     cpu_eval = train.PRESETS["cpu"]["eval"]  # the cpu preset's evaluation
     assert (summary["total"], summary["settings"]["max_new_tokens"]) == (cpu_eval["n"], cpu_eval["max_new_tokens"])
     assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
