@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 log = logging.getLogger("train")
@@ -462,7 +461,6 @@ class MetricsLog:
             self.wandb = wandb.init(project=config["wandb"], group=self.run_dir.resolve().parent.name,
                                     name=self.run_dir.name, config=config, dir=self.run_dir)
             self.wandb.define_metric("*", step_metric="step")
-        self.last_time = time.time()
         self.active = True
 
     def options(self, run_dir: Path):
@@ -500,13 +498,9 @@ class MetricsLog:
                 row.setdefault("rewards", {})[key.removeprefix("rewards/")] = value
             elif not key.startswith(("rewards/", "perf/mean/", "actor/learning_rate")):  # repeats, or a step late
                 row[key] = int(round(value)) if key in self.COUNTS else value
-        row.update(self.extras.pop(local_step, {}))
+        row.update(self.extras.pop(local_step, {}))  # SFT: Tunix times no steps; train.py adds "seconds"
         # Tunix reads the rate from the optimizer state when it flushes, a step late: use the schedule.
         row["learning_rate"] = float(self.schedule(local_step - 1))
-        now = time.time()
-        if "seconds" not in row:  # SFT: Tunix times no phases; the wall time since the last row
-            row["seconds"] = now - self.last_time
-        self.last_time = now
         tokens = row.pop("tokens_per_step", None) or row.get("completion_len_mean", 0) * row.get("n_completions", 0)
         row["tokens_per_second"] = tokens / row["seconds"] if tokens and row["seconds"] else None
         if not self.main:
@@ -593,7 +587,7 @@ class StopRequest:
         return False
 
 
-def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_step_end=None):
+def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_step_start=None, on_step_end=None):
     """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step."""
     from tunix.sft import hooks
 
@@ -606,6 +600,8 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_st
         def on_train_step_start(self, trainer):
             if stop_after is not None and config["start_step"] + trainer.train_steps >= stop_after:
                 stopper.request(f"--stop-after {stop_after}")
+            if on_step_start is not None:
+                on_step_start(trainer)
 
         def on_train_step_end(self, trainer, train_step, train_loss):
             if on_step_end is not None:

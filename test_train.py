@@ -196,6 +196,19 @@ def test_sft_rows_and_format_report(chain):
     assert meta["complete"] and meta["global_step"] == 2 and meta["reward_set"] == "sft_format"
 
 
+def test_sft_step_seconds_are_each_steps_own(tmp_path, env):
+    """Tunix hands a step's loss over only after the next step has begun (on CPU: has run), and the last
+    one at the very end: timing the gaps between those hand-overs gave the last step ~0 s."""
+    out = tmp_path / "sft"
+    run(["--phase", "sft", *TINY, "--steps", 3, "--batch-size", 1, "--gradient-accumulation-steps", 1,
+         "--max-seq-length", 768, "--max-tokens-to-generate", 0, "--out", out], env)
+    r = rows(out)
+    assert [x["step"] for x in r] == [1, 2, 3]
+    steady = r[1]["seconds"]  # step 1 also compiles
+    assert 0.5 * steady < r[2]["seconds"] < 2 * steady, [x["seconds"] for x in r]
+    assert r[2]["tokens_per_second"] == pytest.approx(768 / r[2]["seconds"])
+
+
 def test_global_steps_continue_across_blocks(chain):
     assert [x["step"] for x in rows(chain["soft"])] == [3, 4]
     assert [x["step"] for x in rows(chain["medium"])] == [5, 6]
