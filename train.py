@@ -120,17 +120,18 @@ PRESETS = {
     # block shows GRPO groups whose rewards differ. What differs from the published settings, and why
     # (README, "CPU quickstart"): SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at
     # 2e-5; 10 steps did not yet give one grounded proof) on the vignettes that fit 768 tokens, 2 per
-    # step as micro batches of 1 (micro batch 2 also fits, but took longer and gave a worse table here),
-    # without remat (XLA:CPU drops its barriers, so it saves no memory here, only costs time); GRPO
-    # 2 steps with G=2 (G=4 peaked at 17 GB here), prompts cut to 768 tokens, 160 new tokens; 6 eval
+    # step as micro batches of 1 (micro batch 2 also fits, but took longer and gave a worse table here);
+    # GRPO 2 steps with G=2 (G=4 peaked at 17 GB here), prompts cut to 768 tokens, 160 new tokens; 6 eval
     # vignettes x 256 tokens (a complete answer: golds are 116-287 tokens). The SFT evaluation shows
-    # the format, so no samples after SFT.
+    # the format, so no samples after SFT. Both blocks without remat: XLA:CPU drops its barriers, so
+    # here it saves no memory and only costs time.
     "cpu": {"schedule": "sft,soft",
             "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
                     "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
-                    "remat": "none", "save_every": 12},
+                    "save_every": 12, "remat": "none"},
             "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 768,
-                     "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2},
+                     "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2,
+                     "remat": "none"},
             "eval": {"n": 6, "max_new_tokens": 256, "batch_size": 6}},
 }
 
