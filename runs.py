@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("train")
@@ -431,7 +432,7 @@ class MetricsLog:
         self.schedule = schedule  # the optimizer's: local step k updates with schedule(k - 1)
         self.path = self.run_dir / "metrics.jsonl"
         self.by_step: dict[int, dict] = {}
-        self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (added by train.py)
+        self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (train.py, stop_hooks)
         self.lock = threading.Lock()  # rollout metrics are logged from Tunix's data thread
         self.main = is_main_process()
         self.bar = self.tensorboard = self.wandb = None
@@ -498,7 +499,7 @@ class MetricsLog:
                 row.setdefault("rewards", {})[key.removeprefix("rewards/")] = value
             elif not key.startswith(("rewards/", "perf/mean/", "actor/learning_rate")):  # repeats, or a step late
                 row[key] = int(round(value)) if key in self.COUNTS else value
-        row.update(self.extras.pop(local_step, {}))  # SFT: Tunix times no steps; train.py adds "seconds"
+        row.update(self.extras.pop(local_step, {}))  # SFT: Tunix times no steps; stop_hooks adds "seconds"
         # Tunix reads the rate from the optimizer state when it flushes, a step late: use the schedule.
         row["learning_rate"] = float(self.schedule(local_step - 1))
         tokens = row.pop("tokens_per_step", None) or row.get("completion_len_mean", 0) * row.get("n_completions", 0)
@@ -587,9 +588,12 @@ class StopRequest:
         return False
 
 
-def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_step_start=None, on_step_end=None):
-    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step."""
+def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None):
+    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step. For SFT
+    (sft_metrics), also each step's row of metrics.jsonl, with the step's time: PeftTrainer times none."""
     from tunix.sft import hooks
+
+    started = {}  # SFT: local step -> when the host began it (its first micro-batch)
 
     class Hooks(hooks.TrainingHooks):
         def on_train_start(self, trainer): pass
@@ -597,15 +601,22 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, on_st
         def on_eval_step_start(self, trainer): pass
         def on_eval_step_end(self, trainer, eval_loss): pass
 
-        def on_train_step_start(self, trainer):
+        def on_train_step_start(self, trainer):  # before every micro-batch
             if stop_after is not None and config["start_step"] + trainer.train_steps >= stop_after:
                 stopper.request(f"--stop-after {stop_after}")
-            if on_step_start is not None:
-                on_step_start(trainer)
+            if sft_metrics is not None and trainer.iter_steps % config["gradient_accumulation_steps"] == 0:
+                started[trainer.train_steps + 1] = time.time()
 
         def on_train_step_end(self, trainer, train_step, train_loss):
-            if on_step_end is not None:
-                on_step_end(trainer, train_step, train_loss)
+            if sft_metrics is None:
+                return
+            # Tunix hands over a step's loss late, after the next step has begun (on CPU: has run), so a
+            # step's time runs from its start to the next one's (the last step's: to its loss).
+            loss = float(train_loss)
+            seconds = started.get(train_step + 1, time.time()) - started[train_step]
+            tokens = config["batch_size"] * config["gradient_accumulation_steps"] * config["max_seq_length"]
+            sft_metrics.extras[train_step] = {"tokens_per_step": tokens, "seconds": seconds}
+            sft_metrics.write_step(train_step, {"actor/loss": loss})
 
     return Hooks()
 

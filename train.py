@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -329,27 +328,12 @@ def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
         trainer = sft_trainer(policy, config, training, schedule)
         done = trainer.train_steps  # > 0 when resuming: Tunix restored the checkpoint
         metrics.start(done)
-        tokens_per_step = config["batch_size"] * accumulation * config["max_seq_length"]
-
-        started = {}  # local step -> when the host began it (its first micro-batch)
-
-        def on_step_start(t):  # called before every micro-batch
-            if t.iter_steps % accumulation == 0:
-                started[t.train_steps + 1] = time.time()
-
-        def on_step_end(t, local_step, loss):
-            # Tunix hands over a step's loss late, after the next step has begun (on CPU: has run), so a
-            # step's time runs from its start to the next one's (the last step's: to its loss).
-            loss = float(loss)
-            seconds = started.get(local_step + 1, time.time()) - started[local_step]
-            metrics.extras[local_step] = {"tokens_per_step": tokens_per_step, "seconds": seconds}
-            metrics.write_step(local_step, {"actor/loss": loss})
 
         def stop():  # finish the optimizer step under way (all its micro-batches), then stop
             training.max_steps = min(training.max_steps, trainer.train_steps + 1)
 
         stopper = runs.StopRequest(on_stop=stop)
-        trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, on_step_start, on_step_end))
+        trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, sft_metrics=metrics))
         with stopper:
             trainer.train(sft_batches(rows, tokenizer, config))  # on a resume Tunix fast-forwards
         metrics.finish()
