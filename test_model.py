@@ -228,6 +228,48 @@ def test_lora_matches_every_projection_and_starts_as_identity(tiny):
     assert M.is_lora(lora) and not M.is_lora(model)
 
 
+def test_prefill_unembeds_the_last_token_only(tiny):
+    """Tunix's Sampler asks the model for the last prompt position's logits only (model.py's
+    decode_only_last_token): through qwix LoRA with trained-looking adapters, the same tokens and
+    logits as the full prefill, and the compiled prefill holds no [batch, prompt, vocab] array."""
+    from tunix.generate import sampler as sampler_lib
+
+    model, tok, config = tiny
+    lora = M.apply_lora(model, rank=4, alpha=8.0)
+    state = nnx.state(lora, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
+    nnx.update(lora, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
+    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=config.num_layers,
+                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    last_only, full = sampler_lib.Sampler(lora, tok, cache), sampler_lib.Sampler(lora, tok, cache)
+    assert last_only._supports_decode_only_last_token  # what Tunix's Sampler reads off the model
+    full._supports_decode_only_last_token = False       # Tunix's own path: logits of every position
+    kwargs = dict(max_generation_steps=6, max_prompt_length=16, return_logits=True, echo=False)
+    a = last_only(["Hello there", "The capital of France is"], **kwargs)
+    b = full(["Hello there", "The capital of France is"], **kwargs)
+    assert a.text == b.text
+    for x, y in zip(a.tokens, b.tokens):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(a.logits, b.logits):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+
+    # What XLA runs: the [2, 16, V] logits are gone from the prefill with the argument, not without.
+    tokens = jnp.ones((2, 16), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((16, 16), jnp.bool_)), (2, 16, 16))
+
+    def compiled(last):
+        fn = nnx.jit(lambda m: m(tokens, positions, None, mask, decode_only_last_token=last)[0])
+        return fn.lower(lora).compile().as_text(), fn(lora)
+
+    hlo_last, logits_last = compiled(True)
+    hlo_full, logits_full = compiled(False)
+    assert logits_last.shape == (2, 1, config.num_embed)
+    np.testing.assert_allclose(np.asarray(logits_last), np.asarray(logits_full[:, -1:]), rtol=1e-5, atol=1e-5)
+    full_logits = f"[2,16,{config.num_embed}]"
+    assert full_logits in hlo_full and full_logits not in hlo_last
+
+
 # ---------------------------------------------------------------- checkpoints
 
 SAVE_TRAINED_LORA = """
