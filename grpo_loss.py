@@ -98,38 +98,54 @@ def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> 
 
 
 def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        temperature: float = 1.0) -> jax.Array:
+                        temperature: float = 1.0, mask=None) -> jax.Array:
     """log softmax(unembed(hidden) / temperature)[target] for every position: [B, T] float32.
 
     hidden [B, T, D], targets [B, T] int. Positions are flattened to B*T and processed
     ``chunk_size`` at a time (the last chunk padded), so the float32 logits of at most one chunk
-    exist at once, forward and backward (``jax.checkpoint`` recomputes them for the gradient)."""
+    exist at once, forward and backward (``jax.checkpoint`` recomputes them for the gradient).
+
+    ``mask`` [B, T] (optional): the positions the loss counts. They are put first (a stable sort, so
+    in order) and a chunk with none of them is skipped (``lax.cond``): the vocabulary projection, most
+    of the work, is then paid for ceil(mask.sum() / chunk_size) chunks instead of every one, e.g.
+    only the response of an SFT example, not its prompt or padding. Positions in skipped chunks read 0."""
     batch, length, width = hidden.shape
     n = batch * length
     n_chunks = -(-n // chunk_size)
     pad = n_chunks * chunk_size - n
-    flat_hidden = jnp.pad(hidden.reshape(n, width), ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
-    flat_targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(n_chunks, chunk_size)
+    flat_hidden, flat_targets = hidden.reshape(n, width), jnp.asarray(targets).reshape(n)
+    counted = jnp.ones(n, bool) if mask is None else jnp.asarray(mask).reshape(n).astype(bool)
+    order = jnp.argsort(~counted, stable=True)  # counted positions first, each group in its own order
+    flat_hidden = jnp.pad(flat_hidden[order], ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
+    flat_targets = jnp.pad(flat_targets[order], (0, pad)).reshape(n_chunks, chunk_size)
+    needed = jnp.pad(counted[order], (0, pad)).reshape(n_chunks, chunk_size).any(axis=1)
 
-    @jax.checkpoint
-    def one_chunk(args):
-        h, t = args
+    def one_chunk(h, t):
         logits = unembed(h).astype(jnp.float32)  # [chunk_size, V]: the only vocabulary-sized array
         if temperature not in (0.0, 1.0):  # Tunix's rule: T=0 (greedy) and T=1 leave logits alone
             logits = logits / temperature
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    logps = jax.lax.map(one_chunk, (flat_hidden, flat_targets))
-    return logps.reshape(-1)[:n].reshape(batch, length)
+    def skipped(h, t):
+        return jnp.zeros(chunk_size, jnp.float32)
+
+    @jax.checkpoint  # around the cond: what the backward pass keeps of a chunk is its inputs
+    def chunk_or_skip(args):
+        needed, h, t = args
+        return jax.lax.cond(needed, one_chunk, skipped, h, t)
+
+    logps = jax.lax.map(chunk_or_skip, (needed, flat_hidden, flat_targets))
+    return jnp.zeros(n, jnp.float32).at[order].set(logps.reshape(-1)[:n]).reshape(batch, length)
 
 
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    temperature: float = 1.0) -> jax.Array:
+                    temperature: float = 1.0, mask=None) -> jax.Array:
     """The chunked equivalent of Tunix's ``common.compute_per_token_logps``: [B, T] float32 log-probs
-    of the completion tokens (values at pad positions are computed but meaningless, as in Tunix)."""
+    of the completion tokens (values at pad positions are computed but meaningless, as in Tunix;
+    with ``mask``, positions outside it are not computed: see ``chunked_token_logps``)."""
     hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id)
-    return chunked_token_logps(model.embedder.decode, hidden, completion_ids, chunk_size, temperature)
+    return chunked_token_logps(model.embedder.decode, hidden, completion_ids, chunk_size, temperature, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id", "chunk_size", "temperature"))
@@ -176,8 +192,9 @@ def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = 
     loss_agg_mode and the rollout temperature decide everything. ``remat``: see ``rematerialized``."""
     model = rematerialized(model, remat)
     mask = train_example.completion_mask
+    # Only the positions the loss counts are computed (a completion that stopped early skips its padding).
     logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
-                            algo_config.temperature)
+                            algo_config.temperature, mask=mask)
     if train_example.old_per_token_logps is None:  # one iteration per batch: the ratio is exactly 1
         old_logps = jax.lax.stop_gradient(logps)
     else:
@@ -270,7 +287,7 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str 
 
 def _override(instance, name: str, replacement) -> None:
     """Replace one method of one object (its class and every other instance stay as they are).
-    The only override of Tunix here: RLCluster calls ``instance.name(...)``, and 0.1.7 has no
+    One of the project's two overrides of Tunix (the other: model.py's prefill): RLCluster calls ``instance.name(...)``, and 0.1.7 has no
     setting that changes how these log-probs are computed (its main branch later added
     ``compute_logps_chunk_size``). Refuses if the method is gone, i.e. Tunix changed under us."""
     if not callable(getattr(instance, name, None)):

@@ -4,6 +4,7 @@ and real Tunix objects.
 * chunked per-token log-probs == Tunix 0.1.7's full-logits ``common.compute_per_token_logps``, for
   chunk sizes that divide B*T, that do not, and that exceed it; left-padded prompts, right-padded
   completions; on the LoRA policy (with non-zero adapters, so LoRA must be applied) and on the base;
+  with the loss's mask, only the chunks holding counted positions run the vocabulary projection;
 * loss and LoRA gradients == the published formula (Tunix 0.1.3's grpo_loss_fn) written out here
   on full-logits log-probs, with and without old-policy log-probs (ratio != 1, clipping active);
 * the GRPOConfig decides: kl_loss_mode and loss_agg_mode change the loss;
@@ -102,6 +103,26 @@ def test_chunked_logps_equal_tunix_full_logits(tiny, batch, chunk_size):
         got = G.per_token_logps(model, batch["prompt_ids"], batch["completion_ids"], pad, chunk_size)
         assert got.shape == (B, T) and got.dtype == jnp.float32
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_positions_outside_the_mask_are_not_computed(tiny, batch):
+    """With a mask (the loss's), only chunks holding counted positions run the vocabulary projection:
+    15 counted of 21 positions, chunks of 4 -> 4 of 6 chunks. Counted positions equal Tunix's."""
+    _, policy, pad = tiny
+    mask = np.asarray(batch["completion_mask"])
+    hidden = G.completion_hidden_states(policy, batch["prompt_ids"], batch["completion_ids"], pad)
+    runs = []
+
+    def unembed(h):  # the model's own unembedding, counting the chunks that execute it
+        jax.debug.callback(lambda: runs.append(1))
+        return policy.embedder.decode(h)
+
+    got = np.asarray(G.chunked_token_logps(unembed, hidden, batch["completion_ids"], 4, mask=batch["completion_mask"]))
+    jax.effects_barrier()
+    assert mask.sum() == 15 and len(runs) == 4
+    expected = np.asarray(tunix_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad))
+    np.testing.assert_allclose(got[mask == 1], expected[mask == 1], atol=2e-5, rtol=1e-5)
+    assert (got[mask == 0] == 0).sum() == 5  # the 6th uncounted position shares the 4th chunk
 
 
 def test_lora_is_applied(tiny, batch):

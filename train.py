@@ -280,15 +280,17 @@ def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_s
     """Tunix's SFT loss, the mean negative log-likelihood of the response tokens (input_mask 1), without
     its full-vocabulary logits: PeftTrainer's default builds float32 logits, their log-softmax and a
     one-hot target, each [batch, length, 262,144] (2.1 GB apiece at the published batch 2 x 1,024).
-    Here: the hidden states, then log p(next token) a chunk of positions at a time, and the backward
+    Here: the hidden states, then log p(next token) a chunk of positions at a time, for the response's
+    positions only (the vocabulary projection of the prompt and padding is skipped), and the backward
     pass recomputing each decoder layer (--remat) -- grpo_loss.py's pieces. The same value as Tunix's
     (test_sft_loss_matches_tunix), with log-softmax in float32 where Tunix uses the logits' dtype."""
     import grpo_loss
 
     model = grpo_loss.rematerialized(model, remat)
     hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
-    logps = grpo_loss.chunked_token_logps(model.embedder.decode, hidden, input_tokens[:, 1:], chunk_size)
-    mask = input_mask[:, 1:].astype(logps.dtype)  # position t predicts token t+1
+    mask = input_mask[:, 1:]  # position t predicts token t+1; only the response's are computed
+    logps = grpo_loss.chunked_token_logps(model.embedder.decode, hidden, input_tokens[:, 1:], chunk_size, mask=mask)
+    mask = mask.astype(logps.dtype)
     return -(logps * mask).sum() / (mask.sum() + 1e-8)
 
 
@@ -555,10 +557,12 @@ def main(argv=None) -> int:
     args, parser = runs.parse_args(sys.modules[__name__], argv)
     runs.setup_logging()
     runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
-    if args.phase == "curriculum":
+    if args.phase == "curriculum":  # every block of the journey, each evaluated (eval.py)
+        from eval import PUBLISHED  # the seed's table, plotted beside ours when the journey is the paper's
+
         return runs.run_curriculum(args, parser, resolve_config, train_block, PRESETS[args.preset],
                                    levels=tuple(rewards.PENALTIES),
-                                   published=__import__("eval").PUBLISHED if args.preset == "paper" else None)
+                                   published=PUBLISHED if args.preset == "paper" else None)
     if args.resume:
         run_dir, config = runs.reopen_run_dir(args.out, args.phase, parser)
     else:
