@@ -15,7 +15,8 @@ Only the completion positions matter, and each needs ONE number: log p(token). S
    unembedding (``embedder.decode``), log-softmax in float32 and pick the token's log-prob.
    ``lax.map`` runs the chunks one after another and ``jax.checkpoint`` makes the backward pass
    recompute a chunk's logits instead of storing them: at most a few [chunk_size, V] float32
-   arrays are alive at any time (chunk_size 256 -> 256 MiB each).
+   arrays are alive at any time (chunk_size 256 -> 256 MiB each). Given the loss's mask, chunks
+   holding no counted position (a completion's padding) skip the projection altogether.
 
 ``use_chunked_logps(learner, chunk_size, remat)`` installs this into a Tunix ``GRPOLearner`` for the
 three places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the
@@ -287,9 +288,10 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str 
 
 def _override(instance, name: str, replacement) -> None:
     """Replace one method of one object (its class and every other instance stay as they are).
-    One of the project's two overrides of Tunix (the other: model.py's prefill): RLCluster calls ``instance.name(...)``, and 0.1.7 has no
-    setting that changes how these log-probs are computed (its main branch later added
-    ``compute_logps_chunk_size``). Refuses if the method is gone, i.e. Tunix changed under us."""
+    One of the project's two overrides of Tunix (the other: model.py's prefill): RLCluster calls
+    ``instance.name(...)``, and 0.1.7 has no setting that changes how these log-probs are computed
+    (its main branch later added ``compute_logps_chunk_size``). Refuses if the method is gone, i.e.
+    Tunix changed under us."""
     if not callable(getattr(instance, name, None)):
         raise AttributeError(f"{type(instance).__name__}.{name} not found: this Tunix version computes "
                              "log-probs elsewhere; grpo_loss.py needs updating")

@@ -317,13 +317,11 @@ def is_lora(model) -> bool:
 
 # Prefill needs the logits of ONE position per prompt, its last: the next token is sampled from
 # them. Tunix 0.1.7's Gemma 3 computes them for every prompt position ([batch, prompt, 262,144]
-# float32: 6.4 GB for 6 prompts padded to 1,024, the vocabulary projection most of the prefill's
-# work) and the sampler keeps the last. Tunix's Sampler already asks for less when the model accepts
-# `decode_only_last_token` (its Gemma 4 does, and later Tunix releases' Gemma 3); ours gets that
-# argument here, the one override of a Tunix class in this project. It reuses Tunix's forward pass:
-# the final-normed hidden states are sown, the full logits become dead code that XLA removes, and
-# the last position is unembedded. The same tokens and logits (test_prefill_unembeds_the_last_token_only);
-# on this CPU, 6 eval prompts padded to 1,024 tokens then 16 greedy tokens: 58 -> 27 s, 9.9 -> 4.0 GB.
+# float32, most of the prefill's work and memory). Tunix's Sampler asks for less when the model
+# accepts `decode_only_last_token` (its Gemma 4 does, and later Tunix releases' Gemma 3); ours gets
+# that argument here, the one override of a Tunix class in this project. It reuses Tunix's forward
+# pass: the final-normed hidden states are sown, the full logits become dead code that XLA removes,
+# and the last position is unembedded (test_prefill_unembeds_the_last_token_only; timings: README §8).
 # Training and the log-prob passes never pass the argument: they run Tunix's forward pass unchanged.
 _tunix_gemma3_call = gemma3_lib.Gemma3.__call__
 

@@ -284,13 +284,14 @@ def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_s
     positions only (the vocabulary projection of the prompt and padding is skipped), and the backward
     pass recomputing each decoder layer (--remat) -- grpo_loss.py's pieces. The same value as Tunix's
     (test_sft_loss_matches_tunix), with log-softmax in float32 where Tunix uses the logits' dtype."""
+    import jax.numpy as jnp
+
     import grpo_loss
 
     model = grpo_loss.rematerialized(model, remat)
     hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
-    mask = input_mask[:, 1:]  # position t predicts token t+1; only the response's are computed
+    mask = input_mask[:, 1:].astype(jnp.float32)  # position t predicts token t+1; only these are computed
     logps = grpo_loss.chunked_token_logps(model.embedder.decode, hidden, input_tokens[:, 1:], chunk_size, mask=mask)
-    mask = mask.astype(logps.dtype)
     return -(logps * mask).sum() / (mask.sum() + 1e-8)
 
 
