@@ -136,15 +136,15 @@ def make_dipg(split: str = "train", n: int | None = None, seed: int = DEFAULT_SE
 # 4. Loading DIPG rows from wherever they live, and checking each one the way the environment will read it.
 # ----------------------------------------------------------------------------------------------------
 
-def _is_local(source: str) -> bool:
+def is_local(source: str) -> bool:
     return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
 
 
-def _load_table(source: str, split: str, **hub_kwargs):
+def load_table(source: str, split: str, **hub_kwargs):
     """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub id (the real loader)."""
     import datasets  # heavy; only needed here
 
-    if _is_local(source):
+    if is_local(source):
         path = Path(source)
         if not path.is_file():
             raise DataError(f"{source}: file not found (give a .jsonl, .json or .parquet file, a hub id, or 'builtin')")
@@ -212,7 +212,7 @@ def load_dipg(source: str = "builtin", split: str = "train", n: int | None = Non
         table, where = make_dipg(split, n=n, seed=seed), f"builtin:{split}"
     else:
         source = HUB_IDS[split] if source == "hub" else source
-        table, where = _load_table(source, split="train"), source
+        table, where = load_table(source, split="train"), source
         logger.info("DIPG %s: %s (%d rows)", split, source, len(table))
     rows, skipped = [], 0
     for i, row in enumerate(table):
@@ -301,7 +301,7 @@ def dipg_stats(rows: list[dict], tokenizer=None) -> list[str]:
         out.append(f"context tokens (Gemma): {_spread([len(tokenizer.encode(r['context'])) for r in rows])}")
         out.append("prompt + gold tokens (with <bos>): " + _spread(
             [1 + len(tokenizer.encode(format_prompt(r["messages"][0]["content"]) + r["expected_final"])) for r in rows]))
-    answers = [rewards._GOLD_ANSWER.search(r["expected_final"]) for r in rows]
+    answers = [rewards.GOLD_ANSWER.search(r["expected_final"]) for r in rows]
     out.append(f"answer words: {_spread([len(a.group(1).split()) if a else 0 for a in answers])}")
     out.append(f"context lines: {_spread([len(r['context'].splitlines()) for r in rows])}")
     quotes = [len(_QUOTE_LINE.findall(r["expected_final"])) for r in rows]

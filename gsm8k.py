@@ -32,8 +32,8 @@ from itertools import islice
 from pathlib import Path
 
 import runs
-from data import DEFAULT_SEED, DataError, _is_local, _load_table
-from rewards import _as_list, _as_text, _repeat_to  # the DIPG reward's rules for reading Tunix's batches
+from data import DEFAULT_SEED, DataError, is_local, load_table
+from rewards import as_list, as_text, repeat_to  # the DIPG reward's rules for reading Tunix's batches
 from vignettes import split_counts
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ GSM_SPLIT_SIZES = {"train": 7473, "test": 1319}  # the sizes of openai/gsm8k, ke
 def parse_gsm8k_gold(answer_text) -> str:
     """GSM8K gold: the text after the last '####' ("... #### 1,000" -> "1000");
     text without '####' (e.g. reasoning-gym answers) is returned stripped."""
-    text = _as_text(answer_text)
+    text = as_text(answer_text)
     if "####" in text:
         text = text.rsplit("####", 1)[1]
     return text.strip().replace(",", "")
@@ -116,7 +116,7 @@ def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = No
         return [dict(row) for row in _gsm_symbolic(split, seed)[:n]]  # copies: callers may add fields
     if source == "hub":
         source = GSM8K_HUB_ID
-    table = _load_table(source, split, **({} if _is_local(source) else {"name": "main"}))
+    table = load_table(source, split, **({} if is_local(source) else {"name": "main"}))
     logger.info("GSM8K %s: %s (%d rows)", split, source, len(table))
     rows = []
     for i, row in enumerate(table):
@@ -239,7 +239,7 @@ def extract_answer(text) -> str | None:
     """Stripped content of the last <answer>...</answer> block (innermost when
     nested), or None when there is none or it is blank.  Tags are exact
     lower-case; text around the block is allowed here (the gate is stricter)."""
-    blocks = _ANSWER_BLOCK.findall(_as_text(text))
+    blocks = _ANSWER_BLOCK.findall(as_text(text))
     if not blocks or not blocks[-1].strip():
         return None
     return blocks[-1].strip()
@@ -307,13 +307,13 @@ def _light_penalty(text: str) -> float:
 # Tunix's batches: completions as text, golds paired one per completion (or one per group of G).
 
 def _texts(completions) -> list[str]:
-    return [_as_text(c) for c in (completions if completions is not None else [])]
+    return [as_text(c) for c in (completions if completions is not None else [])]
 
 
 def _golds(answer, n: int, name: str) -> list:
-    golds = _repeat_to(answer, n)
+    golds = repeat_to(answer, n)
     if golds is None:
-        raise ValueError(f"{name}: cannot pair {len(_as_list(answer))} gold answers with {n} completions; "
+        raise ValueError(f"{name}: cannot pair {len(as_list(answer))} gold answers with {n} completions; "
                          "pass the batch's 'answer' column (one per prompt or one per completion)")
     return golds
 

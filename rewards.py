@@ -292,7 +292,7 @@ def parse_response(response: str) -> dict:
 
 _REFUSAL_KEYWORDS = ["i cannot", "i apologize", "as an ai", "i'm sorry", "i am unable"]
 _ABSTENTION_KEYWORDS = ["conflicting information", "does not contain"]
-_GOLD_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+GOLD_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 
 
 def _is_refusal(final: str) -> bool:
@@ -378,7 +378,7 @@ def _is_correct_synthesis(final: str, gold: str) -> bool:
     """Exact or >= 0.8 similar (lower-cased) to the gold's <answer> content
     (or to the whole gold when it has no <answer> tag)."""
     gold = gold.strip()
-    match = _GOLD_ANSWER.search(gold)
+    match = GOLD_ANSWER.search(gold)
     if match:
         gold = match.group(1).strip()
     final = final.strip().lower()
@@ -568,7 +568,7 @@ def summarize(scored) -> dict:
 # 5. The DIPG reward function for Tunix
 # ---------------------------------------------------------------------------
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
     """Tunix hands batches over as numpy arrays: items are numpy.str_ (a str
     subclass; cast to plain str) or, rarely, bytes."""
     if value is None:
@@ -586,10 +586,10 @@ def _parse_answer_json(text: str) -> tuple[str, str]:
 def _answer_fields(item) -> tuple[str, str]:
     if not isinstance(item, dict) or "context" not in item or "expected_final" not in item:
         raise ValueError('expected {"context": ..., "expected_final": ...}')
-    return _as_text(item["context"]), _as_text(item["expected_final"])
+    return as_text(item["context"]), as_text(item["expected_final"])
 
 
-def _as_list(items) -> list:
+def as_list(items) -> list:
     if items is None:
         return []
     if isinstance(items, (str, bytes, dict)):
@@ -597,9 +597,9 @@ def _as_list(items) -> list:
     return list(items)
 
 
-def _repeat_to(items, n: int) -> list | None:
+def repeat_to(items, n: int) -> list | None:
     """Pair answers with completions: same length, or one answer per group of G."""
-    items = _as_list(items)
+    items = as_list(items)
     if len(items) == n:
         return items
     if items and n % len(items) == 0:
@@ -628,19 +628,19 @@ def make_dipg_reward(level: str, outcomes: list | None = None):
 
     def reward_fn(prompts, completions, answer=None, **kwargs) -> list[float]:
         completions = list(completions) if completions is not None else []
-        answers = _repeat_to(answer, len(completions))
+        answers = repeat_to(answer, len(completions))
         if answers is None:
-            raise ValueError(f"{name}: cannot pair {len(_as_list(answer))} answers with {len(completions)} completions; "
+            raise ValueError(f"{name}: cannot pair {len(as_list(answer))} answers with {len(completions)} completions; "
                              "pass the batch's 'answer' column (one per prompt or one per completion)")
         rewards = []
         for i, (completion, item) in enumerate(zip(completions, answers)):
             try:
-                context, gold = _answer_fields(item) if isinstance(item, dict) else _parse_answer_json(_as_text(item))
+                context, gold = _answer_fields(item) if isinstance(item, dict) else _parse_answer_json(as_text(item))
             except Exception as error:  # bad JSON, missing keys, absurd nesting...
                 raise ValueError(f"{name}: answer {i + 1} of {len(answers)} is not "
-                                 f'{{"context": ..., "expected_final": ...}} ({str(error)[:80]}): {_as_text(item)[:80]!r}; '
+                                 f'{{"context": ..., "expected_final": ...}} ({str(error)[:80]}): {as_text(item)[:80]!r}; '
                                  "build answers with data.to_grpo_example") from None
-            reward, metrics, outcome = score_dipg_outcome(_as_text(completion), context, gold, config, "train")
+            reward, metrics, outcome = score_dipg_outcome(as_text(completion), context, gold, config, "train")
             if outcomes is not None:
                 outcomes.append({**metrics, "reward": reward, **outcome})
             rewards.append(reward)
