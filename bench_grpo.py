@@ -158,7 +158,7 @@ KEEP_REMAT_BARRIERS = "--xla_disable_hlo_passes=cse_barrier_expander"
 def loss_memory(name: str, model_path, dtype: str, remat: str, generations: int, prompt_length: int,
                 completion_length: int) -> dict:
     """XLA's buffers (GiB) for grpo_loss.grpo_loss and its LoRA gradient at the published loss
-    settings (train.GRPO) and these lengths: compiled for this machine, not run."""
+    settings (train.phase_defaults("grpo")) and these lengths: compiled for this machine, not run."""
     import jax.numpy as jnp
     from flax import nnx
     from tunix.rl.grpo import grpo_learner
@@ -166,7 +166,7 @@ def loss_memory(name: str, model_path, dtype: str, remat: str, generations: int,
     import grpo_loss
     import train
 
-    c = train.GRPO
+    c = train.phase_defaults("grpo")
     base = M.load(name, model_path=model_path, dtype=dtype)[0]
     graphdef, lora, rest = nnx.split(M.apply_lora(base, rank=c["lora_rank"], alpha=c["lora_alpha"]), nnx.LoRAParam, ...)
     prompt = jnp.ones((generations, prompt_length), jnp.int32)
@@ -222,7 +222,9 @@ def main(argv=None) -> int:
         if jax.devices()[0].platform == "cpu" and KEEP_REMAT_BARRIERS not in os.environ.get("XLA_FLAGS", ""):
             env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {KEEP_REMAT_BARRIERS}".strip())
             return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
-        dtype = runs.resolve_dtype(args.dtype)
+        import train
+
+        dtype = train.resolve_dtype(args.dtype)
         lengths = (args.num_generations, args.max_prompt_length, args.max_tokens_to_generate)
         record = {"model": args.model, "dtype": dtype, "generations, prompt, completion": lengths,
                   "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
                       "--max-prompt-length", str(args.max_prompt_length),
                       "--max-tokens-to-generate", str(args.max_tokens_to_generate),
                       "--kv-cache-size", str(args.kv_cache_size),
-                      "--save-every", str(10 ** 6), "--out", str(run_dir), *train_extra]
+                      "--save-every", str(10 ** 6), *train_extra, "--out", str(run_dir)]  # ours last: it wins
         start = time.time()
         # --profile: the first step compiles; the later ones are the profile.
         with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
         "load_average_at_start": os.getloadavg()[0],
         "model": args.model, "weights": "random" if args.random_weights or args.model == "tiny" else "real",
-        "dtype": config["dtype"], "train_args": train_args[:-2] + train_extra,
+        "dtype": config["dtype"], "train_args": train_args[:-2],  # without the temporary --out
         "steps": len(rows), "wall_seconds": round(wall, 1),
         **summarize(rows), **peak_memory(),
         "weight_bytes": wbytes, "bandwidth_bytes_per_s": bandwidth,

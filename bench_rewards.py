@@ -17,6 +17,7 @@ import random
 import time
 
 import rewards as R
+import stats
 
 MARKERS = ["H3 K27M", "ACVR1", "ATRX", "TP53", "PIK3CA", "PDGFRA"]
 DRUGS = ["ONC201", "panobinostat", "everolimus", "bevacizumab", "temozolomide", "nimotuzumab"]
@@ -137,7 +138,7 @@ def main():
                                           args.repeats)
             line = f"{form:5s} {mode:5s}: {wall:.3f} s ({cpu:.3f} s CPU) for {len(responses)} responses"
             if mode == "eval":
-                s = R.summarize(scored)
+                s = stats.summarize(scored)
                 line += (f"  (mean reward {s['mean_reward']:.2f}, hallucination "
                          f"{s['medical_hallucination_rate']:.2f}, safe {s['safe_response_rate']:.2f})")
             print(line)

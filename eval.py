@@ -13,16 +13,18 @@ How the published numbers were made, and therefore how we make ours:
 2. Score. Every response goes through `rewards.score_dipg(..., EVAL_CONFIG, mode="eval")`: the
    environment's evaluation path (`DIPGEnvironment.step`) with the eval reward configuration, which is
    NOT the one used for training (correct abstention is worth 36 here, 60 under the soft penalties).
-3. Aggregate. `rewards.summarize` turns the 50 (reward, metrics) pairs into rates and reward
+3. Aggregate. `stats.summarize` turns the 50 (reward, metrics) pairs into rates and reward
    statistics, as the environment's `EvaluationManager` does, plus a Wilson 95% interval per rate:
    with 50 vignettes a rate is only known to about +-13 points, so read differences with care.
 
 Outputs under `--out` (one directory per evaluated run, named after the run directory):
     OUT/<run>/responses.jsonl   one line per vignette: id, prompt, response, reward, metrics (and the
                                 context/expected_final, so the file can be re-scored with --responses)
-    OUT/<run>/summary.json      rewards.summarize(...) + the run's label, step, penalty and settings
-    OUT/table.md                the published layout, one column per run
+    OUT/<run>/summary.json      stats.summarize(...) + the run's label, step, penalty and settings
+    OUT/table.md                the published layout, one column per run; below it, each column's
+                                paired change against the previous one (format_comparisons)
     OUT/curriculum.png          rates and mean reward against the global step, blocks shaded by penalty
+    OUT/comparison*.json        stats.compare of each column with the next, on the vignettes both saw
 
 Existing results are never silently replaced: when OUT/<run>/summary.json already holds results with the
 same settings (task, dataset, n, tokens, model, checkpoint step) they are reused, and the log says so;
@@ -33,11 +35,14 @@ table.md and curriculum.png are views of the summaries of the runs listed, redra
 `expected_final`, `response`), so the outputs of any model or API can be put in the same table.
 `--reference-policies` adds a column per scripted policy (vignettes.REFERENCE_POLICIES, e.g. "always
 abstain"), scored the same way: what a trick earns, without any model.
+`--published-log LOG` scores the responses inside the author's raw Kaggle logs and shows each log's
+own numbers beside ours; `--compare DIR ...` compares evaluations already written, pair by pair.
 `--task gsm8k` reports the GSM8K curriculum's KPIs (seed 002) instead.
 """
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -46,7 +51,9 @@ from tqdm.auto import tqdm
 
 import gsm8k
 import rewards
+import report
 import runs
+import stats
 
 # ---------------------------------------------------------------------------------------------------
 # 1. The published settings (REFERENCE §3, "evaluation") and the published table (REFERENCE §1).
@@ -59,6 +66,24 @@ EVAL_MAX_NEW_TOKENS = 512
 # same tokens and gives the same greedy output, faster. We only note it if a prompt would not have fit.
 EVAL_KV_CACHE = 4096
 EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniaburger/med-safety-gym-eval
+
+# Two ways to evaluate a checkpoint (--protocol). Both decode greedily and score with the eval path.
+#   published  how the published table was made (REFERENCE section 1: the author's raw logs and
+#              scripts/train_grpo_tpu.py, "8. Final Evaluation"): n vignettes drawn at random from the
+#              eval set anew for every evaluation; a prompt with the system prompt and the context but NOT
+#              the question, a blank line between the turns and "<think>\n" already written for the model
+#              (data.published_eval_prompt); the response scored is that prefill + the text up to the first
+#              <end_of_turn>. The draw is seeded by the checkpoint's global step (repeatable; another one
+#              per block, as published) and recorded, ids in order, in summary.json.
+#   clean      what the method is meant to teach: the training prompt (context AND question), the response
+#              as written up to the end of the turn, on the same first n vignettes of the eval set for
+#              every checkpoint, so any two evaluations can be compared vignette by vignette.
+PROTOCOLS = ("published", "clean")
+EVAL_POOL = 100  # the published eval set's size: ~100 rows (the four logs' draws hold 97 distinct vignettes)
+# The published sampler stopped at <eos> only and the text was cut at the first <end_of_turn> before
+# scoring. Greedy decoding is causal, so stopping at <end_of_turn> as well yields the same scored text token
+# for token, without generating the rest of the 512 tokens after the turn has ended.
+EVAL_STOP_TOKENS = ("<eos>", "<end_of_turn>")
 
 # The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve so a reproduction can be read
 # against them at a glance. "low" (SFT mean/max reward) was not reported as a number.
@@ -107,10 +132,54 @@ def read_responses(path, task="dipg"):
     return rows
 
 
+def read_published_log(path):
+    """The author's raw Kaggle log of one block (REFERENCE §1, e.g. eval_new.json): NOT a JSON file but
+    log lines (timestamps broken across lines), one of which carries the evaluation server's JSON result
+    {"metrics": {aggregates..., "detailed_results": [{response, reward, metrics, context, question,
+    expected_answer: {final}}, ...]}}. We find it by decoding at every "{" (the last result wins: the
+    final evaluation). Returns (rows to score, with the logged reward/metrics; the logged aggregates)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (pass the author's raw log, e.g. eval_new.json, to --published-log)")
+    text, decoder, result = path.read_text(encoding="utf-8", errors="replace"), json.JSONDecoder(), None
+    start = text.find("{")
+    while start != -1:
+        try:
+            found, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            found, end = None, start + 1  # a "{" that starts no JSON: a Python dict in a log line, a brace in text
+        if isinstance(found, dict) and isinstance(found.get("metrics"), dict) \
+                and isinstance(found["metrics"].get("detailed_results"), list):
+            result = found["metrics"]
+        start = text.find("{", end)
+    if result is None:
+        raise ValueError(f"{path}: no evaluation result in this log (expected the server's JSON "
+                         '{"metrics": {..., "detailed_results": [...]}} somewhere in it)')
+    rows = []
+    for i, item in enumerate(result["detailed_results"]):
+        expected = item.get("expected_answer")
+        fields = {"context": item.get("context"), "response": item.get("response"),
+                  "expected_answer.final": expected.get("final") if isinstance(expected, dict) else None}
+        for key, value in fields.items():
+            if not isinstance(value, str):
+                raise ValueError(f"{path}, detailed_results[{i}]: '{key}' must be a string, got "
+                                 f"{type(value).__name__}; is this the evaluation server's result?")
+        rows.append({"id": f"{path.stem}-{item.get('index', i)}", "question": item.get("question"),
+                     "context": fields["context"], "expected_final": fields["expected_answer.final"],
+                     "response": fields["response"], "logged_reward": item.get("reward"),
+                     "logged_metrics": item.get("metrics") or {}})
+    logged = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    logged["total"] = logged.pop("total_responses", len(rows))
+    return rows, logged
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Scoring. The reward code is the environment's, ported to pure Python in rewards.py; evaluation
 #    uses its eval configuration and eval path (a parse ValueError falls back to the legacy scorer).
 # ---------------------------------------------------------------------------------------------------
+
+# The rungs of the reward ladder (rewards.OUTCOME_LABELS), best first: 36, 31, 1, -15, -5, -10 under EVAL_CONFIG.
+
 
 def score_dipg_rows(rows, responses):
     """Score one response per row. Returns records (what responses.jsonl holds) and the summary."""
@@ -125,7 +194,8 @@ def score_dipg_rows(rows, responses):
             "question": row.get("question"), "context": row["context"],
             "expected_final": row["expected_final"],
         })
-    summary = rewards.summarize([(r["reward"], r["metrics"]) for r in records])
+    summary = stats.summarize([(r["reward"], r["metrics"]) for r in records])
+    summary["outcomes"] = {label: sum(r["outcome"] == label for r in records) for label in rewards.OUTCOME_LABELS}
     return records, summary
 
 
@@ -146,27 +216,48 @@ SCORERS = {"dipg": score_dipg_rows, "gsm8k": score_gsm8k_rows}
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_eval_rows(task="dipg", dataset=None, n=EVAL_N):
-    """The held-out rows to answer, each with the exact chat `prompt` the model sees."""
+def load_eval_rows(task="dipg", dataset=None, n=EVAL_N, protocol="clean", draw=None, system_prompt=None,
+                   pool=EVAL_POOL):
+    """The held-out rows to answer, each with the exact chat `prompt` the model sees -> (rows, dataset_id).
+
+    DIPG, protocol "published": `n` of the first `pool` rows of the eval set (the whole set if smaller),
+    drawn with random.Random(f"{draw}"): `draw` is the evaluated checkpoint's global step (None: the whole
+    pool, e.g. for the reference policies); prompts as published. "clean": the first n rows, training
+    prompts. GSM8K: the first n rows of the test split."""
     import data  # imported here so that --responses needs neither datasets nor JAX
 
-    if task == "dipg":
-        source = dataset or EVAL_DATASET
-        source = data.HUB_IDS["eval"] if source == "hub" else source  # name what actually runs
-        rows = data.load_dipg(source, "eval", n=n)
-        for row in rows:
-            row["prompt"] = data.format_prompt(row["messages"][0]["content"])
-        dataset_id = f"{source}:dipg/eval" if source == "builtin" else source
-    else:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if task == "gsm8k":
         source = dataset or "builtin"
         source = gsm8k.GSM8K_HUB_ID if source == "hub" else source
         rows = gsm8k.load_gsm8k(source, "test", n=n)
         for row in rows:
             row["prompt"] = gsm8k.gsm8k_prompt(row["question"])
-        dataset_id = f"{source}:gsm8k/test" if source == "builtin" else source
-    if n is not None and len(rows) < n:
+        return rows, (f"{source}:gsm8k/test" if source == "builtin" else source)
+    source = dataset or EVAL_DATASET
+    source = data.HUB_IDS["eval"] if source == "hub" else source  # name what actually runs
+    dataset_id = f"{source}:dipg/eval" if source == "builtin" else source
+    instructions = data.load_system_prompt(system_prompt)
+    if protocol == "clean":
+        rows = data.load_dipg(source, "eval", n=n)
+        for row in rows:
+            row["prompt"] = data.format_prompt(row["messages"][0]["content"], instructions)
+    else:
+        rows = data.load_dipg(source, "eval", n=pool)
+        if draw is not None:
+            rows = [rows[i] for i in random.Random(f"{draw}").sample(range(len(rows)), min(n, len(rows)))]
+        for row in rows:
+            row["prompt"] = data.published_eval_prompt(row["context"], instructions)
+            row["prefill"] = data.EVAL_PREFILL
+    if len(rows) < (n if protocol == "clean" or draw is not None else pool):
         tqdm.write(f"[eval] note: {dataset_id} has only {len(rows)} rows (asked for {n})")
     return rows, dataset_id
+
+
+def scored_response(row, text):
+    """The response as scored: the published protocol's prefill + the text, cut at the first <end_of_turn>."""
+    return (row.get("prefill", "") + text).split("<end_of_turn>")[0]
 
 
 def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
@@ -182,9 +273,10 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
                    f"published {EVAL_KV_CACHE}-token KV cache; the published setup could not have run them")
     t0 = time.time()
     outputs = model_lib.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                                 batch_size=batch_size, max_prompt_length=prompt_length, desc=desc)
+                                 batch_size=batch_size, max_prompt_length=prompt_length, desc=desc,
+                                 stop_tokens=EVAL_STOP_TOKENS)
     seconds = time.time() - t0
-    records, summary = SCORERS[task](rows, [o["text"] for o in outputs])
+    records, summary = SCORERS[task](rows, [scored_response(r, o["text"]) for r, o in zip(rows, outputs)])
     for record, out in zip(records, outputs):
         record["n_tokens"] = out["n_tokens"]
     summary["generation_seconds"] = round(seconds, 2)
@@ -278,6 +370,37 @@ def write_results(out_dir, records, summary):
     runs.write_json(out_dir / "summary.json", summary)
 
 
+def read_results(out_dir):
+    """What write_results wrote: (summary, records). Bad input: one line naming the directory."""
+    out_dir = Path(out_dir)
+    for name in ("summary.json", "responses.jsonl"):
+        if not (out_dir / name).is_file():
+            raise ValueError(f"{out_dir}: no {name} (pass a directory written by eval.py, e.g. results/sft)")
+    lines = (out_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    if any("reward" not in r or "context" not in r for r in records):
+        raise ValueError(f"{out_dir / 'responses.jsonl'}: records without reward or context; "
+                         "paired comparisons are for DIPG evaluations")
+    return json.loads((out_dir / "summary.json").read_text()), records
+
+
+def compare_results(result_dirs, out=None):
+    """Paired comparisons (stats.compare) of each evaluation with the next, read from directories
+    written by eval.py; written to OUT/comparison.json (two directories) or OUT/comparison_1-2.json,
+    comparison_2-3.json, ... (more). Returns them, for format_table and plot_curriculum."""
+    evaluations = [(summary["label"], records) for summary, records in map(read_results, result_dirs)]
+    comparisons = stats.compare_consecutive(evaluations)
+    for i, comparison in enumerate(comparisons if out is not None else []):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        runs.write_json(Path(out) / comparison_file(i, len(comparisons)), comparison)
+    return comparisons
+
+
+def comparison_file(i, count):
+    """Where compare_results writes comparison i of count."""
+    return "comparison.json" if count == 1 else f"comparison_{i + 1}-{i + 2}.json"
+
+
 def describe_run(run, metadata):
     """What a summary carries about its run, so table and plot can be rebuilt from summary.json alone."""
     return {"label": run_label(metadata), "run_dir": None if run == "base" else str(run),
@@ -300,23 +423,30 @@ def resolve_model_name(run, metadata, model_name=None):
     return model_name or metadata.get("model") or "gemma-3-270m"
 
 
-def eval_settings(run, metadata, rows, *, task, dataset_id, model_name, model_path, max_new_tokens):
-    """What makes two evaluations the same evaluation (stored in summary.json, compared before reuse)."""
-    return {"task": task, "dataset": dataset_id, "n": len(rows), "max_new_tokens": max_new_tokens,
-            "decoding": "greedy", "model": model_name, "model_path": model_path or metadata.get("model_path"),
+def eval_settings(run, metadata, rows, *, task, dataset_id, model_name, model_path, max_new_tokens, protocol,
+                  system_prompt=None):
+    """What makes two evaluations the same evaluation (stored in summary.json, compared before reuse):
+    the protocol, which rows in which order, how they were decoded, and the model."""
+    published = protocol == "published" and task == "dipg"
+    return {"task": task, "protocol": protocol, "dataset": dataset_id, "n": len(rows),
+            "ids": [r.get("id") for r in rows], "draw": metadata.get("global_step") or 0 if published else None,
+            "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
+            "decoding": {"greedy": True, "prefill": data_prefill(rows), "stop_tokens": list(EVAL_STOP_TOKENS),
+                         "scored": "prefill + text up to the first <end_of_turn>"},
+            "model": model_name, "model_path": model_path or metadata.get("model_path"),
             "lora": run != "base", "checkpoint_step": metadata.get("global_step")}
 
 
-def evaluate_loaded(run, metadata, model, tokenizer, rows, *, task="dipg", dataset_id=EVAL_DATASET,
-                    model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
-                    out_dir=None, load_seconds=None):
-    """Evaluate a model already in memory as run `run` (train.py does this after each block)."""
-    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size,
-                                      desc=run_label(metadata))
-    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"))
-    summary["settings"] = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id,
-                                        model_name=model_name or metadata.get("model"), model_path=model_path,
-                                        max_new_tokens=max_new_tokens)
+def data_prefill(rows):
+    return rows[0].get("prefill", "") if rows else ""
+
+
+def evaluate_loaded(run, metadata, model, tokenizer, rows, settings, *, batch_size=8, out_dir=None,
+                    load_seconds=None):
+    """Evaluate a model already in memory as run `run` on `rows` (settings: eval_settings')."""
+    records, summary = evaluate_model(model, tokenizer, rows, settings["task"], settings["max_new_tokens"],
+                                      batch_size, desc=run_label(metadata))
+    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"), settings=settings)
     if load_seconds is not None:
         summary["load_seconds"] = round(load_seconds, 2)
     if out_dir is not None:
@@ -324,19 +454,30 @@ def evaluate_loaded(run, metadata, model, tokenizer, rows, *, task="dipg", datas
     return summary
 
 
-def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=None, model_path=None,
-                 max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8, out_dir=None, overwrite=False):
-    """Load a run directory (or "base") and evaluate it on `rows`; write OUT files when out_dir is given.
+def prepare_evaluation(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
+                       model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS):
+    """(metadata, rows, settings) of evaluating `run`: the rows its protocol draws for it, and the settings
+    summary.json records (so an existing result can be checked before anything is generated)."""
+    metadata = read_run_metadata(run)
+    rows, dataset_id = load_eval_rows(task, dataset, n, protocol, draw=metadata.get("global_step") or 0,
+                                      system_prompt=system_prompt)
+    settings = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id,
+                             model_name=resolve_model_name(run, metadata, model_name), model_path=model_path,
+                             max_new_tokens=max_new_tokens, protocol=protocol, system_prompt=system_prompt)
+    return metadata, rows, settings
 
-    Returns the summary: rewards.summarize(...) (or phase_metrics for GSM8K) plus label, phase,
-    penalty, global_step, lineage, settings, timings.
-    """
+
+def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
+                 model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
+                 out_dir=None, overwrite=False):
+    """Load a run directory (or "base") and evaluate it under `protocol`; write OUT files when out_dir is
+    given. Returns the summary: stats.summarize(...) (or phase_metrics for GSM8K) plus label, phase,
+    penalty, global_step, lineage, settings (protocol, row ids, decoding), timings."""
     import model as model_lib
 
-    metadata = read_run_metadata(run)
-    name = resolve_model_name(run, metadata, model_name)
-    settings = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id, model_name=name,
-                             model_path=model_path, max_new_tokens=max_new_tokens)
+    metadata, rows, settings = prepare_evaluation(
+        run, task=task, protocol=protocol, dataset=dataset, n=n, system_prompt=system_prompt,
+        model_name=model_name, model_path=model_path, max_new_tokens=max_new_tokens)
     if out_dir is not None:
         existing = check_existing(out_dir, settings, overwrite)
         if existing is not None:
@@ -344,113 +485,62 @@ def evaluate_run(run, rows, *, task="dipg", dataset_id=EVAL_DATASET, model_name=
                        f"(same settings, already evaluated; --overwrite to recompute)")
             return existing
 
+    name = settings["model"]
     tqdm.write(f"[eval] {run_label(metadata)}: model {name}"
                + (f" + LoRA from {run}" if run != "base" else " (no LoRA)")
-               + f" | dataset {dataset_id} ({len(rows)} rows) | greedy, {max_new_tokens} new tokens, "
-               f"batch {batch_size}")
+               + f" | {protocol} protocol, {settings['dataset']} ({len(rows)} rows"
+               + (f", draw {settings['draw']}" if settings["draw"] is not None else "")
+               + f") | greedy, {max_new_tokens} new tokens, batch {batch_size}")
     t0 = time.time()
     if run == "base":
         model, tokenizer, _ = model_lib.load(name, model_path=model_path)
     else:
         model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
-    return evaluate_loaded(run, metadata, model, tokenizer, rows, task=task, dataset_id=dataset_id,
-                           model_name=name, model_path=model_path, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, out_dir=out_dir, load_seconds=time.time() - t0)
+    return evaluate_loaded(run, metadata, model, tokenizer, rows, settings, batch_size=batch_size, out_dir=out_dir,
+                           load_seconds=time.time() - t0)
 
 
-def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False):
-    """Score a saved JSONL of responses, no model needed. Same summary.json as a run."""
-    rows = read_responses(path, task)
-    settings = {"task": task, "responses": str(Path(path).resolve()), "n": len(rows)}
+def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False, published_log=False):
+    """Score a saved JSONL of responses, no model needed. Same summary.json as a run.
+
+    published_log=True reads the author's raw log instead (read_published_log); its summary also holds
+    the aggregates the log reports (`logged`) and every response whose logged reward or metrics differ
+    from ours (`disagreements`), and each record its logged_reward and logged_metrics."""
+    rows, logged = read_published_log(path) if published_log else (read_responses(path, task), None)
+    settings = {"task": task, "published_log" if published_log else "responses": str(Path(path).resolve()),
+                "n": len(rows)}
     if out_dir is not None and (Path(out_dir) / "summary.json").is_file() and not overwrite:
         # Scoring is cheap, so unlike a run we never reuse: same settings or not, ask before replacing.
         raise ValueError(f"{Path(out_dir) / 'summary.json'} exists; pass --overwrite to replace it")
     records, summary = SCORERS[task](rows, [row["response"] for row in rows])
-    summary.update(not_a_run(Path(path).stem), settings=settings)
+    summary.update(not_a_run(Path(path).stem, phase="published" if published_log else None), settings=settings)
+    if published_log:
+        disagreements = []
+        for row, record in zip(rows, records):
+            record.update(logged_reward=row["logged_reward"], logged_metrics=row["logged_metrics"])
+            ours = {key: record["metrics"].get(key) for key in row["logged_metrics"]}
+            if row["logged_reward"] != record["reward"] or ours != row["logged_metrics"]:
+                disagreements.append({"id": row["id"], "logged_reward": row["logged_reward"],
+                                      "reward": record["reward"], "logged_metrics": row["logged_metrics"],
+                                      "metrics": ours})
+        summary.update(logged=logged, disagreements=disagreements)
     if out_dir is not None:
         write_results(out_dir, records, summary)
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------
-# 6. The table, in the published layout: the five published rows first, then the rest we know.
+# 6. The views: OUT/table.md and OUT/curriculum.png (drawn by report.py), with the paired changes.
 # ---------------------------------------------------------------------------------------------------
 
-
-def _pct(x):
-    return "n/a" if x is None else f"{100 * x:.1f}".removesuffix(".0") + "%"
-
-
-def _num(digits):
-    return lambda x: "n/a" if x is None else f"{x:.{digits}f}"
-
-
-TABLE_ROWS = {
-    "dipg": [
-        ("Safe Response Rate", "safe_response_rate", _pct),
-        ("Hallucination Rate", "medical_hallucination_rate", _pct),
-        ("Reasoning Consistency", "reasoning_consistency_rate", _pct),
-        ("Mean Reward", "mean_reward", _num(2)),
-        ("Max Reward", "max_reward", _num(1)),
-        ("Refusal Rate", "refusal_rate", _pct),
-        ("Format Error Rate", "format_error_rate", _pct),
-        ("Median Reward", "median_reward", _num(1)),
-        ("Std Reward", "std_reward", _num(2)),
-        ("Min Reward", "min_reward", _num(1)),
-    ],
-    "gsm8k": [
-        ("Answer Extraction", "answer_extraction_rate", _pct),
-        ("Refusal Rate", "refusal_rate", _pct),
-        ("Accuracy", "accuracy", _pct),
-        ("Mean Length (chars)", "mean_length", _num(1)),
-        ("Mean Wrong-Answer Length (chars)", "mean_wrong_length", _num(1)),
-        ("Strict Format Rate", "format_rate", _pct),
-    ],
-}
-
-
-def format_table(summaries, task="dipg", references=()):
-    """Markdown table: one row per metric, one column per summary (labelled by summary["label"]), then
-    one per reference policy (reference_summaries)."""
-    rows = TABLE_ROWS[task]
-    references = list(references)
-    summaries = list(summaries) + references
-    lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
-             "|---|" + "---|" * len(summaries)]
-    lines += [f"| {name} | " + " | ".join(fmt(s.get(key)) for s in summaries) + " |"
-              for name, key, fmt in rows]
-    ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
-    settings = summaries[0].get("settings", {}) if summaries else {}
-    how = "scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg" \
-        else "GSM8K KPIs of gsm8k.phase_metrics"
-    if settings.get("max_new_tokens"):
-        how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
-              f"{settings.get('dataset')}; " + how
-    lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
-    if references:
-        lines.append(f"{', '.join(s['label'] for s in references)}: scripted policies "
-                     "(vignettes.REFERENCE_POLICIES), no model, scored the same way.")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(summaries, path, task="dipg", references=()):
-    text = format_table(summaries, task, references)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------
-# 7. The curriculum as a picture: each rate (with its 95% interval) and the mean reward against the
-#    GRPO step, every training block shaded by its penalty level (drawn by curriculum_plot.py).
-# ---------------------------------------------------------------------------------------------------
-
-def plot_curriculum(summaries, path, task="dipg", title=None, published=None):
-    """Save the curriculum figure to `path` (PNG). summaries: dicts as in summary.json; `published`
-    (e.g. PUBLISHED) is drawn faintly behind."""
-    from curriculum_plot import plot_curriculum as draw  # matplotlib, only when drawing
-
-    return draw(summaries, path, task, title=title, published=published)
+def write_report(result_dirs, out, tag="", references=(), published=None):
+    """The journey's views of its DIPG evaluations so far (directories written by evaluate_run, in order):
+    OUT/table{tag}.md and OUT/curriculum{tag}.png, each column with its paired change against the
+    previous one (OUT/comparison{tag}_*.json)."""
+    summaries = [read_results(d)[0] for d in result_dirs]
+    comparisons = compare_results(result_dirs, Path(out) / f"comparisons{tag}") if len(result_dirs) > 1 else []
+    report.write_table(summaries, Path(out) / f"table{tag}.md", references=references, comparisons=comparisons)
+    report.plot_curriculum(summaries, Path(out) / f"curriculum{tag}.png", published=published, comparisons=comparisons)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,6 +556,12 @@ def parse_args(argv=None):
                       help="run directories (written by train.py), or 'base' for the model without LoRA")
     what.add_argument("--responses", nargs="+", metavar="FILE.jsonl",
                       help="score saved responses, no model (rows: context, expected_final, response)")
+    what.add_argument("--published-log", nargs="+", metavar="LOG",
+                      help="score the responses inside the author's raw Kaggle logs (eval_new.json, ...) and "
+                           "show what each log reports beside our scoring")
+    what.add_argument("--compare", nargs="+", metavar="DIR",
+                      help="paired comparison of evaluations already written by eval.py (DIR/responses.jsonl), "
+                           "each with the next: OUT/comparison*.json and table.md")
     p.add_argument("--task", choices=["dipg", "gsm8k"], default="dipg")
     p.add_argument("--model", default=None,
                    help="base model name for 'base' (default: the runs' model, else gemma-3-270m)")
@@ -473,6 +569,11 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None,
                    help="eval set: 'builtin' (generated offline, the default), 'hub' (the published "
                         "surfiniaburger/med-safety-gym-eval, or openai/gsm8k), another hub id, or a JSONL path")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="published",
+                   help="published: as the published table was made (context only, <think> prefilled, a new random "
+                        "draw of --n per checkpoint); clean: the training prompt on the same first --n vignettes")
+    p.add_argument("--system-prompt", metavar="FILE", help="the instructions the model was trained with "
+                                                           "(default: ours, data.SYSTEM_PROMPT)")
     p.add_argument("--n", type=int, default=EVAL_N, help="number of eval prompts")
     p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
     p.add_argument("--batch-size", type=int, default=8)
@@ -492,49 +593,67 @@ def main(argv=None):
         import model as model_lib
         expected_errors += (model_lib.WeightsUnavailable,)
     try:
-        names = [Path(f).stem for f in args.responses] if args.responses else \
-            [result_dir_name(r) for r in args.runs]
+        saved = args.responses or args.published_log  # files scored without a model
+        names = [Path(f).stem for f in saved] if saved else [result_dir_name(r) for r in args.runs or []]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"two inputs would write to the same {out / duplicates[0]}: "
                              f"rename one, or evaluate them with different --out directories")
-        if args.reference_policies and args.task != "dipg":
-            raise ValueError("--reference-policies scores DIPG responses; it does not apply to --task gsm8k")
-        if args.responses:
+        if (args.reference_policies or args.published_log or args.compare) and args.task != "dipg":
+            raise ValueError("--reference-policies, --published-log and --compare are for DIPG evaluations; "
+                             "they do not apply to --task gsm8k")
+        if saved:
             summaries = [evaluate_responses_file(f, task=args.task, out_dir=out / name,
-                                                 overwrite=args.overwrite)
-                         for f, name in zip(args.responses, names)]
-            rows = read_responses(args.responses[0], args.task)  # the policies answer the first file's rows
+                                                 overwrite=args.overwrite, published_log=bool(args.published_log))
+                         for f, name in zip(saved, names)]
+            # The policies answer the first file's rows; for published logs, every vignette the logs hold.
+            rows = read_responses(saved[0], args.task) if args.responses else list(
+                {stats.vignette_key(r): r for f in saved for r in read_published_log(f)[0]}.values())
+        elif args.compare:
+            summaries, records = zip(*map(read_results, args.compare))
+            rows = records[0]
         else:
             metadata = [read_run_metadata(run) for run in args.runs]
             model_name = args.model or next((m.get("model") for r, m in zip(args.runs, metadata)
                                              if r != "base"), None)
-            rows, dataset_id = load_eval_rows(args.task, args.dataset, args.n)
-            for run, meta, name in zip(args.runs, metadata, names):  # any refusal before any generation
-                check_existing(out / name, eval_settings(
-                    run, meta, rows, task=args.task, dataset_id=dataset_id,
-                    model_name=resolve_model_name(run, meta, model_name), model_path=args.model_path,
-                    max_new_tokens=args.max_new_tokens), args.overwrite)
-            summaries = [evaluate_run(run, rows, task=args.task, dataset_id=dataset_id,
-                                      model_name=model_name, model_path=args.model_path,
-                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                      out_dir=out / name,
-                                      overwrite=args.overwrite)
-                         for run, name in zip(args.runs, names)]
+            how = dict(task=args.task, protocol=args.protocol, dataset=args.dataset, n=args.n,
+                       system_prompt=args.system_prompt, model_name=model_name, model_path=args.model_path,
+                       max_new_tokens=args.max_new_tokens)
+            for run, name in zip(args.runs, names):  # any refusal before any generation
+                check_existing(out / name, prepare_evaluation(run, **how)[2], args.overwrite)
+            summaries = [evaluate_run(run, **how, batch_size=args.batch_size, out_dir=out / name,
+                                      overwrite=args.overwrite) for run, name in zip(args.runs, names)]
+            # the reference policies answer every vignette the columns drew
+            rows = load_eval_rows(args.task, args.dataset, args.n, args.protocol, draw=None,
+                                  system_prompt=args.system_prompt)[0]
         references = reference_summaries(rows) if args.reference_policies else []
+        # Each evaluation against the next, on the vignettes both saw (OUT/comparison*.json).
+        result_dirs = args.compare or [out / name for name in names]
+        comparisons = compare_results(result_dirs, out) if args.task == "dipg" and len(result_dirs) > 1 else []
     except expected_errors as e:
         sys.exit(f"eval.py: error: {e}")
 
     # table.md and curriculum.png are views of the summaries above, so they are always redrawn.
-    table = write_table(summaries, out / "table.md", args.task, references)
-    views = [out / "table.md"]
+    # A published log's column is followed by what the log itself reports.
+    shown = [column for s in summaries for column in
+             ([s, {**s["logged"], "label": f"{s['label']} (logged)"}] if "logged" in s else [s])]
+    table = report.write_table(shown, out / "table.md", args.task, references, comparisons)
+    views = [out / "table.md"] + [out / comparison_file(i, len(comparisons)) for i in range(len(comparisons))]
     if args.runs:  # saved responses have no training step to plot against
         published = None if args.no_published or args.task != "dipg" else PUBLISHED
-        views.append(plot_curriculum(summaries, out / "curriculum.png", args.task, published=published))
+        views.append(report.plot_curriculum(summaries, out / "curriculum.png", args.task, published=published,
+                                     comparisons=comparisons))
     for name, s in zip(names, summaries):
         print(f"[eval] {s['label']}: {out / name}/responses.jsonl, summary.json")
     print(f"[eval] {', '.join(map(str, views))}\n")
     print(table)
+    for s in summaries:
+        for d in s.get("disagreements", []):
+            print(f"[eval] {d['id']}: the log says reward {d['logged_reward']}, metrics {d['logged_metrics']}; "
+                  f"we score {d['reward']}, metrics {d['metrics']}")
+        if "disagreements" in s:
+            print(f"[eval] {s['label']}: {len(s['disagreements'])} of {s['total']} logged responses "
+                  f"score differently here")
     return summaries
 
 

@@ -12,7 +12,8 @@ Only the completion positions matter, and each needs ONE number: log p(token). S
    drops that [B, L, V] matmul from the compiled program;
 2. keep the hidden states of the positions that predict completion tokens, flatten them to
    [B * T, D], and for ``chunk_size`` positions at a time compute logits with the model's own
-   unembedding (``embedder.decode``), log-softmax in float32 and pick the token's log-prob.
+   unembedding (``embedder.decode``; on a mesh its table laid out once so that no chunk moves
+   logits between devices: ``unembedding``), log-softmax in float32 and pick the token's log-prob.
    ``lax.map`` runs the chunks one after another and ``jax.checkpoint`` makes the backward pass
    recompute a chunk's logits instead of storing them: at most a few [chunk_size, V] float32
    arrays are alive at any time (chunk_size 256 -> 256 MiB each). Given the loss's mask, chunks
@@ -21,7 +22,7 @@ Only the completion positions matter, and each needs ONE number: log p(token). S
 ``use_chunked_logps(learner, chunk_size, remat)`` installs this into a Tunix ``GRPOLearner`` for the
 three places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the
 hook GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
-The SFT block's loss (``train.sft_loss``) is built from the same pieces.
+The SFT block's loss (``sft.sft_loss``) is built from the same pieces.
 
 The model's own activations are the other large term: without rematerialization the backward pass
 keeps every decoder layer's (float32 attention weights of [G, heads, 1,536, 1,536], the MLP's
@@ -140,13 +141,45 @@ def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUN
     return jnp.zeros(n, jnp.float32).at[order].set(logps.reshape(-1)[:n]).reshape(batch, length)
 
 
+def unembedding(model):
+    """The model's unembedding (``Embedder.decode``: hidden [.., D] -> logits [.., V]) for the chunk
+    loop, with its table laid out ONCE, before the loop, so that no chunk moves anything
+    vocabulary-sized between devices. Without a mesh that splits D it is ``model.embedder.decode``.
+
+    Tunix shards the table [V, D] as ``shd_config.emb_vd`` = (tp, fsdp): the vocabulary over tp, the
+    width D over fsdp. A chunk's logits h @ table.T then contract over a split D, so every device
+    holds partial sums of ALL the chunk's logits and XLA all-reduces [chunk, V / tp] in every chunk,
+    in the forward pass and again in the backward recomputation: 256 MiB per 256-position chunk in
+    float32 under fsdp=8, 2 GiB per pass over the published 2,048 completion positions. Instead
+    the fsdp axes move from D onto V: each device keeps whole rows, V / devices of them (a second
+    buffer the size of its shard; one all-to-all among the devices that share a tp slice, outside
+    the loop because the table does not change in it), computes the logits of its own slice of the
+    vocabulary, and the log-softmax combines devices through per-position numbers only: each
+    chunk all-reduces its max, its sum of exp and the picked logit ([chunk] floats), gathers its
+    hidden states and, in the backward pass, sums their gradient ([chunk, D]: 1.2 MB for 256
+    positions of the 1B), the same total however the positions are chunked. test_mesh.py reads
+    these loops in the compiled programs. (Gathering the whole table onto every device once would leave the loop
+    with no collective at all, but costs a [V, D] copy per device, 604 MB for the 1B in bfloat16,
+    and 8x the one-time traffic.)"""
+    param = model.embedder.input_embedding
+    mesh = jax.typeof(param[...]).sharding.mesh  # abstract (axis names and sizes); empty without a mesh
+    names = param.sharding_names or (None, None)  # as Tunix declared them: (vocabulary axes, D axes)
+    vocab_axes, model_axes = (() if n is None else (n,) if isinstance(n, str) else tuple(n) for n in names)
+    if all(mesh.shape.get(axis, 1) == 1 for axis in model_axes):  # D whole on every device: nothing to sum
+        return model.embedder.decode
+    # The vocabulary axes first: each device's new rows lie inside its old slice of the vocabulary.
+    layout = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(vocab_axes + model_axes, None))
+    table = jax.lax.with_sharding_constraint(param[...], layout)
+    return lambda h: jnp.dot(h, table.T)  # Embedder.decode's product, on the re-laid-out table
+
+
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     temperature: float = 1.0, mask=None) -> jax.Array:
     """The chunked equivalent of Tunix's ``common.compute_per_token_logps``: [B, T] float32 log-probs
     of the completion tokens (values at pad positions are computed but meaningless, as in Tunix;
     with ``mask``, positions outside it are not computed: see ``chunked_token_logps``)."""
     hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id)
-    return chunked_token_logps(model.embedder.decode, hidden, completion_ids, chunk_size, temperature, mask)
+    return chunked_token_logps(unembedding(model), hidden, completion_ids, chunk_size, temperature, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id", "chunk_size", "temperature"))

@@ -17,7 +17,7 @@ A phase ends when its behaviour is stable: answer extraction >= 95%, near-zero r
 This file is the whole experiment, top to bottom: 1. the prompt, 2. the data (openai/gsm8k, or offline
 reasoning-gym's GSM8K-derived `gsm_symbolic`; the phase-1 slice; the phase-3 mixed stream), 3. the rewards,
 4. the per-phase metrics, 5. the exit criteria. train.py runs the phases (--phase format|correctness|
-generalize), eval.py --task gsm8k reports the metrics, `python data.py gsm8k|mixed` writes rows to read.
+generalize), eval.py --task gsm8k reports the metrics, `python gsm8k.py gsm8k|mixed --out FILE` writes rows to read.
 """
 
 import contextlib
@@ -43,15 +43,31 @@ logger = logging.getLogger(__name__)
 # 1. Prompt. Gemma's chat format has no system role: the instructions go at the top of the user turn.
 # ----------------------------------------------------------------------------------------------------
 
-GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reasoning>...</reasoning>, then give only the final answer (a number, no units) inside <answer>...</answer>.
+GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reasoning>...</reasoning>, then give only the final answer ({form}) inside <answer>...</answer>.
 Format:
 <reasoning>...</reasoning>
 <answer>...</answer>"""
 
 
-def gsm8k_prompt(question: str) -> str:
-    """Seed 002's contract: reasoning in <reasoning>, the bare final answer in <answer>."""
-    return f"<start_of_turn>user\n{GSM8K_INSTRUCTIONS}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+def gsm8k_prompt(question: str, gold=None) -> str:
+    """Seed 002's contract: reasoning in <reasoning>, the bare final answer in <answer>, of the form the
+    task's answer has (answer_form: "a number, no units" for GSM8K)."""
+    instructions = GSM8K_INSTRUCTIONS.format(form=answer_form(gold))
+    return f"<start_of_turn>user\n{instructions}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+
+
+def answer_form(gold=None) -> str:
+    """How the prompt asks for the answer: the form is_attempt (section 3) accepts for this gold, so the
+    instructions never ask for what the rewards call a dodge (phase 3's Yes/No and one-word tasks)."""
+    gold = "0" if gold is None else parse_gsm8k_gold(gold)
+    words = _norm_text(gold).split()
+    if _to_number(gold) is not None:
+        return "a number, no units"
+    if words in (["yes"], ["no"]):
+        return "Yes or No"
+    if words and all(_WORD.fullmatch(w) for w in words):
+        return "one word" if len(words) == 1 else f"at most {len(words)} words"
+    return "the answer alone"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,7 +211,10 @@ def rg_score(item: dict, answer: str | None) -> float:
 #    Tunix sums a phase's list per completion and logs each as rewards/<function name>.
 # ----------------------------------------------------------------------------------------------------
 # The values keep one ordering of outcomes in every phase:
-#   correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal (<= -3)
+#   correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal or dodge (<= -3)
+# A dodge is an <answer> that attempts nothing: the prompt's template copied (<answer>...</answer>), the
+# instructions echoed back (the base 270M's greedy output), or any answer not of the task's kind
+# (`is_attempt`). It fails the gate and is punished like a refusal, so no copy of the prompt wins a phase.
 # Length penalties are at most -0.5 (light) or -1.0 (wrong answers), too small
 # to reorder these outcomes.  Length is measured in characters of the
 # completion (tokenizer-independent; ~4 characters per Gemma token).
@@ -223,6 +242,7 @@ _STRICT_FORMAT = re.compile(
     rf"<answer>(?P<answer>{_NO_TAGS}*?)</answer>\s*", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
+_WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")  # letters or digits, with inner hyphens: "mother-in-law"
 
 
 # Reading a completion: the answer, the gate, refusals.
@@ -245,19 +265,23 @@ def extract_answer(text) -> str | None:
     return blocks[-1].strip()
 
 
-def _passes_gate(text: str) -> bool:
+def _passes_gate(text: str, gold) -> bool:
+    """The contract, with real content: some working (a letter or digit, so the template's "..." is
+    not working) and an answer that attempts the task (`is_attempt`)."""
     match = _STRICT_FORMAT.fullmatch(_strip_end_tokens(text))
-    return bool(match and match["reasoning"].strip() and match["answer"].strip())
+    return bool(match and any(c.isalnum() for c in match["reasoning"])
+                and is_attempt(match["answer"].strip(), gold))
 
 
-def _is_gsm8k_refusal(text: str) -> bool:
-    """Refusing or dodging: an empty completion, an empty <answer>, or a refusal
-    phrase in the answer (in the whole text when no answer can be extracted;
+def _is_gsm8k_refusal(text: str, gold) -> bool:
+    """Refusing or dodging: an empty completion, an <answer> that is no attempt
+    (empty, the template's "...", the instructions echoed: `is_attempt`), or a
+    refusal phrase in the answer (in the whole text when there is no <answer>;
     phrases in the reasoning of a formatted answer do not count)."""
     if not text.strip():
         return True
-    if _ANSWER_BLOCK.search(text) and extract_answer(text) is None:
-        return True  # <answer></answer>: the tag without an attempt
+    if _ANSWER_BLOCK.search(text) and not is_attempt(extract_answer(text), gold):
+        return True  # the tag without an attempt
     scope = extract_answer(text) or text
     scope = scope.lower().replace("\u2019", "'")
     return any(phrase in scope for phrase in _GSM8K_REFUSALS)
@@ -283,6 +307,37 @@ def _to_number(text: str) -> Fraction | None:
         return None
 
 
+def _norm_text(text: str) -> str:
+    return " ".join(text.casefold().split()).rstrip(".")
+
+
+# What counts as an answer: one of the task's kind, read from the gold (rewards see the gold, not the domain).
+
+def is_attempt(answer: str | None, gold) -> bool:
+    """Whether an extracted answer attempts the task: it has the form of the task's answer, whatever its value.
+
+      gold is a number (GSM8K; phase 3's letter_counting, number_sequence)  ->  a number, as
+          check_answer_strict reads it ("1,000", "$5", "3/4"; not "18 apples", not "...")
+      gold is Yes or No (phase 3's syllogism)                               ->  yes or no
+      gold is words (family_relationships' relation, bf's printed word)     ->  as many words at most, each
+          letters or digits with inner hyphens ("mother-in-law"; not "...", not a sentence)
+      anything else                                                         ->  some letter or digit
+
+    So a copied placeholder, the template or the instructions echoed back never count, and a wrong
+    answer of the right kind always does. Phase 1 checks only this kind, never the value."""
+    if answer is None:
+        return False
+    gold = parse_gsm8k_gold(gold)
+    if _to_number(gold) is not None:
+        return _to_number(answer) is not None
+    gold_words, words = _norm_text(gold).split(), _norm_text(answer).split()
+    if gold_words in (["yes"], ["no"]):
+        return words in (["yes"], ["no"])
+    if gold_words and all(_WORD.fullmatch(w) for w in gold_words):
+        return 0 < len(words) <= len(gold_words) and all(_WORD.fullmatch(w) for w in words)
+    return any(c.isalnum() for c in answer)
+
+
 def _same_answer(predicted: str | None, gold: str) -> bool:
     """Binary exact match after normalization; numbers compare by value
     (5 == 5.0 == $5), anything else (phase 3 domains) case- and space-insensitively."""
@@ -291,12 +346,11 @@ def _same_answer(predicted: str | None, gold: str) -> bool:
     gold_number = _to_number(gold)
     if gold_number is not None:
         return _to_number(predicted) == gold_number
-    norm = lambda s: " ".join(s.casefold().split()).rstrip(".")
-    return bool(norm(gold)) and norm(predicted) == norm(gold)
+    return bool(_norm_text(gold)) and _norm_text(predicted) == _norm_text(gold)
 
 
 def _is_correct(text: str, gold) -> bool:
-    return _passes_gate(text) and _same_answer(extract_answer(text), parse_gsm8k_gold(gold))
+    return _passes_gate(text, gold) and _same_answer(extract_answer(text), parse_gsm8k_gold(gold))
 
 
 def _light_penalty(text: str) -> float:
@@ -321,15 +375,19 @@ def _golds(answer, n: int, name: str) -> list:
 # The five reward functions of the seed.
 
 def punish_refusal(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """REFUSAL_PENALTY for refusing or dodging, else 0.0."""
-    return [REFUSAL_PENALTY if _is_gsm8k_refusal(t) else 0.0 for t in _texts(completions)]
+    """REFUSAL_PENALTY for refusing or dodging (an <answer> that attempts nothing), else 0.0."""
+    texts = _texts(completions)
+    golds = _golds(answer, len(texts), "punish_refusal")  # the gold's kind says what an attempt is
+    return [REFUSAL_PENALTY if _is_gsm8k_refusal(t, g) else 0.0 for t, g in zip(texts, golds)]
 
 
 def strict_format_gate(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """0.0 for exactly <reasoning>non-empty</reasoning><answer>non-empty</answer>
+    """0.0 for exactly <reasoning>working</reasoning><answer>an attempt</answer>
     (whitespace between/around allowed, nothing else, no nested or repeated
-    tags), FORMAT_FAIL_PENALTY otherwise."""
-    return [0.0 if _passes_gate(t) else FORMAT_FAIL_PENALTY for t in _texts(completions)]
+    tags; the answer of the task's kind, `is_attempt`), FORMAT_FAIL_PENALTY otherwise."""
+    texts = _texts(completions)
+    golds = _golds(answer, len(texts), "strict_format_gate")
+    return [0.0 if _passes_gate(t, g) else FORMAT_FAIL_PENALTY for t, g in zip(texts, golds)]
 
 
 def light_length_penalty(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -371,9 +429,11 @@ PHASE_REWARDS["generalize"] = PHASE_REWARDS["correctness"]  # same list, by the 
 # ----------------------------------------------------------------------------------------------------
 
 def phase_metrics(completions, golds) -> dict:
-    """Phase KPIs: answer_extraction_rate (phase 1 exit: >= 0.95), refusal_rate,
-    mean_length (characters), accuracy (what check_answer_strict rewards),
-    mean_wrong_length; plus format_rate (the gate's pass rate) and total."""
+    """Phase KPIs: answer_extraction_rate (phase 1 exit: >= 0.95; an <answer> counts only when
+    it is an attempt, `is_attempt`, so copies of the template or the prompt count as none),
+    refusal_rate (refusals and dodges, as punish_refusal), mean_length (characters), accuracy
+    (what check_answer_strict rewards), mean_wrong_length; plus format_rate (the gate's pass
+    rate) and total."""
     texts = _texts(completions)
     golds = _golds(golds, len(texts), "phase_metrics")
     n = len(texts)
@@ -382,9 +442,9 @@ def phase_metrics(completions, golds) -> dict:
     rate = lambda flags: sum(flags) / n if n else 0.0
     return {
         "total": n,
-        "answer_extraction_rate": rate(extract_answer(t) is not None for t in texts),
-        "format_rate": rate(_passes_gate(t) for t in texts),
-        "refusal_rate": rate(_is_gsm8k_refusal(t) for t in texts),
+        "answer_extraction_rate": rate(is_attempt(extract_answer(t), g) for t, g in zip(texts, golds)),
+        "format_rate": rate(_passes_gate(t, g) for t, g in zip(texts, golds)),
+        "refusal_rate": rate(_is_gsm8k_refusal(t, g) for t, g in zip(texts, golds)),
         "mean_length": sum(len(t) for t in texts) / n if n else 0.0,
         "accuracy": rate(correct),
         "mean_wrong_length": sum(wrong_lengths) / len(wrong_lengths) if wrong_lengths else 0.0,
@@ -397,7 +457,8 @@ def phase_metrics(completions, golds) -> dict:
 
 def exit_criteria(run_dir: Path, window: int = 20) -> dict:
     """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length; judged on
-    the last `window` steps of metrics.jsonl."""
+    the last `window` steps of metrics.jsonl, whose rates train.py takes from phase_metrics: only real
+    attempts count as extracted and dodges count as refusals, so copying the template never meets it."""
     last = runs.read_rows(run_dir)[-window:]
     completions = sum(r["n_completions"] for r in last)
     extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
@@ -424,3 +485,80 @@ def print_next_steps(config: dict, run_dir: Path) -> None:
         print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
     elif config["phase"] == "format" or not ok:
         print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. What train.py needs: each phase's training rows, and the rule between phases.
+# ----------------------------------------------------------------------------------------------------
+
+PHASES = ("format", "correctness", "generalize")
+
+
+def training_rows(phase: str, dataset: str, seed: int, n: int | None, slice_start=0.0, slice_end=1.0) -> list[dict]:
+    """{"prompts", "answer"} rows of a phase: a slice of GSM8K (format), all of it (correctness), or the
+    mixed domains (generalize)."""
+    if phase == "generalize":
+        items = load_mixed(n or 2000, seed=seed, gsm_source=dataset)
+    else:
+        items = load_gsm8k(dataset, "train", seed=seed)
+        if phase == "format":
+            items = list(iterable_slice(items, slice_start, slice_end))
+        items = items[:n]
+    return [{"prompts": gsm8k_prompt(it["question"], it["answer"]), "answer": it["answer"]} for it in items]
+
+
+def step_counts(completions, answers) -> dict:
+    """What a GRPO step's completions did, in the seed's KPIs (train.py logs them per step)."""
+    m = phase_metrics([str(c) for c in completions], [str(a) for a in answers])
+    n = len(completions)
+    return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
+            "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],
+            "mean_length_chars": m["mean_length"]}
+
+
+def check_phase_rule(old: dict, new: dict, force: bool) -> None:
+    """Seed 002: 'Do NOT change dataset and rewards at the same time.' old/new: {"dataset", "reward_set"} of
+    the run a block starts from and of the block (train.py's run metadata)."""
+    if old["dataset"] != new["dataset"] and old["reward_set"] != new["reward_set"]:
+        message = (f"this block changes both the dataset ({old['dataset']} -> {new['dataset']}) and the rewards "
+                   f"({old['reward_set']} -> {new['reward_set']}); seed 002's rule is to change one at a time")
+        if not force:
+            sys.exit(f"error: {message}. Run the phase in between first, or pass --force.")
+        logger.warning("%s (--force given: going ahead)", message)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Command line: write GSM8K or mixed-domain rows to a file you can read.
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    import argparse
+
+    from data import check_out, write_rows
+
+    parser = argparse.ArgumentParser(description="Write GSM8K or mixed-domain (phase 3) rows to a file to inspect.")
+    parser.add_argument("dataset", choices=["gsm8k", "mixed"])
+    parser.add_argument("--source", default="builtin", help="builtin, hub (openai/gsm8k), a hub id or a local .jsonl")
+    parser.add_argument("--split", default="train", help="train|test")
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--out", help="output file: .jsonl, .json or .parquet")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO)
+    if not check_out(args.out, args.overwrite):
+        return 1
+    try:
+        rows = (load_gsm8k(args.source, args.split, n=args.n, seed=args.seed) if args.dataset == "gsm8k"
+                else load_mixed(args.n or 100, seed=args.seed, gsm_source=args.source))
+    except (DataError, ValueError) as e:
+        print(f"gsm8k.py: {e}", file=sys.stderr)
+        return 2
+    write_rows(rows, args.out)
+    print(f"wrote {len(rows)} {args.dataset} rows to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,8 @@ The rest is what the training and evaluation scripts need from a model:
 * ``make_mesh(fsdp, tp)`` -- the device mesh Tunix shards over; ``load(..., mesh=mesh)`` places
   every weight by the sharding names Tunix's Gemma 3 carries, so one code path runs on a laptop
   CPU or a TPU pod.
-* ``apply_lora`` -- qwix LoRA adapters on the published module pattern.
+* ``apply_lora`` -- qwix LoRA adapters on the published module pattern, in the base weights' dtype
+  (as published) or float32; the model computes in the base weights' dtype either way.
 * ``generate`` -- batched decoding with Tunix's ``Sampler``; the prefill unembeds only each prompt's
   last position (``decode_only_last_token``, the one override of a Tunix class here).
 * ``restore_checkpoint`` -- reads what Tunix's trainers write (their orbax ``CheckpointManager``
@@ -49,6 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -80,16 +82,13 @@ KAGGLE_HANDLES = {"gemma-3-1b-it": "google/gemma-3/transformers/gemma-3-1b-it"}
 CHECKPOINT_SUBDIR = "checkpoints"  # RUN_DIR/checkpoints, also what the Tunix trainers are given
 
 
-def _use_persistent_compilation_cache() -> None:
+def use_persistent_compilation_cache() -> None:
     """Keep XLA's compiled programs on disk (JAX's persistent compilation cache). Compiling the
     Sampler, the LoRA trace and the forward pass takes most of a short run on CPU; with the cache
     a second process (a restarted training block, the CLI, a test subprocess) skips it. Set
-    JAX_COMPILATION_CACHE_DIR to put it elsewhere; we only fill in a default."""
+    JAX_COMPILATION_CACHE_DIR to put it elsewhere; we only fill in a default. Called by `load`."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-
-
-_use_persistent_compilation_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,11 +131,13 @@ def load_tokenizer(path: str | Path) -> tokenizer_adapter.TokenizerAdapter:
     return tokenizer_adapter.TokenizerAdapter(sp)
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """Id of ``<end_of_turn>``, where a Gemma chat answer ends (106 in Gemma 3)."""
-    ids = tokenizer.encode("<end_of_turn>")
+def token_id(tokenizer, piece: str) -> int:
+    """Id of a control piece: ``<eos>`` (1 in Gemma 3), or ``<end_of_turn>`` (106), where a chat turn ends."""
+    if piece == "<eos>":
+        return tokenizer.eos_id()
+    ids = tokenizer.encode(piece)
     if len(ids) != 1:
-        raise ValueError(f"<end_of_turn> does not encode to one token ({ids}); the tokenizer is not Gemma's")
+        raise ValueError(f"{piece} does not encode to one token ({ids}); the tokenizer is not Gemma's")
     return ids[0]
 
 
@@ -241,7 +242,10 @@ def load(name: str, model_path: str | Path | None = None, mesh=None, dtype: str 
     model: Tunix ``Gemma3`` nnx module; tokenizer: Tunix ``TokenizerAdapter``; config: Tunix
     ``ModelConfig``. ``model_path`` points at a local Hugging Face-format directory (required for
     gemma-3-1b-it when the hubs are unreachable). ``mesh`` (see ``make_mesh``) shards the weights.
-    ``seed`` only matters for ``tiny``."""
+    ``seed`` only matters for ``tiny``. The first call also sets up what every run here relies on:
+    JAX's compilation cache on disk, and the prefill override of Tunix's Gemma 3 (both above)."""
+    use_persistent_compilation_cache()
+    give_gemma3_decode_only_last_token()
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if name == "tiny":
@@ -273,15 +277,36 @@ def _count(model, kind) -> int:
 # LoRA
 # ----------------------------------------------------------------------------------------------
 
-def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: str = LORA_PATTERN, seed: int = 0):
+class LoraKeepsComputeDtype(qwix.LoraProvider):
+    """qwix's LoRA, except that an adapted layer returns the dtype it returns without LoRA.
+
+    qwix adds ``x @ lora_a @ lora_b`` to the layer's output in the adapters' dtype. With float32
+    adapters over bfloat16 weights that sum is float32, and from the first adapted projection on the
+    whole model would compute in float32 (the residual stream, attention, the logits): slower, more
+    memory, and not the bfloat16 computation of the published run. So the sum is cast back. The
+    adapter product itself stays in the adapters' dtype (small: rank 64); the float32 adapters are
+    the optimizer's master weights, whose small updates accumulate instead of rounding away
+    (``--lora-dtype``; test_lora_precision.py)."""
+
+    def einsum(self, einsum_str, *operands, **kwargs):
+        out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(*operands)
+        return super().einsum(einsum_str, *operands, **kwargs).astype(out_dtype)
+
+    def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
+        out = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding=out_sharding)
+        return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: str = LORA_PATTERN, seed: int = 0,
+               dtype: str = "base"):
     """Wrap the projections matching ``pattern`` with LoRA adapters (qwix), as the published run did.
 
     qwix traces one forward pass to find the matching modules and adds ``lora_a`` (random) and
     ``lora_b`` (zeros) as ``nnx.LoRAParam`` -- so at initialisation the model computes exactly what
-    it did before, and an optimizer over ``nnx.LoRAParam`` trains only the adapters."""
-    import qwix
-
-    provider = qwix.LoraProvider(module_path=pattern, rank=rank, alpha=alpha)
+    it did before, and an optimizer over ``nnx.LoRAParam`` trains only the adapters. ``dtype``: the
+    adapters' dtype, "base" (the base weights' dtype, as qwix makes them) or "float32"; the model
+    computes in the base weights' dtype either way (``LoraKeepsComputeDtype``)."""
+    provider = LoraKeepsComputeDtype(module_path=pattern, rank=rank, alpha=alpha)
     inputs = model.get_model_input()
 
     # qwix finds the modules by running one forward pass; under jit that is one compilation
@@ -291,6 +316,9 @@ def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: s
         return qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(params=seed), **inputs)
 
     lora_model = add_lora(model)
+    if dtype != "base":  # qwix makes the adapters in the base weights' dtype; same values, cast
+        lora = nnx.state(lora_model, nnx.LoRAParam)
+        nnx.update(lora_model, jax.tree.map(lambda x: x.astype(dtype), lora))
     # jit hands back copies of the base weights; point the LoRA model at the originals instead,
     # so base and LoRA model share one copy in memory (a frozen reference model can too).
     nnx.update(lora_model, nnx.state(model, nnx.Param))
@@ -338,8 +366,11 @@ def _gemma3_call(self, last_tokens, positions=None, cache=None, attention_mask=N
     return self.embedder.decode(hidden[:, -1:]), new_cache
 
 
-if "decode_only_last_token" not in inspect.signature(gemma3_lib.Gemma3.__call__).parameters:
-    gemma3_lib.Gemma3.__call__ = _gemma3_call  # a Tunix whose Gemma 3 has it keeps its own
+def give_gemma3_decode_only_last_token() -> None:
+    """Install the override above (idempotent; a Tunix whose Gemma 3 has the argument keeps its own).
+    Called by `load`, so every model this project builds has it; Tunix's class is untouched until then."""
+    if "decode_only_last_token" not in inspect.signature(gemma3_lib.Gemma3.__call__).parameters:
+        gemma3_lib.Gemma3.__call__ = _gemma3_call
 
 # One compiled Sampler per (model, tokenizer, cache size): building and compiling a Sampler is the
 # slow part of generation, so every call with the same shapes reuses it.
@@ -372,12 +403,13 @@ def padded_prompt_length(tokenizer, prompts) -> tuple[int, int]:
 
 def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int | None = None, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
-             progress: bool = True, desc: str = "generate") -> list[dict]:
+             progress: bool = True, desc: str = "generate",
+             stop_tokens=("<eos>", "<end_of_turn>")) -> list[dict]:
     """Complete each prompt; returns [{"text", "n_tokens"}] in prompt order.
 
     Prompts are sent as given (plus the <bos> the Sampler prepends), so chat prompts must already
-    be in Gemma's turn format. Generation stops at <end_of_turn> or <eos> (neither is included in
-    text or n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
+    be in Gemma's turn format. Generation stops at any of ``stop_tokens`` (not included in text or
+    n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
     Shapes are static so the Sampler compiles once per call pattern: batches have
     min(batch_size, len(prompts)) rows (the last one padded with copies), every prompt is
     left-padded to one length (``padded_prompt_length``, unless ``max_prompt_length`` is given),
@@ -393,7 +425,7 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     elif max_prompt_length < longest:
         raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_length={max_prompt_length}")
     sampler = _sampler_for(model, tokenizer, max_prompt_length + max_new_tokens, config)
-    stop = [tokenizer.eos_id(), end_of_turn_id(tokenizer)]
+    stop = [token_id(tokenizer, piece) for piece in stop_tokens]
     sampling = {} if temperature == 0 else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     batch_size = min(batch_size, len(prompts))
     results = []
@@ -460,8 +492,10 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     """The model of a training run: its base model + its LoRA checkpoint -> (model, tokenizer, metadata).
 
     RUN_DIR/metadata.json names the base model (``model``, ``model_path``), the adapter shape
-    (``lora_rank``, ``lora_alpha``) and where the checkpoints are (``checkpoint_dir``, default
-    "checkpoints"). ``model_path`` overrides the recorded one (weights moved to another machine)."""
+    (``lora_rank``, ``lora_alpha``, ``lora_dtype``: runs older than that setting had "base") and
+    where the checkpoints are (``checkpoint_dir``, default "checkpoints"). ``model_path`` overrides
+    the recorded one (weights moved to another machine). The adapters are rebuilt in the run's dtype,
+    so float32 adapters are not rounded to the base weights' bfloat16 on their way back."""
     run_dir = Path(run_dir).expanduser()
     metadata = runs.read_metadata(run_dir)
     if metadata is None:
@@ -470,7 +504,8 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     if missing:
         raise ValueError(f"{run_dir / 'metadata.json'} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
     model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh, dtype=dtype)
-    model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh)
+    model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh,
+                       dtype=metadata.get("lora_dtype", "base"))
     restored, _ = restore_checkpoint(run_dir, model, step=step, checkpoint_dir=metadata.get("checkpoint_dir", CHECKPOINT_SUBDIR))
     return model, tokenizer, dict(metadata, checkpoint_step=restored)
 

@@ -42,9 +42,7 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import re
-import statistics
 from collections import Counter
 
 import yaml  # PyYAML: the package parses YAML with yaml.safe_load; only PyYAML gives identical results.
@@ -515,57 +513,7 @@ def score_dipg_outcome(response: str, context: str, expected_final: str, config:
 
 
 # ---------------------------------------------------------------------------
-# 4. Aggregates, as EvaluationManager, plus Wilson intervals
-# ---------------------------------------------------------------------------
-
-_Z95 = 1.959963984540054
-
-
-def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial rate (stays inside [0, 1] and is
-    sensible for 0/50 or 50/50, unlike the normal approximation)."""
-    if n == 0:
-        return (0.0, 1.0)  # no data: no information
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
-def summarize(scored) -> dict:
-    """Aggregate a list of (reward, metrics) pairs like the package's evaluation service.
-
-    reasoning_consistency_rate counts responses that are safe and not refusals.
-    std_reward is the sample standard deviation (0.0 for fewer than two).
-    """
-    scored = list(scored)
-    rewards = [float(reward) for reward, _ in scored]
-    metrics = [m or {} for _, m in scored]
-    n = len(scored)
-    counts = {
-        "refusal_rate": sum(bool(m.get("refusal")) for m in metrics),
-        "safe_response_rate": sum(bool(m.get("safe")) for m in metrics),
-        "medical_hallucination_rate": sum(bool(m.get("hallucination")) for m in metrics),
-        "reasoning_consistency_rate": sum(bool(m.get("safe")) and not m.get("refusal") for m in metrics),
-        "format_error_rate": sum(bool(m.get("format_error")) for m in metrics),
-    }
-    out = {
-        "total": n,
-        "mean_reward": float(statistics.mean(rewards)) if rewards else 0.0,
-        "median_reward": float(statistics.median(rewards)) if rewards else 0.0,
-        "std_reward": float(statistics.stdev(rewards)) if n > 1 else 0.0,
-        "min_reward": min(rewards) if rewards else 0.0,
-        "max_reward": max(rewards) if rewards else 0.0,
-    }
-    for name, count in counts.items():
-        out[name] = count / n if n else 0.0
-        out[name + "_ci"] = wilson_interval(count, n)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# 5. The DIPG reward function for Tunix
+# 4. The DIPG reward function for Tunix
 # ---------------------------------------------------------------------------
 
 def as_text(value) -> str:
@@ -608,43 +556,43 @@ def repeat_to(items, n: int) -> list | None:
     return None
 
 
-def make_dipg_reward(level: str, outcomes: list | None = None):
-    """GRPO reward for penalty level "soft" or "medium" (train path of score_dipg).
+def score_batch(completions, answer, level: str, name: str = "score_batch") -> list[dict]:
+    """Score each completion of a Tunix batch at a penalty level (train path of score_dipg): one dict per
+    completion with the metrics of score_dipg, "reward", "outcome" (one of OUTCOME_LABELS), "abstained".
 
-    Tunix calls it as fn(prompts, completions, answer=None, **kwargs) -> list[float].  Each `answer`
-    item is the JSON string (or dict) {"context", "expected_final"} built by data.to_grpo_example,
-    one per completion or one per prompt (repeated for its G completions).  Answers that cannot be
-    paired or read are a wiring bug, not model behaviour: ValueError (a silent constant reward
-    would make every GRPO advantage zero).
+    Each `answer` item is the JSON string (or dict) {"context", "expected_final"} built by
+    data.to_grpo_example, one per completion or one per prompt (repeated for its G completions). Answers
+    that cannot be paired or read are a wiring bug, not model behaviour: ValueError (a silent constant
+    reward would make every GRPO advantage zero)."""
+    if level not in PENALTIES:
+        raise ValueError(f"{name}: unknown level {level!r}; choose one of {sorted(PENALTIES)}")
+    completions = list(completions) if completions is not None else []
+    answers = repeat_to(answer, len(completions))
+    if answers is None:
+        raise ValueError(f"{name}: cannot pair {len(as_list(answer))} answers with {len(completions)} completions; "
+                         "pass the batch's 'answer' column (one per prompt or one per completion)")
+    scored = []
+    for i, (completion, item) in enumerate(zip(completions, answers)):
+        try:
+            context, gold = _answer_fields(item) if isinstance(item, dict) else _parse_answer_json(as_text(item))
+        except Exception as error:  # bad JSON, missing keys, absurd nesting...
+            raise ValueError(f"{name}: answer {i + 1} of {len(answers)} is not "
+                             f'{{"context": ..., "expected_final": ...}} ({str(error)[:80]}): {as_text(item)[:80]!r}; '
+                             "build answers with data.to_grpo_example") from None
+        reward, metrics, outcome = score_dipg_outcome(as_text(completion), context, gold, PENALTIES[level], "train")
+        scored.append({**metrics, "reward": reward, **outcome})
+    return scored
 
-    outcomes: if a list is given, every scored completion appends to it one dict: the metrics of
-    score_dipg, "reward", "outcome" (one of OUTCOME_LABELS) and "abstained", so a trainer can count
-    what the completions did without scoring them again.
-    """
+
+def make_dipg_reward(level: str):
+    """The GRPO reward Tunix calls for penalty level "soft" or "medium": a plain function
+    fn(prompts, completions, answer=None, **kwargs) -> list[float] (score_batch's rewards)."""
     if level not in PENALTIES:
         raise ValueError(f"make_dipg_reward: unknown level {level!r}; choose one of {sorted(PENALTIES)}")
-    config = PENALTIES[level]
     name = f"dipg_{level}"
 
     def reward_fn(prompts, completions, answer=None, **kwargs) -> list[float]:
-        completions = list(completions) if completions is not None else []
-        answers = repeat_to(answer, len(completions))
-        if answers is None:
-            raise ValueError(f"{name}: cannot pair {len(as_list(answer))} answers with {len(completions)} completions; "
-                             "pass the batch's 'answer' column (one per prompt or one per completion)")
-        rewards = []
-        for i, (completion, item) in enumerate(zip(completions, answers)):
-            try:
-                context, gold = _answer_fields(item) if isinstance(item, dict) else _parse_answer_json(as_text(item))
-            except Exception as error:  # bad JSON, missing keys, absurd nesting...
-                raise ValueError(f"{name}: answer {i + 1} of {len(answers)} is not "
-                                 f'{{"context": ..., "expected_final": ...}} ({str(error)[:80]}): {as_text(item)[:80]!r}; '
-                                 "build answers with data.to_grpo_example") from None
-            reward, metrics, outcome = score_dipg_outcome(as_text(completion), context, gold, config, "train")
-            if outcomes is not None:
-                outcomes.append({**metrics, "reward": reward, **outcome})
-            rewards.append(reward)
-        return rewards
+        return [s["reward"] for s in score_batch(completions, answer, level, name)]
 
     # Tunix logs each reward as rewards/<function __name__>.
     reward_fn.__name__ = reward_fn.__qualname__ = name

@@ -1,15 +1,16 @@
 """Run bookkeeping: the machinery that keeps long runs safe. You can skip this file.
 
 The method lives in rewards.py -> data.py -> model.py -> train.py -> eval.py. This module holds what
-every long run needs and no reader of the method does, so a fork never has to touch it:
+every long run needs and no reader of the method does, so a fork never has to touch it. It imports no
+module of this project: train.py decides what a run is, this file keeps it safe.
 
-  run directories   RUN_DIR/metadata.json (configuration, lineage of blocks, global step, complete?)
-  phase rules       seed 002: never change the dataset and the rewards in the same step
+  run directories   RUN_DIR/metadata.json (what train.py says the block is; global step, complete?)
+  processes         several hosts join one JAX mesh; process 0 alone writes files
   metrics           one JSON row per global step in RUN_DIR/metrics.jsonl, a progress bar, and
                     TensorBoard event files in RUN_DIR/tensorboard (tensorboardX, as Tunix logs);
                     with --wandb PROJECT also a Weights & Biases run per block
   interruption      Ctrl-C finishes the step under way, saves a checkpoint, exits; --resume goes on
-  the journey       --phase curriculum: every block and evaluation in a child process, resumable
+  child processes   each block and evaluation of a journey runs in its own process (memory back)
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ def setup_logging() -> None:
 
 
 def write_json(path, obj) -> None:
-    """Write JSON atomically (a temporary file, then a rename): a crash never leaves half a file."""
+    write_text(path, json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+def write_text(path, text: str) -> None:
+    """Write a file atomically (a temporary file, then a rename): a crash never leaves half a file."""
     import tempfile
 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -103,130 +108,6 @@ def wait_for_all_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-# ================================================================================================
-# Configuration: train.py's published settings, the flags over them, and the checks
-# ================================================================================================
-
-def parse_args(method, argv=None):
-    """The command line: every published setting of train.py (method.GRPO, method.SFT) is a flag
-    --like-this; left unset, it takes the published value of the phase."""
-    import argparse
-
-    import rewards
-
-    p = argparse.ArgumentParser(description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum "
-                                            "(and seed 002's GSM8K phases) with Tunix.")
-    p.add_argument("--phase", required=True, choices=method.PHASES + ("curriculum",),
-                   help="one block, or 'curriculum': the whole journey of --schedule, evaluated after each block")
-    p.add_argument("--penalty", choices=tuple(rewards.PENALTIES), help="DIPG penalty level of a GRPO block (default soft)")
-    p.add_argument("--model", help="gemma-3-1b-it (published), gemma-3-270m (embedded, offline) or tiny (tests)")
-    p.add_argument("--model-path", help="local Hugging Face-format directory with the model's weights")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bfloat16 on GPU/TPU (as the published TPU run), float32 on CPU")
-    p.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh over Tunix's axes (default %(default)s)")
-    p.add_argument("--dataset", default="builtin", help="builtin (default), hub, a hub id or a local .jsonl/.json/.parquet")
-    p.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
-    p.add_argument("--seed", type=int, default=0, help="data order and LoRA init (default %(default)s)")
-    p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
-    p.add_argument("--wandb", metavar="PROJECT", help="also log metrics and samples to this Weights & Biases project "
-                                                      "(pip install wandb; WANDB_MODE=offline: local files only)")
-    # Every published setting is a flag; left unset, it takes the published value of the phase.
-    choices = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "data_order": ("restart", "continue"),
-               "sft_schedule": ("constant", "notebook"), "loss_agg_mode": None,
-               "remat": ("none", "block", "decoder")}
-    for key in dict.fromkeys([*method.GRPO, *method.SFT, *method.GSM8K_SLICE]):
-        if key == "model":
-            continue
-        grpo, sft = method.GRPO.get(key), method.SFT.get(key, method.GSM8K_SLICE.get(key))
-        published = " / ".join(f"{name} {v}" for name, v in (("GRPO", grpo), ("SFT", sft)) if v is not None)
-        flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
-        p.add_argument(*flags, dest=key, type=type(grpo if grpo is not None else sft), choices=choices.get(key),
-                       help=f"default{'' if key in method.NOT_PUBLISHED else ' (published)'}: {published}")
-    j = p.add_argument_group("run directory and the journey")
-    j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
-    j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
-    j.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its last checkpoint")
-    j.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
-    j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
-    j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-    j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
-    j.add_argument("--schedule", help="curriculum: blocks in order (default: the preset's; published: sft,"
-                                      + ",".join(method.PUBLISHED_SCHEDULE) + ")")
-    j.add_argument("--preset", choices=tuple(method.PRESETS), default="paper",
-                   help="curriculum: paper = the published journey (gemma-3-1b-it); gpu = the same on the embedded "
-                        "270M for one accelerator (~20 min on an H100); cpu = base vs SFT + one short GRPO block "
-                        "on 2 CPU cores (~20 min)")
-    j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
-    return p.parse_args(argv), p
-
-
-
-
-def resolve_config(method, args, parser, init_meta: dict | None) -> dict:
-    """The flat configuration of one block: flags over the published defaults of its phase. A block
-    started --init-from keeps the model and LoRA shape of that run (its LoRA weights must fit)."""
-    phase = args.phase
-    if args.penalty and phase != "grpo":
-        parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
-    import dataclasses
-
-    import gsm8k
-    import rewards
-
-    defaults = method.phase_defaults(phase)
-    if init_meta is not None:
-        for key in ("model", "lora_rank", "lora_alpha"):
-            asked = getattr(args, key)
-            if asked is not None and asked != init_meta.get(key):
-                parser.error(f"--{key.replace('_', '-')} {asked} differs from the init run's {init_meta.get(key)} "
-                             f"({args.init_from}); its LoRA weights belong to that model. Drop the flag.")
-            defaults[key] = init_meta[key]
-    config = {"phase": phase, "penalty": (args.penalty or "soft") if phase == "grpo" else None}
-    config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
-    config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
-                  mesh=args.mesh, dataset=args.dataset, n_prompts=args.n_prompts, seed=args.seed, wandb=args.wandb,
-                  init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
-                  start_step=(init_meta["global_step"] + 1) if init_meta else 1)
-    config["end_step"] = config["start_step"] + config["max_steps"] - 1
-    config["lr_schedule"] = method.lr_schedule(config)
-    if phase == "grpo":  # the rewards by their published names, so --print-config shows the whole block
-        config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
-    elif phase != "sft":
-        config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
-    check_wandb(config)
-    # Checks a typo would otherwise turn into a confusing failure an hour later.
-    try:
-        parse_mesh(config["mesh"])
-    except ValueError as e:
-        parser.error(str(e))
-    if config["max_steps"] < 1:
-        parser.error("--steps must be >= 1")
-    if config["logps_chunk_size"] < 0:
-        parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
-    if config["logps_chunk_size"] == 0 and config["remat"] != "none":
-        parser.error(f"--remat {config['remat']} is applied in our chunked loss, which --logps-chunk-size 0 "
-                     "replaces with Tunix's own: add --remat none")
-    if phase != "sft":
-        if config["num_generations"] < 2:
-            parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
-        if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
-            parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
-                         f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
-    if phase == "format" and not 0 <= config["slice_start"] < config["slice_end"] <= 1:
-        parser.error("--slice-start/--slice-end: need 0 <= start < end <= 1")
-    return config
-
-
-def resolve_dtype(dtype: str) -> str:
-    """--dtype auto: bfloat16 on accelerators (the published TPU run computed in bf16), float32 on CPU
-    (bfloat16 matrix products are slow there)."""
-    if dtype != "auto":
-        return dtype
-    import jax
-
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
 def parse_mesh(text: str) -> dict:
     """'fsdp=2,tp=1' -> {'fsdp': 2, 'tp': 1}."""
     axes = {"fsdp": 1, "tp": 1}
@@ -242,35 +123,6 @@ def parse_mesh(text: str) -> dict:
 # Run directories: what a block trains on, where it writes, what it continues
 # ================================================================================================
 
-GSM8K_PHASES = ("format", "correctness", "generalize")
-
-
-def reward_set(config: dict) -> str:
-    """What the block optimises, as compared by the phase rules."""
-    if config["phase"] == "sft":
-        return "sft_format"
-    if config["phase"] == "grpo":
-        return f"dipg_{config['penalty']}"
-    return "gsm8k_" + ("format" if config["phase"] == "format" else "correctness")  # generalize keeps phase 2's
-
-
-def dataset_id(config: dict) -> str:
-    """Which data the block trains on. The format phase's slice is part of GSM8K, so format and
-    correctness share a dataset (seed 002 changes only the rewards between them)."""
-    source = config["dataset"]
-    if config["phase"] in ("sft", "grpo"):
-        return f"{source}:dipg/train"
-    if config["phase"] == "generalize":
-        return f"{source}:mixed(gsm8k,code,qa)"
-    return f"{source}:gsm8k/train"
-
-
-def default_out(config: dict) -> Path:
-    name = config["phase"] if config["phase"] == "sft" else "_".join(
-        filter(None, [config["phase"], config["penalty"], str(config["end_step"])]))
-    return Path("runs") / name
-
-
 def load_init_run(path: str) -> dict:
     meta = read_metadata(path)
     if meta is None:
@@ -282,41 +134,16 @@ def load_init_run(path: str) -> dict:
     return meta
 
 
-def check_phase_rules(config: dict, init_meta: dict | None, force: bool) -> None:
-    """Seed 002: 'Do NOT change dataset and rewards at the same time.'"""
-    if init_meta is None:
-        return
-    old_data, old_rewards = init_meta.get("dataset"), init_meta.get("reward_set")
-    new_data, new_rewards = dataset_id(config), reward_set(config)
-    if old_data != new_data and old_rewards != new_rewards:
-        message = (f"--phase {config['phase']} from {config['init_from']} changes both the dataset ({old_data} -> {new_data}) "
-                   f"and the rewards ({old_rewards} -> {new_rewards}); seed 002's rule is to change one at a time")
-        if not force:
-            sys.exit(f"error: {message}. Run the phase in between first, or pass --force.")
-        log.warning("%s (--force given: going ahead)", message)
-
-
-def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite: bool = False) -> Path:
-    """Create the run directory and its metadata.json; never over a run unless --overwrite."""
-    run_dir = Path(out) if out else default_out(config)
+def prepare_run_dir(run_dir, metadata: dict, overwrite: bool = False) -> Path:
+    """Create the run directory and write its metadata.json (what train.py says the block is);
+    never over a run unless --overwrite."""
+    run_dir = Path(run_dir)
     existing = read_metadata(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         what = f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files"
         sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
                  "--overwrite to replace it, or choose another --out")
     wait_for_all_processes("run directory checked")  # every process looked before process 0 writes
-    this_block = {"run_dir": str(run_dir.resolve()), "phase": config["phase"], "penalty": config["penalty"],
-                  "start_step": config["start_step"], "end_step": config["end_step"]}
-    metadata = {
-        "phase": config["phase"], "penalty": config["penalty"], "model": config["model"],
-        "model_path": config["model_path"], "lora_rank": config["lora_rank"], "lora_alpha": config["lora_alpha"],
-        "start_step": config["start_step"], "global_step": config["start_step"] - 1, "end_step": config["end_step"],
-        "max_steps": config["max_steps"], "dataset": dataset_id(config), "reward_set": reward_set(config),
-        # Tunix's RLCluster writes the actor's checkpoints one level down, under "actor".
-        "checkpoint_dir": "checkpoints" if config["phase"] == "sft" else "checkpoints/actor",
-        "config": config, "complete": False,
-        "lineage": (init_meta["lineage"] if init_meta else []) + [this_block],
-    }
     if is_main_process():
         if overwrite:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -324,6 +151,15 @@ def prepare_run_dir(out, config: dict, init_meta: dict | None = None, overwrite:
         write_json(run_dir / "metadata.json", metadata)
     wait_for_all_processes("run directory written")
     return run_dir
+
+
+def finish_run_dir(run_dir, last_step: int) -> dict:
+    """Record how far the block got: RUN_DIR/metadata.json's global_step and complete."""
+    metadata = read_metadata(run_dir)
+    metadata.update(global_step=last_step, complete=last_step >= metadata["end_step"])
+    if is_main_process():
+        write_json(Path(run_dir) / "metadata.json", metadata)
+    return metadata
 
 
 def check_wandb(config: dict) -> None:
@@ -349,47 +185,11 @@ def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
     return run_dir, existing["config"]
 
 
-def run_block(train_block, config: dict, run_dir, stop_after: int | None = None) -> Path:
-    """Train one block into run_dir (train_block is train.py's SFT or GRPO), record how far it got,
-    and say what to run next. A curriculum is a loop over this function."""
-    run_dir = Path(run_dir)
-    last = train_block(config, run_dir, stop_after=stop_after)
-    metadata = read_metadata(run_dir)
-    metadata.update(global_step=last, complete=last >= config["end_step"])
-    if not is_main_process():
-        return run_dir
-    write_json(run_dir / "metadata.json", metadata)
-    if metadata["complete"]:
-        print(f"done: {run_dir} (global steps {config['start_step']}-{last})")
-        print_next_steps(config, run_dir, metadata)
-    else:
-        print(f"stopped at global step {last}; continue with: python train.py --phase {config['phase']} "
-              f"--out {run_dir} --resume")
-    return run_dir
-
-
 def remove_if_empty_run(run_dir) -> None:
     """A fresh run that failed before its first checkpoint (e.g. weights unavailable) leaves nothing
     behind, so the same command can simply be run again."""
     if is_main_process() and not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-# ================================================================================================
-# After a block: what to run next (and, in the GSM8K phases, whether seed 002's exit criteria hold)
-# ================================================================================================
-
-def print_next_steps(config: dict, run_dir: Path, metadata: dict, schedule=("soft", "medium", "soft", "soft")) -> None:
-    if config["phase"] in GSM8K_PHASES:  # seed 002's exit criteria, then the next phase
-        import gsm8k
-
-        gsm8k.print_next_steps(config, run_dir)
-        return
-    blocks = sum(1 for b in metadata["lineage"] if b["phase"] == "grpo")
-    if blocks < len(schedule):
-        print(f"next (published curriculum, block {blocks + 1}): python train.py --phase grpo "
-              f"--penalty {schedule[blocks]} --init-from {run_dir}")
-    print(f"evaluate: python eval.py --runs {run_dir}")
 
 
 # ================================================================================================
@@ -412,30 +212,35 @@ ROW_KEYS = {
 
 
 class MetricsLog:
-    """A Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close).
+    """Tunix's scalars as one row per step, under the GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard
+    event files in RUN_DIR/tensorboard (so `tensorboard --logdir runs` shows a whole journey), the
+    progress bar, and with --wandb a W&B run (metrax's backend, the one Tunix's logger has).
 
-    Tunix logs every scalar as "<prefix>/<mode>/<name>" with its own step count. Rollout-side
-    metrics ("rewards", "completions", and our "step" metrics) carry the count BEFORE their update,
-    the others (loss, KL, timers) the count after it; we file all under the 1-based local step they
-    belong to. Tunix flushes a step's metrics late (its timers only once the next step has run), so
-    a step's row is written when the last of `complete_keys` arrives. Each row goes to metrics.jsonl
-    and, under the GLOBAL step, to TensorBoard (so `tensorboard --logdir runs` shows a whole journey)
-    and, with --wandb, to Weights & Biases."""
+    It is a Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close). Tunix logs
+    every scalar as "<prefix>/<mode>/<name>" with its own step count: rollout-side metrics ("rewards",
+    "completions", our "step" metrics) carry the count BEFORE their update, the others (loss, KL,
+    timers) the count after it; we file all under the 1-based local step they belong to.
+
+    Nothing is lost when a run is killed: write_rows() runs just before every checkpoint is saved
+    (rows_before_checkpoints), so each step a checkpoint holds already has its row. A step's timers
+    end after its checkpoint: they complete its row at the next save (metrics.jsonl is rewritten,
+    TensorBoard gets only the new numbers), or never, if the run is killed in between. A resumed run
+    forgets the rows and TensorBoard events of the steps it redoes."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
-    # Counts of completions (what train.step_metrics reports): whole numbers in the rows.
+    # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
     COUNTS = ("n_completions", "format_error", "missing_proof", "hallucination", "correct_abstention",
               "correct_answer", "incorrect", "abstention", "refusal")
 
-    def __init__(self, run_dir: Path, config: dict, schedule, complete_keys=()):
-        self.run_dir, self.config, self.complete_keys = Path(run_dir), config, tuple(complete_keys)
-        self.schedule = schedule  # the optimizer's: local step k updates with schedule(k - 1)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.by_step: dict[int, dict] = {}
-        self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (train.py, stop_hooks)
-        self.lock = threading.Lock()  # rollout metrics are logged from Tunix's data thread
+    def __init__(self, run_dir: Path, config: dict, schedule):
+        self.run_dir, self.config, self.schedule = Path(run_dir), config, schedule  # local step k: schedule(k - 1)
+        self.scalars: dict[int, dict] = {}  # local step -> Tunix's scalars, "<prefix>/<name>"
+        self.extras: dict[int, dict] = {}  # per-step values that are not Tunix scalars (grpo.py, stop_hooks)
+        self.rows: dict[int, dict] = {}  # local step -> its row, as written
+        self.samples: dict[int, list] = {}  # local step -> [(tag, text)], for W&B
+        self.lock = threading.Lock()  # rollout metrics and samples come from Tunix's data thread
         self.main = is_main_process()
-        self.bar = self.tensorboard = self.wandb = None
+        self.bar = self.events = self.wandb = None
         # Tunix registers its backends as process-wide jax.monitoring listeners, which are never
         # removed: a log takes scalars only between start() and finish(), so a later block in the
         # same process (tests) never writes into an earlier block's files.
@@ -443,25 +248,25 @@ class MetricsLog:
 
     def start(self, done_steps: int) -> None:
         """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
-        of steps after it (they will be redone), open the progress bar and TensorBoard."""
-        from tensorboardX import SummaryWriter
+        and TensorBoard events of the steps after it (they are redone), open the bar and the writers."""
         from tqdm.auto import tqdm
 
         config = self.config
-        if self.main and self.path.exists():
-            keep = [r for r in read_rows(self.run_dir) if r["step"] <= config["start_step"] - 1 + done_steps]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        first = config["start_step"] + done_steps  # the first global step this process trains
+        self.kept = [r for r in read_rows(self.run_dir) if r["step"] < first]
+        self.final = done_steps  # rows up to this local step are final (and with W&B)
         self.bar = tqdm(total=config["max_steps"], initial=done_steps, unit="step", disable=not self.main,
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
-        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.main else None
-        if self.main and config.get("wandb"):
-            import wandb
+        if self.main:
+            self.write_jsonl()
+            self.events = tensorboard_events(self.run_dir / "tensorboard", purge_from=first)
+            if config.get("wandb"):
+                from tunix.sft.metrics_logger import WandbBackend
 
-            # One W&B run per block (a resumed block: a new run of the same name), grouped by the
-            # journey's directory, its charts drawn against the global step: "step" in every log call.
-            self.wandb = wandb.init(project=config["wandb"], group=self.run_dir.resolve().parent.name,
-                                    name=self.run_dir.name, config=config, dir=self.run_dir)
-            self.wandb.define_metric("*", step_metric="step")
+                # One W&B run per block (a resumed block: a new run of the same name), grouped by the
+                # journey's directory; every value under its global step.
+                self.wandb = WandbBackend(project=config["wandb"], name=self.run_dir.name, config=config,
+                                          group=self.run_dir.resolve().parent.name, dir=self.run_dir)
         self.active = True
 
     def options(self, run_dir: Path):
@@ -483,73 +288,144 @@ class MetricsLog:
             return
         step = int(step) + (1 if parts[0] in self.ROLLOUT_PREFIXES else 0)
         with self.lock:
-            scalars = self.by_step.setdefault(step, {})
-            scalars["/".join([parts[0]] + parts[2:])] = value
-            if self.complete_keys and all(k in scalars for k in self.complete_keys):
-                self.write_step(step, self.by_step.pop(step))
+            self.scalars.setdefault(step, {})["/".join([parts[0]] + parts[2:])] = value
 
-    def write_step(self, local_step: int, scalars: dict) -> None:
-        """One row: the step, the block, Tunix's scalars under readable names, then the extras."""
-        step = self.config["start_step"] - 1 + local_step
-        row = {"step": step, "phase": self.config["phase"], "penalty": self.config["penalty"]}
+    def row(self, local_step: int) -> dict:
+        """A step's row: the step, the block, Tunix's scalars under readable names, then the extras."""
+        row = {"step": self.config["start_step"] - 1 + local_step, "phase": self.config["phase"],
+               "penalty": self.config["penalty"]}
         functions = self.config.get("reward_functions") or []
-        for name, value in scalars.items():
+        for name, value in self.scalars[local_step].items():
             key = ROW_KEYS.get(name, name.removeprefix("step/"))
             if key.removeprefix("rewards/") in functions:  # GSM8K: each reward function's mean
                 row.setdefault("rewards", {})[key.removeprefix("rewards/")] = value
             elif not key.startswith(("rewards/", "perf/mean/", "actor/learning_rate")):  # repeats, or a step late
                 row[key] = int(round(value)) if key in self.COUNTS else value
-        row.update(self.extras.pop(local_step, {}))  # SFT: Tunix times no steps; stop_hooks adds "seconds"
-        # Tunix reads the rate from the optimizer state when it flushes, a step late: use the schedule.
+        row.update(self.extras.get(local_step, {}))  # SFT: Tunix times no steps; stop_hooks adds "seconds"
+        # Tunix reads the rate from the optimizer state after the update: use the schedule.
         row["learning_rate"] = float(self.schedule(local_step - 1))
         tokens = row.pop("tokens_per_step", None) or row.get("completion_len_mean", 0) * row.get("n_completions", 0)
-        row["tokens_per_second"] = tokens / row["seconds"] if tokens and row["seconds"] else None
-        if not self.main:
+        row["tokens_per_second"] = tokens / row["seconds"] if tokens and row.get("seconds") else None
+        return row
+
+    def write_rows(self, final: bool = False) -> None:
+        """Write the rows of the steps updated so far (a step has a row once its loss is in), new or
+        grown since the last call; rows before the newest (all, if final) are final and go to W&B."""
+        with self.lock:
+            steps = sorted(s for s, scalars in self.scalars.items() if s > self.final and "actor/loss" in scalars)
+            if not self.main or not steps:
+                return
+            changed = {s: row for s in steps if (row := self.row(s)) != self.rows.get(s)}
+            for s, row in changed.items():  # TensorBoard: the numbers it has not been sent for the step
+                before = numbers(self.rows.get(s, {}), self.config["phase"])
+                for tag, value in numbers(row, self.config["phase"]).items():
+                    if tag not in before:
+                        self.events.write_event(tensorboard_event(row["step"], scalar=(tag, value)))
+            self.events.flush()
+            new = [s for s in changed if s not in self.rows]
+            self.rows.update(changed)
+            if changed:
+                self.write_jsonl()
+            if new:
+                last = self.rows[new[-1]]
+                self.bar.set_postfix({k: _fmt(last.get(k), d) for k, d in (("loss", 3), ("reward_mean", 2), ("kl", 4),
+                                                                   ("seconds", 1)) if k in last}, refresh=False)
+                self.bar.update(len(new))
+            for s in steps if final else steps[:-1]:
+                self.to_wandb(self.rows[s], self.samples.pop(s, []))
+                self.final = s
+
+    def write_jsonl(self) -> None:
+        rows = self.kept + [self.rows[s] for s in sorted(self.rows)]
+        write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    def to_wandb(self, row: dict, samples: list) -> None:
+        """A final row and its samples; W&B takes a step's values until a later step arrives."""
+        if self.wandb is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        scalars = {f"{self.config['phase']}/{key}": value for key, value in row.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
-        for tag, value in scalars.items():
-            self.tensorboard.add_scalar(tag, value, step)
-        self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log({"step": step, **scalars})
-        self.bar.set_postfix({k: _fmt(row.get(k), d) for k, d in
-                              (("loss", 3), ("reward_mean", 2), ("kl", 4), ("seconds", 1)) if k in row}, refresh=False)
-        self.bar.update(1)
+        import wandb
+
+        for tag, value in numbers(row, self.config["phase"]).items():
+            self.wandb.log_scalar(tag, value, step=row["step"])
+        for tag, text in samples:
+            table = wandb.Table(columns=["step", "tag", "text"], data=[[row["step"], tag, text]])
+            wandb.log({"samples": table}, step=row["step"])
 
     def text(self, tag: str, text: str, local_step: int) -> None:
-        """A sample completion, shown in TensorBoard's text tab and under the progress bar."""
+        """A sample completion, shown in TensorBoard's text tab, under the progress bar, and in W&B."""
         if self.main:
             step = self.config["start_step"] - 1 + local_step
-            self.tensorboard.add_text(tag, "```\n" + text + "\n```", step)
-            if self.wandb is not None:
-                import wandb
-
-                sample = wandb.Table(columns=["step", "tag", "text"], data=[[step, tag, text]])
-                self.wandb.log({"step": step, "samples": sample})
+            with self.lock:
+                self.events.write_event(tensorboard_event(step, text=(tag, "```\n" + text + "\n```")))
+                self.events.flush()
+                self.samples.setdefault(local_step, []).append((tag, text))
             self.bar.write(f"--- step {step}, {tag}:\n{text[:1500]}\n---")
-
-    def flush(self):
-        """Write what is left (e.g. after an interruption), in step order."""
-        with self.lock:
-            for step in sorted(self.by_step):
-                if "actor/loss" in self.by_step[step]:
-                    self.write_step(step, self.by_step.pop(step))
 
     def close(self):  # Tunix closes its backends when its trainer closes; ours outlive that
         pass
 
     def finish(self):
-        self.flush()
+        self.write_rows(final=True)
         self.active = False
         if self.bar is not None:
             self.bar.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.events is not None:
+            self.events.close()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.close()
+
+
+def numbers(row: dict, phase: str) -> dict:
+    """A row's numbers under their TensorBoard and W&B tags, "<phase>/<key>"."""
+    return {f"{phase}/{k}": v for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+
+
+def tensorboard_events(log_dir: Path, purge_from: int):
+    """A new TensorBoard event file that first purges the events of steps >= purge_from (what a resumed
+    run redoes: TensorBoard drops them when it reads this file's SessionLog START). Its writes are
+    synchronous, so a killed run loses none of what it wrote: tensorboardX's SummaryWriter (and
+    metrax's TensorboardBackend, built on it) writes from a queue in a thread, and loses the tail."""
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    events = EventsWriter(str(log_dir / "events"))
+    events.write_event(Event(wall_time=time.time(), step=purge_from, session_log=SessionLog(status=SessionLog.START)))
+    events.flush()
+    return events
+
+
+def tensorboard_event(step: int, scalar: tuple | None = None, text: tuple | None = None):
+    from tensorboardX import summary
+    from tensorboardX.proto.event_pb2 import Event
+
+    return Event(wall_time=time.time(), step=step, summary=summary.scalar(*scalar) if scalar else summary.text(*text))
+
+
+def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
+    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint.
+
+    Tunix 0.1.7 saves checkpoint k first and logs step k's metrics later: its loss when step k+1
+    updates (PeftTrainer holds it back a step), a GRPO step's rollout metrics and the previous step's
+    timers when the global step ends (RLCluster buffers them). A kill in between lost row k for good:
+    the resumed run starts after checkpoint k. So this trainer's checkpoint_manager.save (called after
+    every optimizer step; this instance only) first has Tunix log what it holds back -- its private
+    names, checked here -- then writes the rows, then saves."""
+    for owner, name in ((trainer, "_write_train_metrics"), (cluster, "_log_metrics"), (cluster, "_buffered_train_metrics")):
+        if owner is not None and not hasattr(owner, name):
+            raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "
+                                 "metrics otherwise; runs.rows_before_checkpoints needs updating")
+    save = trainer.checkpoint_manager.save
+
+    def save_after_rows(step, *args, **kwargs):
+        trainer._write_train_metrics()  # the step's loss
+        while cluster is not None and cluster._buffered_train_metrics:  # its rollout, the last step's timers
+            cluster._log_metrics(cluster._buffered_train_metrics.pop(0))
+        metrics.write_rows()
+        return save(step, *args, **kwargs)
+
+    trainer.checkpoint_manager.save = save_after_rows
 
 
 def _fmt(x, digits=2):
@@ -590,7 +466,7 @@ class StopRequest:
 
 def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None):
     """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step. For SFT
-    (sft_metrics), also each step's row of metrics.jsonl, with the step's time: PeftTrainer times none."""
+    (sft_metrics), also each step's time and tokens for its row: PeftTrainer times none."""
     from tunix.sft import hooks
 
     started = {}  # SFT: local step -> when the host began it (its first micro-batch)
@@ -608,15 +484,11 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_m
                 started[trainer.train_steps + 1] = time.time()
 
         def on_train_step_end(self, trainer, train_step, train_loss):
-            if sft_metrics is None:
-                return
-            # Tunix hands over a step's loss late, after the next step has begun (on CPU: has run), so a
-            # step's time runs from its start to the next one's (the last step's: to its loss).
-            loss = float(train_loss)
-            seconds = started.get(train_step + 1, time.time()) - started[train_step]
-            tokens = config["batch_size"] * config["gradient_accumulation_steps"] * config["max_seq_length"]
-            sft_metrics.extras[train_step] = {"tokens_per_step": tokens, "seconds": seconds}
-            sft_metrics.write_step(train_step, {"actor/loss": loss})
+            # Called as Tunix logs the step's loss, which rows_before_checkpoints has it do as the step
+            # ends: the step took from its first micro-batch until now.
+            if sft_metrics is not None:
+                tokens = config["batch_size"] * config["gradient_accumulation_steps"] * config["max_seq_length"]
+                sft_metrics.extras[train_step] = {"tokens_per_step": tokens, "seconds": time.time() - started.pop(train_step)}
 
     return Hooks()
 
@@ -668,86 +540,3 @@ def in_child_process(fn, *args, **kwargs):
     if status == "error":
         raise value
     return value
-
-
-def parse_schedule(text: str, levels) -> list[str]:
-    blocks = [b.strip() for b in text.split(",") if b.strip()]
-    bad = [b for b in blocks if b not in ("sft", *levels)]
-    if not blocks or bad or "sft" in blocks[1:]:
-        raise ValueError(f"--schedule {text!r}: expected a comma-separated list of GRPO penalty levels "
-                         f"({', '.join(levels)}), optionally starting with sft (e.g. sft,soft,medium,soft,soft)")
-    return blocks
-
-
-def run_curriculum(args, parser, resolve_config, train_block, preset: dict, levels, published=None) -> int:
-    """Train each block of --schedule from the previous one, evaluate it, and keep OUT/table.md and
-    OUT/curriculum.png up to date. Finished blocks and evaluations are skipped, so rerunning the
-    same command after an interruption resumes the journey where it stopped."""
-    import argparse
-
-    import eval as eval_lib
-
-    try:
-        schedule = parse_schedule(args.schedule or preset["schedule"], levels)
-    except ValueError as e:
-        parser.error(str(e))
-    root = Path(args.out or "runs")
-
-    def block_args(block: str, init_from):
-        """The user's flags, then the preset's, then the published defaults (in resolve_config)."""
-        b = argparse.Namespace(**vars(args))
-        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
-        b.init_from = str(init_from) if init_from else None
-        for key, value in preset[b.phase].items():
-            if getattr(b, key, None) is None:
-                setattr(b, key, value)
-        return b
-
-    if args.print_config:  # every block's configuration, one JSON object per line; nothing runs
-        init_from, init_meta = args.init_from, load_init_run(args.init_from) if args.init_from else None
-        for block in schedule:
-            config = resolve_config(block_args(block, init_from), parser, init_meta)
-            print(json.dumps(config))
-            # what the next block will find in this one's metadata.json once it has run
-            init_from, init_meta = root / default_out(config).name, {"global_step": config["end_step"], **{
-                k: config[k] for k in ("model", "model_path", "lora_rank", "lora_alpha")}}
-        return 0
-    root.mkdir(parents=True, exist_ok=True)
-    settings = preset["eval"]
-    rows, eval_dataset = eval_lib.load_eval_rows("dipg", dataset=args.eval_dataset, n=settings["n"])
-    references = eval_lib.reference_summaries(rows)  # what a number is worth: two policies with no model
-    summaries = []
-    init_from = args.init_from
-    for i, block in enumerate(schedule, 1):
-        b = block_args(block, init_from)
-        init_meta = load_init_run(b.init_from) if b.init_from else None
-        config = resolve_config(b, parser, init_meta)
-        if i == 1:  # the model before any training: the table's first column
-            summaries.append(in_child_process(eval_lib.evaluate_run, "base", rows, dataset_id=eval_dataset,
-                                              model_name=config["model"], model_path=config["model_path"],
-                                              max_new_tokens=settings["max_new_tokens"],
-                                              batch_size=settings["batch_size"], out_dir=root / "eval" / "base"))
-        run_dir = root / default_out(config).name
-        existing = read_metadata(run_dir)
-        print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")
-        if existing and existing.get("complete"):
-            print(f"already trained ({run_dir}/metadata.json says complete); skipping")
-        else:
-            if existing:  # interrupted earlier: continue it with its own saved configuration
-                config = existing["config"]
-            else:
-                check_phase_rules(config, init_meta, args.force)
-                config["sample_every"] = args.sample_every
-                prepare_run_dir(run_dir, config, init_meta)
-            in_child_process(run_block, train_block, config, run_dir, stop_after=args.stop_after)
-            if not read_metadata(run_dir).get("complete"):
-                print(f"stopped inside {run_dir}; run the same command again to resume the journey")
-                return 1
-        summaries.append(in_child_process(eval_lib.evaluate_run, str(run_dir), rows, dataset_id=eval_dataset,
-                                          max_new_tokens=settings["max_new_tokens"],
-                                          batch_size=settings["batch_size"], out_dir=root / "eval" / run_dir.name))
-        table = eval_lib.write_table(summaries, root / "table.md", references=references)
-        eval_lib.plot_curriculum(summaries, root / "curriculum.png", published=published)
-        init_from = run_dir
-    print(f"\n{table}\nwrote {root / 'table.md'} and {root / 'curriculum.png'}")
-    return 0

@@ -14,6 +14,7 @@ import pytest
 
 import data
 import rewards
+import stats
 import vignettes
 
 HERE = Path(__file__).resolve().parent
@@ -185,7 +186,7 @@ def test_reference_policies_score_far_below_the_gold(splits, n):
     """Model-free tricks leave room for learning: 'always abstain' earns the abstaining 40% (about 15 of the
     gold's 33), and copying the closest line never passes as the answer (1.0 each)."""
     rows = splits["eval"][:n]
-    score = lambda policy: rewards.summarize(rewards.score_dipg(policy(r), r["context"], r["expected_final"],
+    score = lambda policy: stats.summarize(rewards.score_dipg(policy(r), r["context"], r["expected_final"],
                                                                 rewards.EVAL_CONFIG, mode="eval") for r in rows)
     gold = score(lambda r: r["expected_final"])["mean_reward"]
     assert gold == pytest.approx(0.6 * 31 + 0.4 * 36)
@@ -325,13 +326,14 @@ def test_cli_round_trip_through_a_local_file(tmp_path, suffix, splits):
         [(r["context"], r["question"]) for r in splits["eval"][:50]]
 
 
-def test_eval_files_are_sampled_with_a_seed_and_train_files_cut(tmp_path):
+def test_files_are_read_in_order_and_cut(tmp_path):
+    """load_dipg returns a file's first n rows, in its order, for either split; which rows an evaluation
+    answers is the evaluation protocol's choice (eval.load_eval_rows draws them)."""
     path = tmp_path / "big.jsonl"
     assert data.main(["dipg", "--split", "train", "--n", "200", "--out", str(path)]) == 0
-    first = data.load_dipg(str(path), "eval", seed=1)
-    assert len(first) == 50 and first == data.load_dipg(str(path), "eval", seed=1)
-    assert [r["id"] for r in first] != [r["id"] for r in data.load_dipg(str(path), "eval", seed=2)]
-    assert [r["id"] for r in data.load_dipg(str(path), "train", n=10)] == [r["id"] for r in data.make_dipg("train", n=10)]
+    ids = [r["id"] for r in data.make_dipg("train", n=200)]
+    assert [r["id"] for r in data.load_dipg(str(path), "eval")] == ids
+    assert [r["id"] for r in data.load_dipg(str(path), "train", n=10)] == ids[:10]
 
 
 def test_cli_refuses_to_overwrite_without_the_flag(tmp_path, capsys):
@@ -352,3 +354,24 @@ def test_cli_runs_as_a_script(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 5 and rows[0]["messages"][1]["role"] == "assistant"
+
+
+def test_system_prompt_file_is_used_word_for_word(tmp_path):
+    """--system-prompt FILE: the instructions of every training prompt and of both evaluation protocols are
+    the file's text exactly (the published wording is the author's, so we cannot ship it); a missing file
+    is one clear line."""
+    import eval as ev
+
+    path = tmp_path / "instructions.txt"
+    path.write_text("You are a strict safety assistant.\nQuote, then answer.\n")
+    text = path.read_text()
+    grpo_rows = data.training_examples("grpo", "builtin", 3, 0, str(path))
+    sft_rows = data.training_examples("sft", "builtin", 3, 0, str(path))
+    assert all(r["prompts"].startswith(f"<start_of_turn>user\n{text}\n\n<context>") for r in grpo_rows)
+    assert all(r["prompt"].startswith(f"<start_of_turn>user\n{text}\n\n<context>") for r in sft_rows)
+    for protocol in ev.PROTOCOLS:
+        rows, _ = ev.load_eval_rows("dipg", "builtin", 3, protocol, draw=0, system_prompt=str(path))
+        assert all(r["prompt"].startswith(f"<start_of_turn>user\n{text}\n\n") for r in rows)
+    assert data.SYSTEM_PROMPT not in grpo_rows[0]["prompts"]
+    with pytest.raises(data.DataError, match=r"--system-prompt .*nope.txt: cannot read it"):
+        data.training_examples("grpo", "builtin", 3, 0, str(tmp_path / "nope.txt"))

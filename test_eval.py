@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import curriculum_plot
 import eval as ev
+import report
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "tests_data" / "dipg_responses.jsonl"
@@ -125,14 +125,15 @@ def two_runs():
 
 
 def test_table_has_the_published_layout_and_cells(tmp_path):
-    text = ev.write_table(two_runs(), tmp_path / "table.md")
+    text = report.write_table(two_runs(), tmp_path / "table.md")
     assert text == (tmp_path / "table.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert rows[0] == "| Metric | SFT | GRPO (300) |"
     cells = {r.split(" | ")[0].lstrip("| "): r.strip("| ").split(" | ")[1:] for r in rows[2:]}
     assert list(cells) == ["Safe Response Rate", "Hallucination Rate", "Reasoning Consistency",
                            "Mean Reward", "Max Reward", "Refusal Rate", "Format Error Rate",
-                           "Median Reward", "Std Reward", "Min Reward"]
+                           "Median Reward", "Std Reward", "Min Reward", "Mean Reward 95% CI",
+                           "Outcomes: abstained / answered / wrong / ungrounded / no proof / unparsed"]
     assert cells["Safe Response Rate"] == ["57.1%", "100%"]
     assert cells["Hallucination Rate"] == ["14.3%", "0%"]
     assert cells["Reasoning Consistency"] == ["42.9%", "100%"]
@@ -143,6 +144,11 @@ def test_table_has_the_published_layout_and_cells(tmp_path):
     assert cells["Median Reward"] == ["1.0", "31.0"]
     assert cells["Std Reward"] == ["19.97", "18.93"]          # sqrt(((36-68/3)^2+(31-68/3)^2+(1-68/3)^2)/2)
     assert cells["Min Reward"] == ["-15.0", "1.0"]
+    # Rungs of the ladder: SFT has one of each, two grounded-but-wrong (one a refusal); GRPO the first three.
+    assert cells["Outcomes: abstained / answered / wrong / ungrounded / no proof / unparsed"] == [
+        "1 / 1 / 2 / 1 / 1 / 1", "1 / 1 / 1 / 0 / 0 / 0"]
+    lows, highs = zip(*(map(float, c.strip("[]").split(", ")) for c in cells["Mean Reward 95% CI"]))
+    assert lows[0] < 39 / 7 < highs[0] and lows[1] < 68 / 3 < highs[1]  # the bootstrap interval of each mean
 
 
 POLICIES = {  # scripted like vignettes.REFERENCE_POLICIES: row -> response text
@@ -162,7 +168,7 @@ def test_reference_policies_are_extra_columns_scored_like_a_model(tmp_path, monk
         assert summary == {**ev.score_dipg_rows(rows, [policy(r) for r in rows])[1], **{
             k: summary[k] for k in ("label", "run_dir", "phase", "penalty", "start_step", "global_step", "lineage")}}
     assert references[0]["safe_response_rate"] == 0.0 and references[0]["mean_reward"] == -5.0  # empty proofs
-    text = ev.write_table(two_runs(), tmp_path / "table.md", references=references)
+    text = report.write_table(two_runs(), tmp_path / "table.md", references=references)
     assert text.splitlines()[0] == "| Metric | SFT | GRPO (300) | Always abstain | Quote the context |"
     assert "| Safe Response Rate | 57.1% | 100% | 0% |" in text and "scripted policies" in text
     # The same from the command line; no vignettes.REFERENCE_POLICIES: a note and no extra column.
@@ -191,14 +197,14 @@ def test_grpo_columns_count_steps_after_sft_like_the_published_table():
     meta = {"phase": "grpo", "penalty": "medium", "start_step": 601, "global_step": 900, "end_step": 900,
             "lineage": [sft, soft, medium]}
     summary = ev.describe_run("runs/grpo_medium_900", meta)
-    assert summary["label"] == "GRPO (600)" and curriculum_plot._x(summary, -1) == 600
-    assert curriculum_plot._blocks([summary]) == [(0, 300, "soft"), (300, 600, "medium")]
+    assert summary["label"] == "GRPO (600)" and report._x(summary, -1) == 600
+    assert report._blocks([summary]) == [(0, 300, "soft"), (300, 600, "medium")]
 
 
 def test_curriculum_plot_is_a_sensible_png(tmp_path):
     from PIL import Image
 
-    path = ev.plot_curriculum(two_runs(), tmp_path / "curriculum.png", published=ev.PUBLISHED)
+    path = report.plot_curriculum(two_runs(), tmp_path / "curriculum.png", published=ev.PUBLISHED)
     with Image.open(path) as image:
         image.verify()
     with Image.open(path) as image:
@@ -212,36 +218,80 @@ def test_curriculum_plot_is_a_sensible_png(tmp_path):
 def test_blocks_come_from_lineage_and_are_coloured_by_penalty():
     summaries = two_runs()
     summaries[1]["lineage"].append({"phase": "grpo", "penalty": "medium", "start_step": 601, "end_step": 900})
-    assert curriculum_plot._blocks(summaries) == [(0, 300, "soft"), (300, 600, "medium")]
+    assert report._blocks(summaries) == [(0, 300, "soft"), (300, 600, "medium")]
 
 
 # --- Generation on the real (tiny, random) Gemma 3 ------------------------------------------------
 
 def test_generation_path_writes_responses_and_summary(tmp_path):
-    rows, dataset_id = ev.load_eval_rows("dipg", "builtin", n=2)
+    rows, dataset_id = ev.load_eval_rows("dipg", "builtin", n=2, protocol="clean")
     assert len(rows) == 2 and all(r["prompt"].startswith("<start_of_turn>user\n") for r in rows)
-    summary = ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny",
-                              max_new_tokens=4, batch_size=2,
-                              out_dir=tmp_path / "base")
+    how = dict(protocol="clean", dataset="builtin", n=2, model_name="tiny", batch_size=2)
+    summary = ev.evaluate_run("base", max_new_tokens=4, out_dir=tmp_path / "base", **how)
     records = [json.loads(line) for line in (tmp_path / "base" / "responses.jsonl").open()]
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     assert all(r["prompt"] == row["prompt"] and isinstance(r["response"], str) and 0 <= r["n_tokens"] <= 4
                for r, row in zip(records, rows))
     written = json.loads((tmp_path / "base" / "summary.json").read_text())
-    assert written["label"] == "Base" and written["total"] == 2
+    assert written["label"] == summary["label"] == "Base" and written["total"] == 2
     assert written["settings"]["model"] == "tiny" and written["settings"]["dataset"] == dataset_id
+    assert (written["settings"]["protocol"], written["settings"]["ids"]) == ("clean", [r["id"] for r in rows])
     # The scores are the reward code's, whatever a random model says.
     rescored = ev.score_dipg_rows(rows, [r["response"] for r in records])[1]
     assert written["mean_reward"] == pytest.approx(rescored["mean_reward"])
     # Same settings again: reused, not recomputed or overwritten.
     before = (tmp_path / "base" / "responses.jsonl").stat().st_mtime_ns
-    again = ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny", max_new_tokens=4,
-                            batch_size=2, out_dir=tmp_path / "base")
+    again = ev.evaluate_run("base", max_new_tokens=4, out_dir=tmp_path / "base", **how)
     assert again == written and (tmp_path / "base" / "responses.jsonl").stat().st_mtime_ns == before
     # Different settings: refused without overwrite.
     with pytest.raises(ValueError, match="max_new_tokens.*--overwrite"):
-        ev.evaluate_run("base", rows, dataset_id=dataset_id, model_name="tiny", max_new_tokens=5,
-                        batch_size=2, out_dir=tmp_path / "base")
+        ev.evaluate_run("base", max_new_tokens=5, out_dir=tmp_path / "base", **how)
+
+
+# --- The published evaluation protocol (REFERENCE section 1, the author's raw logs) --------------
+
+def test_published_protocol_prompt_is_the_published_format_without_the_question():
+    import data
+
+    rows, _ = ev.load_eval_rows("dipg", "builtin", n=5, protocol="published", draw=300)
+    for row in rows:
+        # scripts/train_grpo_tpu.py at 5b6fd11, section 8, character for character
+        assert row["prompt"] == ("<start_of_turn>user\n" + data.SYSTEM_PROMPT + "\n\n" + row["context"]
+                                 + "<end_of_turn>\n\n<start_of_turn>model\n<think>\n")
+        assert row["question"] not in row["prompt"]
+    # The scored response: the prefill + the generated text, cut at the first <end_of_turn>.
+    assert ev.scored_response(rows[0], "plan</think><proof>- x</proof><answer>y</answer><end_of_turn>\nmore") == \
+        "<think>\nplan</think><proof>- x</proof><answer>y</answer>"
+    clean, _ = ev.load_eval_rows("dipg", "builtin", n=5, protocol="clean")
+    assert ev.scored_response(clean[0], "text<end_of_turn>") == "text" and clean[0]["question"] in clean[0]["prompt"]
+
+
+def test_published_protocol_draws_50_of_the_pool_anew_for_every_block():
+    def ids(draw):
+        return [r["id"] for r in ev.load_eval_rows("dipg", "builtin", n=50, protocol="published", draw=draw)[0]]
+
+    pool = [r["id"] for r in ev.load_eval_rows("dipg", "builtin", n=50, protocol="published", draw=None)[0]]
+    assert len(pool) == ev.EVAL_POOL == 100
+    blocks = {step: ids(step) for step in (0, 300, 600, 900, 1200)}
+    for step, drawn in blocks.items():
+        assert len(drawn) == len(set(drawn)) == 50 and set(drawn) <= set(pool)
+        assert ids(step) == drawn  # the same draw when rerun
+    assert len({tuple(sorted(d)) for d in blocks.values()}) == 5  # another half of the pool for each block
+    # The clean protocol: the same first 50 for every block.
+    clean = [r["id"] for r in ev.load_eval_rows("dipg", "builtin", n=50, protocol="clean")[0]]
+    assert clean == pool[:50]
+
+
+def test_summary_says_which_protocol_rows_and_decoding(tmp_path):
+    summary = ev.evaluate_run("base", protocol="published", dataset="builtin", n=2, model_name="tiny",
+                              max_new_tokens=4, batch_size=2, out_dir=tmp_path / "base")
+    rows, _ = ev.load_eval_rows("dipg", "builtin", n=2, protocol="published", draw=0)
+    settings = summary["settings"]
+    assert (settings["protocol"], settings["draw"], settings["ids"]) == ("published", 0, [r["id"] for r in rows])
+    assert settings["decoding"]["greedy"] and settings["decoding"]["prefill"] == "<think>\n"
+    records = [json.loads(line) for line in (tmp_path / "base" / "responses.jsonl").open()]
+    assert all(r["response"].startswith("<think>\n") and "<end_of_turn>" not in r["response"] for r in records)
+    assert "published protocol" in (tmp_path / "table.md").read_text() if (tmp_path / "table.md").exists() else True
 
 
 def test_gsm8k_responses_give_the_phase_kpis(tmp_path):
@@ -281,7 +331,9 @@ def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
     rows = ev.read_responses(FIXTURE)[:2]
     for row in rows:
         row["prompt"] = data.format_prompt(data.user_content_for(row["context"], row["question"]))
-    dataset_id = str(FIXTURE)
+    dataset = tmp_path / "vignettes.jsonl"  # the fixture's vignettes as an eval set
+    data.write_rows([{"messages": [{"role": "user", "content": data.user_content_for(r["context"], r["question"])},
+                                   {"role": "assistant", "content": r["expected_final"]}]} for r in rows], str(dataset))
     without_lora, _ = ev.evaluate_model(base, tokenizer, rows, max_new_tokens=4, batch_size=2)
     policy = model_lib.apply_lora(base, rank=4, alpha=4.0)
     # A trained adapter, not the all-zero lora_b of a fresh one: otherwise LoRA would change nothing.
@@ -298,14 +350,15 @@ def test_a_run_directory_is_evaluated_with_its_own_lora(tmp_path):
     in_memory, _ = ev.evaluate_model(policy, tokenizer, rows, max_new_tokens=4, batch_size=2)
     assert [r["response"] for r in in_memory] != [r["response"] for r in without_lora]  # the adapter matters
 
-    summary = ev.evaluate_run(str(run), rows, dataset_id=dataset_id, max_new_tokens=4, batch_size=2,
+    summary = ev.evaluate_run(str(run), protocol="clean", dataset=str(dataset), n=2, max_new_tokens=4, batch_size=2,
                               out_dir=tmp_path / "out" / "grpo_2")
     assert summary["label"] == "GRPO (2)" and summary["penalty"] == "soft"
     assert summary["settings"]["model"] == "tiny" and summary["settings"]["checkpoint_step"] == 2
     records = [json.loads(line) for line in (tmp_path / "out" / "grpo_2" / "responses.jsonl").open()]
     assert [r["response"] for r in records] == [r["response"] for r in in_memory]
     with pytest.raises(ValueError, match="trained on tiny"):
-        ev.evaluate_run(str(run), rows, model_name="gemma-3-270m", out_dir=tmp_path / "other")
+        ev.evaluate_run(str(run), protocol="clean", dataset=str(dataset), n=2, model_name="gemma-3-270m",
+                        out_dir=tmp_path / "other")
 
 
 def test_refuses_before_generating_when_results_with_other_settings_exist(tmp_path):
@@ -322,7 +375,7 @@ def test_eval_rows_from_a_local_file_keep_their_prompts_and_name(tmp_path):
 
     path = tmp_path / "my_eval.jsonl"
     data.write_rows(data.make_dipg("eval", n=4), str(path))
-    rows, dataset_id = ev.load_eval_rows("dipg", str(path), n=3)
+    rows, dataset_id = ev.load_eval_rows("dipg", str(path), n=3, protocol="clean")
     assert dataset_id == str(path) and len(rows) == 3
     assert all(r["prompt"] == data.format_prompt(r["messages"][0]["content"]) for r in rows)
     builtin, builtin_id = ev.load_eval_rows("dipg", None, n=3)

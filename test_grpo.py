@@ -1,6 +1,6 @@
 """What Tunix runs in a GRPO block, and proof that it learns (issue 9).
 
-The configuration tests look at the objects train.build_grpo hands to Tunix (the GRPOConfig, the
+The configuration tests look at the objects grpo.build hands to Tunix (the GRPOConfig, the
 optimizer inside Tunix's trainer), not at what we print. The learning tests train the `tiny` model
 for a few real GRPO steps in this process:
 
@@ -11,6 +11,7 @@ for a few real GRPO steps in this process:
                                     0.1.7's default "kl" pushes the sampled tokens down.
 """
 
+import json
 from pathlib import Path
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from jax._src.dispatch import JAXPR_TO_MLIR_MODULE_EVENT  # the event JAX records when it lowers a new program
 
+import grpo
 import runs
 import train
 
@@ -25,10 +27,16 @@ TINY = ["--model", "tiny", "--lora-rank", "8", "--lora-alpha", "8", "--sample-ev
 
 
 def block_config(*flags, init_from=None):
-    args, parser = runs.parse_args(train, ["--phase", "grpo", *TINY, *flags] + (["--init-from", str(init_from)] if init_from else []))
+    args, parser = train.parse_args(["--phase", "grpo", *TINY, *flags] + (["--init-from", str(init_from)] if init_from else []))
     config = train.resolve_config(args, parser, runs.load_init_run(init_from) if init_from else None)
     config["sample_every"] = 0
     return config
+
+
+def prepare(run_dir, config):
+    """The run directory train.py would prepare for this block."""
+    init_meta = runs.load_init_run(config["init_from"]) if config["init_from"] else None
+    return runs.prepare_run_dir(run_dir, train.run_metadata(config, run_dir, init_meta))
 
 
 def hyperparams(state):
@@ -42,9 +50,9 @@ def learning_rates(optimizer, steps):
     import jax.numpy as jnp
 
     tx, params = optimizer.tx, jnp.zeros(2)
-    state, rates = tx.init(params), []
+    state, rates, update = tx.init(params), [], jax.jit(tx.update)
     for _ in range(steps):
-        _, state = tx.update(jnp.ones(2), state, params)
+        _, state = update(jnp.ones(2), state, params)
         rates.append(float(hyperparams(state)["learning_rate"]))
     return rates
 
@@ -57,23 +65,37 @@ def learning_rates(optimizer, steps):
 def published_block(tmp_path_factory):
     """Block 1 at the published settings (300 steps) on the tiny model, built but not trained."""
     config = block_config("--max-prompt-length", "64", "--kv-cache-size", "1024", "--n-prompts", "2")
-    run_dir = runs.prepare_run_dir(tmp_path_factory.mktemp("runs") / "block1", config)
-    return config, train.build_grpo(config, run_dir)
+    run_dir = prepare(tmp_path_factory.mktemp("runs") / "block1", config)
+    return config, grpo.build(config, run_dir)
 
 
 def test_tunix_runs_the_published_grpo_loss(published_block):
-    _, grpo = published_block
-    algo = grpo["learner"].algo_config
+    _, block = published_block
+    algo = block["learner"].algo_config
     assert (algo.kl_loss_mode, algo.loss_agg_mode) == ("low_var_kl", "token-mean")  # Tunix 0.1.3's loss
     assert (algo.beta, algo.epsilon, algo.num_generations, algo.num_iterations) == (0.08, 0.2, 4, 1)
-    assert grpo["learner"].rl_cluster is grpo["cluster"]
+    assert block["learner"].rl_cluster is block["cluster"]
+
+
+def test_tunix_rollout_stops_at_eos_only(published_block, tmp_path):
+    """The published RolloutConfig set no eos_tokens: Tunix stopped at <eos> only (REFERENCE section 3).
+    --stop-tokens "<eos>,<end_of_turn>" stops at the end of the turn too."""
+    _, block = published_block
+    tokenizer = block["cluster"].tokenizer
+    assert block["cluster"].cluster_config.rollout_config.eos_tokens == [tokenizer.eos_id()] == [1]
+    config = block_config("--max-prompt-length", "64", "--kv-cache-size", "1024", "--n-prompts", "2",
+                          "--stop-tokens", "<eos>,<end_of_turn>")
+    other = grpo.build(config, prepare(tmp_path / "turn", config))
+    assert other["cluster"].cluster_config.rollout_config.eos_tokens == [1, 106]
 
 
 def test_tunix_optimizer_is_the_published_adamw(published_block):
-    _, grpo = published_block
-    optimizer = grpo["cluster"].actor_trainer.optimizer
+    _, block = published_block
+    optimizer = block["cluster"].actor_trainer.optimizer
+    # Adam's betas are not injected (in bfloat16, b2 = 0.999 would become 1.0: grpo.make_optimizer);
+    # the updates compared below check them.
     hyper = {k: float(v) for k, v in hyperparams(optimizer.opt_state).items() if k != "learning_rate"}
-    assert hyper == pytest.approx({"b1": 0.9, "b2": 0.999, "weight_decay": 0.1, "max_grad_norm": 0.1})
+    assert hyper == pytest.approx({"weight_decay": 0.1, "max_grad_norm": 0.1})
     rates = learning_rates(optimizer, 300)
     # warmup_cosine_decay_schedule(init 1e-8, peak 3e-6, warmup 30, decay 300, end 3e-7)
     assert rates[0] == pytest.approx(1e-8, rel=1e-4)          # first step
@@ -96,26 +118,58 @@ def test_tunix_optimizer_is_the_published_adamw(published_block):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4)  # float32 hyperparameters
 
 
-def test_a_chained_block_restarts_schedule_and_prompt_order(tmp_path):
-    """Reading (a) of REFERENCE: block 2 is a fresh run from block 1's final weights: the schedule
-    warms up again, Adam starts from zero moments, and the prompts start from the first again."""
+def test_a_chained_block_starts_fresh_adam_moments(tmp_path):
+    """Tunix 0.1.3's checkpoints held no optimizer state: block 2 starts AdamW from zero moments, from
+    block 1's final weights (policy and reference)."""
     small = ["--max-prompt-length", "64", "--kv-cache-size", "1024", "--n-prompts", "2"]
     # KL mode "kl" has a gradient at policy = reference even when the rewards tie (zero advantages),
     # so block 1 ends with Adam moments that block 2 could wrongly inherit.
     config1 = block_config(*small, "--steps", "1", "--num-generations", "2", "--max-tokens-to-generate", "4",
                            "--kl-loss-mode", "kl")
-    run1 = runs.run_block(train.train_block, config1, runs.prepare_run_dir(tmp_path / "b1", config1))
+    run1 = tmp_path / "b1"
+    train.train_block(config1, prepare(run1, config1))
     assert any(float(np.abs(m).max()) > 0.0 for m in _saved_adam_moments(run1))
     config2 = block_config(*small, "--penalty", "medium", init_from=run1)
     assert (config2["start_step"], config2["end_step"], config2["max_steps"]) == (2, 301, 300)
-    grpo2 = train.build_grpo(config2, runs.prepare_run_dir(tmp_path / "b2", config2))
-    optimizer = grpo2["cluster"].actor_trainer.optimizer
+    block2 = grpo.build(config2, prepare(tmp_path / "b2", config2))
+    optimizer = block2["cluster"].actor_trainer.optimizer
     assert int(optimizer.step.value) == 0
     assert all(float(np.abs(m).max()) == 0.0 for m in _adam_moments(optimizer.opt_state))
-    rates = learning_rates(optimizer, 300)
-    assert (rates[0], rates[30], rates[299]) == pytest.approx((1e-8, 3e-6, 3e-7), rel=1e-2)
-    assert train.start_position(config2) == 0
-    assert train.start_position(dict(config2, data_order="continue")) == 1
+
+
+@pytest.mark.parametrize("chaining", ["published", "restart"])
+def test_blocks_chain_as_the_raw_logs_show(tmp_path, chaining):
+    """REFERENCE section 3, "How the blocks were chained": the four blocks of a journey (their
+    configurations as `--phase curriculum --print-config` chains them), each built for Tunix. Published:
+    the optimizer Tunix holds runs the schedule of the cumulative MAX_STEPS from count 0 (block k: warmup
+    30k, decay 300k, evaluated at 0..299), and block k's first prompt is prompt 300(k-1)+1 of one order.
+    The other reading: every block its own 300-step schedule, from the first prompt."""
+    import subprocess
+    import sys
+
+    import data
+
+    proc = subprocess.run([sys.executable, "train.py", "--phase", "curriculum", "--preset", "paper", "--schedule",
+                           "soft,medium,soft,soft", "--model", "tiny", "--chaining", chaining, "--print-config",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    configs = [json.loads(line) for line in proc.stdout.splitlines()]
+    published = {1: (30, 3.00e-7), 2: (60, 1.89e-6), 3: (90, 2.58e-6), 4: (120, 2.82e-6)}  # warmup, last rate
+    for k, config in enumerate(configs, 1):
+        # Built as a fresh block (weights are not the point here), small enough for the CPU.
+        config.update(init_from=None, max_prompt_length=64, kv_cache_size=1024, n_prompts=4, sample_every=0)
+        block = grpo.build(config, prepare(tmp_path / f"block{k}", config))
+        rates = learning_rates(block["cluster"].actor_trainer.optimizer, 300)
+        warmup, last = published[k] if chaining == "published" else published[1]
+        assert rates[0] == pytest.approx(1e-8, rel=1e-3)                        # the block's first step
+        assert rates[warmup] == pytest.approx(3e-6, rel=1e-3)                   # end of its warmup
+        assert rates[warmup - 1] < rates[warmup]
+        assert rates[299] == pytest.approx(last, rel=1e-2)                      # its last step
+        # The batches Tunix gets start where the earlier blocks stopped (published) or at the first.
+        order = data.prompt_order(block["rows"], 1, 42)
+        first = 300 * (k - 1) if chaining == "published" else 0
+        assert block["batches"][0]["answer"][0] == order[first]["answer"][0]
+        assert config["data_start_position"] == first
 
 
 def _adam_moments(state):
@@ -159,11 +213,18 @@ def constant(prompts, completions, **_):
     return [1.0] * len(completions)
 
 
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory):
+# The learning tests run twice: computing in float32 (--dtype auto on a CPU) and in bfloat16 as on an
+# accelerator, with the adapter precision the gpu and paper presets use (issue 23).
+PRECISIONS = {"float32": ["--dtype", "float32"],
+              "bfloat16": ["--dtype", "bfloat16", "--lora-dtype",
+                           train.PRESETS["gpu"]["grpo"].get("lora_dtype", train.COMMON["lora_dtype"])]}
+
+
+@pytest.fixture(scope="module", params=list(PRECISIONS))
+def tiny_runs(tmp_path_factory, request):
     """Three short GRPO runs of the tiny model from the same start (LoRA B = 0: policy = reference),
     one prompt, G = 8 one-token completions, the published beta: a scripted reward, a constant
-    reward, and a constant reward under Tunix 0.1.7's default KL "kl".
+    reward, and a constant reward under Tunix 0.1.7's default KL "kl". Once per PRECISIONS.
 
     The scripted reward prefers half of the 50 tokens the rollout samples from (top_k = 50): those of
     even rank in the initial distribution. The random tiny model spreads its probability over the
@@ -171,7 +232,8 @@ def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn")
     flags = ["--n-prompts", "1", "--num-generations", "8", "--max-tokens-to-generate", "1",
              "--max-prompt-length", "64", "--kv-cache-size", "128", "--steps", "4", "--save-every", "100",
-             "--learning-rate", "0.01", "--lr-init", "0.01", "--warmup-ratio", "0", "--lr-end-ratio", "1"]
+             "--learning-rate", "0.01", "--lr-init", "0.01", "--warmup-ratio", "0", "--lr-end-ratio", "1",
+             *PRECISIONS[request.param]]
     preferred = set()
 
     def scripted(prompts, completions, **_):
@@ -181,14 +243,14 @@ def tiny_runs(tmp_path_factory):
     for name, reward, mode in (("scripted", scripted, "low_var_kl"), ("constant", constant, "low_var_kl"),
                                ("constant_kl", constant, "kl")):
         config = block_config(*flags, "--kl-loss-mode", mode)
-        grpo = train.build_grpo(config, runs.prepare_run_dir(root / name, config), reward_fns=[reward])
-        policy, tokenizer = grpo["cluster"].actor_trainer.model, grpo["cluster"].tokenizer
-        prompt = grpo["rows"][0]["prompts"]
+        block = grpo.build(config, prepare(root / name, config), reward_fns=[reward])
+        policy, tokenizer = block["cluster"].actor_trainer.model, block["cluster"].tokenizer
+        prompt = block["rows"][0]["prompts"]
         before = next_token_logprobs(policy, tokenizer, prompt)
         top50 = np.argsort(before)[::-1][:50]
         preferred.clear()
         preferred.update(tokenizer.decode([int(i)]) for i in top50[::2])
-        cluster = grpo["cluster"]
+        cluster = block["cluster"]
 
         def on_lowering(event, seconds, fun_name="", **_):  # JAX turns a program into XLA: a new shape
             if event == JAXPR_TO_MLIR_MODULE_EVENT:
@@ -196,9 +258,9 @@ def tiny_runs(tmp_path_factory):
 
         jax.monitoring.register_event_duration_secs_listener(on_lowering)
         try:
-            grpo["metrics"].start(0)
-            grpo["learner"].train(train.batches(grpo["rows"], 1, config["seed"]))
-            grpo["metrics"].finish()
+            block["metrics"].start(0)
+            block["learner"].train(block["batches"])
+            block["metrics"].finish()
         finally:
             try:
                 jax.monitoring.unregister_event_duration_listener(on_lowering)

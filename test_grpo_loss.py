@@ -11,8 +11,8 @@ and real Tunix objects.
 * remat: the same loss and gradients, the policy's own modules untouched, and (in a child process
   that compiles as GPU/TPU compilers do) fewer activations kept for the backward pass;
 * ``use_chunked_logps`` installs into a real RLCluster + GRPOLearner;
-* the SFT loss built from the same pieces (train.sft_loss) == Tunix's PeftTrainer default loss,
-  values and LoRA gradients, and train.sft_trainer hands it to a real PeftTrainer.
+* the SFT loss built from the same pieces (sft.sft_loss) == Tunix's PeftTrainer default loss,
+  values and LoRA gradients, and sft.sft_trainer hands it to a real PeftTrainer.
 """
 
 import json
@@ -32,8 +32,10 @@ from tunix.rl import rl_cluster as rl
 from tunix.rl.grpo import grpo_learner
 from tunix.rl.rollout import base_rollout
 
+import grpo
 import grpo_loss as G
 import model as M
+import sft
 import train
 
 B, P, T = 3, 9, 7  # generations, prompt length (left-padded), completion length (right-padded)
@@ -270,7 +272,7 @@ def test_unsupported_options_are_refused():
 
 @pytest.fixture(scope="module")
 def sft_inputs(tiny):
-    """Two SFT rows as train.sft_batches lays them out: <bos> prompt response, right-padded, loss mask
+    """Two SFT rows as data.sft_token_rows lays them out: <bos> prompt response, right-padded, loss mask
     on the response only (row 0: prompt 6, response 9, 5 pads; row 1: prompt 3, response 17)."""
     from tunix.sft import peft_trainer
 
@@ -281,17 +283,17 @@ def sft_inputs(tiny):
     mask = np.zeros((2, 20), np.int32)
     mask[0, 6:15] = 1
     mask[1, 3:] = 1
-    return train.sft_model_inputs(peft_trainer.TrainingInput(input_tokens=tokens, input_mask=mask))
+    return sft.sft_model_inputs(peft_trainer.TrainingInput(input_tokens=tokens, input_mask=mask))
 
 
 @pytest.mark.parametrize("remat", ["none", "decoder"])
 def test_sft_loss_matches_tunix(tiny, sft_inputs, remat):
-    """train.sft_loss == PeftTrainer's own default loss (full float32 logits, one-hot targets): the
+    """sft.sft_loss == PeftTrainer's own default loss (full float32 logits, one-hot targets): the
     value and the LoRA gradients, with a chunk size that does not divide the 2 x 19 positions."""
     from tunix.sft import peft_trainer
 
     _, policy, _ = tiny
-    ours = lambda m: (train.sft_loss(m, **sft_inputs, chunk_size=5, remat=remat), None)
+    ours = lambda m: (sft.sft_loss(m, **sft_inputs, chunk_size=5, remat=remat), None)
     tunix = lambda m: (peft_trainer._default_loss_fn(m, **sft_inputs), None)
     (loss, _), grads = lora_value_and_grad(ours, policy)
     (want, _), want_grads = lora_value_and_grad(tunix, policy)
@@ -304,7 +306,7 @@ def test_sft_loss_matches_tunix(tiny, sft_inputs, remat):
 
 
 def test_sft_trainer_holds_the_chunked_loss(tiny, sft_inputs):
-    """The PeftTrainer train.py builds holds our loss (--logps-chunk-size > 0) or Tunix's own (0); ours
+    """The PeftTrainer sft.py builds holds our loss (--logps-chunk-size > 0) or Tunix's own (0); ours
     gives Tunix's value on the inputs Tunix's input function makes, and Tunix trains a step with it."""
     from tunix.sft import peft_trainer
 
@@ -312,13 +314,13 @@ def test_sft_trainer_holds_the_chunked_loss(tiny, sft_inputs):
     config = train.phase_defaults("sft")
     config.update(lr_schedule={"init": 1e-3, "peak": 1e-3, "warmup_steps": 0, "decay_steps": 1, "end": 1e-3},
                   max_grad_norm=1e9)
+    optimizer, _ = grpo.make_optimizer(config)
     training = peft_trainer.TrainingConfig(max_steps=1, eval_every_n_steps=10 ** 9)
-    schedule = train.learning_rate_schedule(config)
     fresh = M.apply_lora(M.load("tiny")[0], rank=4, alpha=4.0)  # trained below, so not the fixture's
     before = jax.tree.map(jnp.copy, nnx.state(fresh, nnx.LoRAParam))
     with M.make_mesh(1, 1):
-        plain = train.sft_trainer(policy, {**config, "logps_chunk_size": 0, "remat": "none"}, training, schedule)
-        chunked = train.sft_trainer(fresh, config, training, schedule)
+        plain = sft.sft_trainer(policy, {**config, "logps_chunk_size": 0, "remat": "none"}, training, optimizer)
+        chunked = sft.sft_trainer(fresh, config, training, optimizer)
         assert plain.loss_fn is peft_trainer._default_loss_fn
         assert config["logps_chunk_size"] > 0 and chunked.loss_fn is not peft_trainer._default_loss_fn
         np.testing.assert_allclose(chunked.loss_fn(policy, **sft_inputs), peft_trainer._default_loss_fn(policy, **sft_inputs),

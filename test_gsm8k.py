@@ -1,11 +1,14 @@
 """Tests for gsm8k.py, the seed-002 curriculum, in the file's order: the data (builtin gsm_symbolic splits,
 local files, the data.py CLI, the phase-1 slice, the phase-3 mixed stream with reasoning-gym's scorers),
-then the rewards and metrics on tricky strings, the exit criteria, and a property: no string makes a reward raise or return NaN.
-Real components throughout (reasoning-gym included); no model, no network."""
+then the rewards and metrics on tricky strings, dodges (the template copied, the base 270M's real echo of the
+instructions from tests_data/) against real attempts, the exit criteria, and a property: no string makes a reward
+raise or return NaN. Real components throughout (reasoning-gym included); no model run, no network."""
 
 import collections
+import json
 import math
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +49,7 @@ def test_gsm8k_local_file_gold_parsing(tmp_path):
 
 def test_gsm8k_cli_writes_rows_that_load_back(tmp_path, gsm):
     out = tmp_path / "g.jsonl"
-    assert data.main(["gsm8k", "--source", "builtin", "--split", "train", "--n", "100", "--out", str(out)]) == 0
+    assert gsm8k.main(["gsm8k", "--source", "builtin", "--split", "train", "--n", "100", "--out", str(out)]) == 0
     rows = gsm8k.load_gsm8k(str(out), "train")
     assert [(r["question"], r["answer"], r["id"]) for r in rows] == [(r["question"], r["answer"], r["id"]) for r in gsm["train"][:100]]
     prompt = gsm8k.gsm8k_prompt(rows[0]["question"])
@@ -235,6 +238,115 @@ def test_phase_metrics():
 
 
 # --------------------------------------------------------------------------
+# 2b. Dodges: the template copied, or the instructions echoed, is not an answer
+# --------------------------------------------------------------------------
+
+# Real greedy outputs of the base gemma-3-270m for builtin GSM8K prompts: it echoes the instructions
+# (how they were made: the file's "how").
+ECHOES = json.loads((Path(__file__).parent / "tests_data" / "gsm8k_270m_greedy_echo.json").read_text())["rows"]
+TEMPLATE = "\n".join(gsm8k.GSM8K_INSTRUCTIONS.splitlines()[-2:])  # the contract, as the prompt shows it
+ECHO_GOLD = ECHOES[0]["answer"]  # "175": 350 ogres, halved, doubled, halved
+WORK = "David slew 0.5 * 350 = 175 ogres. Bruce slew 2 * 175 = 350. Charles slew 0.5 * 350 = {}."
+WRONG = f"<reasoning>{WORK.format(350)}</reasoning>\n<answer>350</answer>"
+RIGHT = f"<reasoning>{WORK.format(175)}</reasoning>\n<answer>175</answer>"
+DODGES = [
+    TEMPLATE,
+    "  \n" + TEMPLATE.replace("\n", "\n\n") + "\n\n",                  # whitespace around and between
+    TEMPLATE.replace("\n", ""),
+    TEMPLATE.replace("...", " ... ") + "<end_of_turn>",
+    TEMPLATE.replace("...", "\u2026"),                                   # the one-character ellipsis
+    TEMPLATE.replace("...", ". . ."),
+    "<reasoning>...</reasoning>\n<answer>a number, no units</answer>",  # the instructions in the slot
+    *[row["completion"] for row in ECHOES],
+]
+
+
+def test_echo_fixture_is_what_the_base_model_wrote():
+    assert TEMPLATE == "<reasoning>...</reasoning>\n<answer>...</answer>"
+    for row in ECHOES:  # each echoes the instructions, so its last <answer> block is the template's
+        assert row["completion"].startswith(gsm8k.GSM8K_INSTRUCTIONS.format(form="a number, no units")) and gsm8k.extract_answer(row["completion"]) == "..."
+
+
+@pytest.mark.parametrize("text", DODGES)
+def test_template_and_echo_are_dodges(text):
+    assert gsm8k.punish_refusal(["p"], [text], [ECHO_GOLD]) == [gsm8k.REFUSAL_PENALTY]
+    assert gsm8k.strict_format_gate(["p"], [text], [ECHO_GOLD]) == [gsm8k.FORMAT_FAIL_PENALTY]
+    m = gsm8k.phase_metrics([text], [ECHO_GOLD])
+    assert (m["answer_extraction_rate"], m["format_rate"], m["refusal_rate"]) == (0.0, 0.0, 1.0)
+
+
+def test_every_real_attempt_in_format_beats_every_dodge_in_every_phase():
+    def total(phase, text):
+        return sum(fn(["p"], [text], [ECHO_GOLD])[0] for fn in gsm8k.PHASE_REWARDS[phase])
+
+    long_wrong = f"<reasoning>{WORK.format(350) * 12}</reasoning>\n<answer>350</answer>"  # ~1,900 characters
+    unformatted = "Charles slew 175 ogres."
+    no_working = "<reasoning>...</reasoning>\n<answer>175</answer>"  # an attempt, but no working: the gate fails
+    for phase in gsm8k.PHASE_REWARDS:
+        worst_attempt = min(total(phase, t) for t in (WRONG, RIGHT, long_wrong))
+        best_dodge = max(total(phase, t) for t in DODGES)
+        assert worst_attempt > total(phase, no_working) > best_dodge, phase
+        assert total(phase, unformatted) > best_dodge, phase
+    assert total("format", WRONG) == total("format", RIGHT) == 0.0  # phase 1 still does not check the number
+
+
+@pytest.mark.parametrize("gold, attempts, dodges", [
+    # GSM8K, letter_counting, number_sequence: a number, after check_answer_strict's normalisation
+    ("175", ["175", "350", "$1,000", "-3", "0.5", "3/4", " 12. "], ["...", "a number, no units", "18 apples", "x", "?"]),
+    ("-243", ["729", "-243"], ["...", "?", "next"]),
+    # syllogism: Yes or No
+    ("Yes", ["Yes", "no", "NO."], ["...", "Yes or No", "maybe", "175"]),
+    # family_relationships (a relationship in one word) and bf (the printed word): one word
+    ("mother-in-law", ["mother-in-law", "Aunt", "sister."], ["...", "in one word", "the mother", "<b>"]),
+    ("swamp", ["swamp", "swamps", "hello"], ["...", "the exact output", "-"]),
+])
+def test_what_counts_as_an_answer_per_domain(gold, attempts, dodges):
+    for answer in attempts:
+        text = formatted(answer)
+        assert gsm8k.punish_refusal(["p"], [text], [gold]) == [0.0], answer
+        assert gsm8k.strict_format_gate(["p"], [text], [gold]) == [0.0], answer
+        assert gsm8k.phase_metrics([text], [gold])["answer_extraction_rate"] == 1.0, answer
+    for answer in dodges:
+        text = formatted(answer)
+        assert gsm8k.punish_refusal(["p"], [text], [gold]) == [gsm8k.REFUSAL_PENALTY], answer
+        assert gsm8k.strict_format_gate(["p"], [text], [gold]) == [gsm8k.FORMAT_FAIL_PENALTY], answer
+
+
+def test_every_phase3_gold_is_an_answer_and_the_template_is_not():
+    for item in gsm8k.load_mixed(40, seed=3):  # all five tasks and GSM8K, from reasoning-gym
+        golds = [item["answer"]] * 2
+        assert gsm8k.punish_refusal(["p"] * 2, [formatted(item["answer"]), TEMPLATE], golds) == [0.0, gsm8k.REFUSAL_PENALTY], item["id"]
+        assert gsm8k.strict_format_gate(["p"] * 2, [formatted(item["answer"]), TEMPLATE], golds) == [0.0, gsm8k.FORMAT_FAIL_PENALTY]
+
+
+def test_gate_and_refusal_need_the_golds():
+    # Whether an answer is an attempt depends on the task's kind of answer, read from the gold: no gold is a wiring bug.
+    with pytest.raises(ValueError, match=r"^punish_refusal: cannot pair 0 gold answers with 1 completions"):
+        gsm8k.punish_refusal(["p"], [GOOD], None)
+    with pytest.raises(ValueError, match=r"^strict_format_gate: cannot pair 0 gold answers with 1 completions"):
+        gsm8k.strict_format_gate(["p"], [GOOD], None)
+
+
+def test_dodges_cannot_meet_the_exit_criteria(tmp_path):
+    # A run whose completions are the template and echoes, logged as train.py logs a GSM8K step (step_counts), then judged.
+    def run(completions):
+        counts = gsm8k.step_counts(completions, [ECHO_GOLD] * len(completions))
+        m = gsm8k.phase_metrics(completions, [ECHO_GOLD] * len(completions))
+        assert counts["answer_extraction_rate"] == m["answer_extraction_rate"]
+        data.write_rows([{"n_completions": len(completions), **counts, "completion_len_mean": 300.0}] * 20,
+                        str(tmp_path / "metrics.jsonl"))
+        return gsm8k.exit_criteria(tmp_path)
+
+    dodged = run([TEMPLATE, ECHOES[0]["completion"], ECHOES[1]["completion"], TEMPLATE.replace("\n", "")])
+    assert dodged["answer_extraction_rate"] == 0.0 and dodged["refusal_rate"] == 1.0
+    assert not dodged["extraction_ok"] and not dodged["refusal_ok"]
+    attempted = run([WRONG, RIGHT, WRONG, RIGHT])
+    assert attempted["extraction_ok"] and attempted["refusal_ok"] and attempted["length_ok"]
+    mixed = gsm8k.phase_metrics([TEMPLATE, ECHOES[0]["completion"], WRONG, RIGHT], [ECHO_GOLD] * 4)
+    assert (mixed["answer_extraction_rate"], mixed["format_rate"], mixed["refusal_rate"], mixed["accuracy"]) == (0.5, 0.5, 0.5, 0.25)
+
+
+# --------------------------------------------------------------------------
 # 3. Exit criteria, on a run's real metrics.jsonl
 # --------------------------------------------------------------------------
 
@@ -273,3 +385,18 @@ def test_gsm8k_rewards_never_raise(texts, gold):
         assert gsm8k.extract_answer(text) is None or isinstance(gsm8k.extract_answer(text), str)
     gsm8k.parse_gsm8k_gold(gold)
     gsm8k.phase_metrics(texts, golds)
+
+
+def test_phase3_prompts_ask_for_the_form_the_rewards_accept():
+    """A prompt never asks for what the gate calls a dodge: each phase-3 row asks for its own task's form
+    (a number for GSM8K, Yes or No for syllogisms, one word for relations and printed words), and the
+    gold written as asked passes the gate and is counted as an attempt."""
+    rows = gsm8k.training_rows("generalize", "builtin", seed=0, n=40)
+    forms = {gsm8k.answer_form(r["answer"]) for r in rows}
+    assert forms == {"a number, no units", "Yes or No", "one word"}
+    for row in rows:
+        form = gsm8k.answer_form(row["answer"])
+        assert f"give only the final answer ({form})" in row["prompts"]
+        reply = f"<reasoning>worked it out</reasoning>\n<answer>{row['answer']}</answer>"
+        assert gsm8k.strict_format_gate([row["prompts"]], [reply], [row["answer"]]) == [0.0], row
+    assert gsm8k.gsm8k_prompt("q") == gsm8k.gsm8k_prompt("q", "42")  # GSM8K's prompt is unchanged

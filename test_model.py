@@ -112,7 +112,7 @@ def test_270m_sampler_greedy_equals_full_forward_argmax(gemma270m, greedy270):
         assert generated == argmax[: len(generated)].tolist()
         assert out["n_tokens"] == len(generated) > 0
         if out["n_tokens"] < 16:  # stopped early: the next argmax must be a stop token
-            assert argmax[len(generated)] in (tok.eos_id(), M.end_of_turn_id(tok))
+            assert argmax[len(generated)] in (tok.eos_id(), M.token_id(tok, "<end_of_turn>"))
 
 
 def test_270m_weights_are_gemma(gemma270m, greedy270):
@@ -138,7 +138,7 @@ def test_270m_cache_has_provenance():
 def test_control_pieces_encode_to_single_ids(tokenizer):
     assert tokenizer.encode("<start_of_turn>") == [105]
     assert tokenizer.encode("<end_of_turn>") == [106]
-    assert M.end_of_turn_id(tokenizer) == 106
+    assert M.token_id(tokenizer, "<end_of_turn>") == 106
     assert (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.pad_id()) == (2, 1, 0)
     ids = tokenizer.encode("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")
     assert ids.count(105) == 2 and ids.count(106) == 1

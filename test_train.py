@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import grpo
 import gsm8k
+import model
 import rewards
 import train
 
@@ -37,7 +39,7 @@ def run(args, env, check=True):
     return proc
 
 
-def rows(run_dir):
+def rows_of(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
@@ -61,12 +63,12 @@ def chain(tmp_path_factory, env):
     out["sft_stopped_proc"] = run(["--phase", "sft", *TINY, "--steps", 2, "--batch-size", 1,
                                    "--gradient-accumulation-steps", 2, "--max-seq-length", 768,
                                    "--max-tokens-to-generate", 8, "--stop-after", 1, "--out", sft], env)
-    out["sft_stopped_meta"], out["sft_stopped_rows"] = metadata(sft), rows(sft)
+    out["sft_stopped_meta"], out["sft_stopped_rows"] = metadata(sft), rows_of(sft)
     out["sft_proc"] = run(["--phase", "sft", "--resume", "--out", sft], env)
     # Block 2, interrupted after its first step (global step 3), then resumed.
     out["stopped_proc"] = run(["--phase", "grpo", "--penalty", "soft", "--init-from", sft, *TINY_GRPO, "--steps", 2,
                                "--stop-after", 3, "--out", soft], env)
-    out["stopped_meta"], out["stopped_rows"] = metadata(soft), rows(soft)
+    out["stopped_meta"], out["stopped_rows"] = metadata(soft), rows_of(soft)
     out["resume_proc"] = run(["--phase", "grpo", "--resume", "--out", soft], env)
     out["medium_proc"] = run(["--phase", "grpo", "--penalty", "medium", "--init-from", soft, *TINY_GRPO,
                               "--steps", 2, "--out", medium, "--wandb", "dipg-test", "--sample-every", 1],
@@ -93,8 +95,12 @@ def test_print_config_grpo_is_the_published_block():
         "save_every": 100, "keep_checkpoints": 2, "start_step": 1, "end_step": 300,
         # Issue 9: the loss of Tunix 0.1.3, optax's Adam betas, the schedule each block restarts.
         "kl_loss_mode": "low_var_kl", "loss_agg_mode": "token-mean", "adam_b1": 0.9, "adam_b2": 0.999,
-        "lr_schedule": {"init": 1e-8, "peak": 3e-6, "warmup_steps": 30, "decay_steps": 300, "end": pytest.approx(3e-7)},
-        "data_order": "restart",
+        "lr_schedule": {"init": 1e-8, "peak": 3e-6, "warmup_steps": 30, "decay_steps": 300, "end": pytest.approx(3e-7),
+                        "start_count": 0},
+        # Issue 21: chained as the raw logs show (block 1: nothing before it), rollouts stop at <eos> only,
+        # the adapters in the base weights' dtype, grain's shuffle with the published seed.
+        "chaining": "published", "data_start_position": 0, "stop_tokens": ["<eos>"], "lora_dtype": "base",
+        "shuffle_seed": 42,
     }
     assert {k: c[k] for k in published} == published
     # REFERENCE.md section 2, soft column.
@@ -155,6 +161,10 @@ def test_flags_override_defaults():
     (["--phase", "grpo", "--mesh", "dp=2"], "--mesh 'dp=2'"),
     (["--phase", "grpo", "--init-from", "/nonexistent/run"], "--init-from /nonexistent/run: no run there"),
     (["--phase", "grpo", "--resume"], "--resume needs --out"),
+    (["--phase", "grpo", "--system-prompt", "/nonexistent/instructions.txt"],
+     "--system-prompt /nonexistent/instructions.txt: cannot read it"),
+    (["--phase", "grpo", "--stop-tokens", "<end_of_turn>,</s>"], "--stop-tokens <end_of_turn>,</s>: use <eos>"),
+    (["--phase", "grpo", "--chaining", "reset"], "invalid choice: 'reset'"),
 ])
 def test_bad_input_is_one_clear_line(args, expected):
     proc = run(args + ["--print-config"], os.environ, check=False)
@@ -188,7 +198,7 @@ def test_missing_weights_name_the_embedded_model(tmp_path):
 def test_sft_rows_and_format_report(chain):
     assert (chain["sft_stopped_meta"]["global_step"], chain["sft_stopped_meta"]["complete"]) == (1, False)
     assert [x["step"] for x in chain["sft_stopped_rows"]] == [1]
-    r = rows(chain["sft"])
+    r = rows_of(chain["sft"])
     assert [x["step"] for x in r] == [1, 2]
     assert all(x["phase"] == "sft" and np.isfinite(x["loss"]) and x["loss"] > 0 for x in r)
     assert "format adherence after SFT:" in chain["sft_proc"].stdout
@@ -202,7 +212,7 @@ def test_sft_step_seconds_are_each_steps_own(tmp_path, env):
     out = tmp_path / "sft"
     run(["--phase", "sft", *TINY, "--steps", 3, "--batch-size", 1, "--gradient-accumulation-steps", 1,
          "--max-seq-length", 768, "--max-tokens-to-generate", 0, "--out", out], env)
-    r = rows(out)
+    r = rows_of(out)
     assert [x["step"] for x in r] == [1, 2, 3]
     steady = r[1]["seconds"]  # step 1 also compiles
     assert 0.5 * steady < r[2]["seconds"] < 2 * steady, [x["seconds"] for x in r]
@@ -210,15 +220,15 @@ def test_sft_step_seconds_are_each_steps_own(tmp_path, env):
 
 
 def test_global_steps_continue_across_blocks(chain):
-    assert [x["step"] for x in rows(chain["soft"])] == [3, 4]
-    assert [x["step"] for x in rows(chain["medium"])] == [5, 6]
+    assert [x["step"] for x in rows_of(chain["soft"])] == [3, 4]
+    assert [x["step"] for x in rows_of(chain["medium"])] == [5, 6]
     soft, medium = metadata(chain["soft"]), metadata(chain["medium"])
     assert (soft["start_step"], soft["global_step"], soft["complete"]) == (3, 4, True)
     assert (medium["start_step"], medium["global_step"], medium["complete"]) == (5, 6, True)
 
 
 def test_grpo_metrics_rows(chain):
-    for row in rows(chain["soft"]) + rows(chain["medium"]):
+    for row in rows_of(chain["soft"]) + rows_of(chain["medium"]):
         assert row["phase"] == "grpo" and row["penalty"] in ("soft", "medium")
         for key in ("reward_mean", "reward_std", "reward_min", "reward_max", "completion_len_mean", "kl", "loss",
                     "seconds", "tokens_per_second", "rollout_seconds", "reference_seconds", "update_seconds"):
@@ -232,7 +242,7 @@ def test_grpo_metrics_rows(chain):
     # but quotes nothing: exact_format_reward + missing_trace_penalty (soft 10 - 5, medium 10 - 10).
     for block in ("soft", "medium"):
         level = rewards.PENALTIES[block]
-        empty = [x for x in rows(chain[block]) if x["missing_proof"] == x["n_completions"]]
+        empty = [x for x in rows_of(chain[block]) if x["missing_proof"] == x["n_completions"]]
         assert empty, "expected the random model's completions to have empty proofs"
         for row in empty:
             assert row["reward_mean"] == level.exact_format_reward + level.missing_trace_penalty
@@ -287,18 +297,18 @@ def test_wandb_gets_the_rows_and_samples(chain):
     assert (config["penalty"], config["start_step"], config["wandb"]) == ("medium", 5, "dipg-test")
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.HasField("history")]
-    logged = [h for h in history if "grpo/loss" in h]
-    expected = rows(chain["medium"])
-    assert [h["step"] for h in logged] == [r["step"] for r in expected] == [5, 6]
+    logged = [h for h in history if "grpo/loss" in h]  # "_step": W&B's own step, here the global step
+    expected = rows_of(chain["medium"])
+    assert [h["_step"] for h in logged] == [r["step"] for r in expected] == [5, 6]
     for h, row in zip(logged, expected):
         numbers = {f"grpo/{k}": v for k, v in row.items() if k != "step" and type(v) in (int, float)}
         assert {k: v for k, v in h.items() if k.startswith("grpo/")} == pytest.approx(numbers)
     samples = [h for h in history if "samples/path" in h]
-    assert [h["step"] for h in samples] == [5, 6]
+    assert [h["_step"] for h in samples] == [5, 6]
     for h in samples:
         table = json.loads(next(chain["medium"].glob(f"wandb/offline-run-*/files/{h['samples/path']}")).read_text())
         ((step, tag, text),) = table["data"]
-        assert table["columns"] == ["step", "tag", "text"] and step == h["step"] and tag.startswith("completion")
+        assert table["columns"] == ["step", "tag", "text"] and step == h["_step"] and tag.startswith("completion")
 
 
 def test_wandb_missing_is_one_clear_line(chain, tmp_path):
@@ -325,16 +335,18 @@ def test_lineage_records_every_block(chain):
                                                       chain["medium"].resolve()]
 
 
-def test_every_block_starts_at_the_first_prompt(chain):
-    """Reading (a) of REFERENCE: each published block was a fresh run, its data pipeline rebuilt, so
-    every block trains on the same first prompts of the seeded order (--data-order continue: not)."""
+def test_each_block_continues_the_prompt_order(chain):
+    """As the raw logs show (REFERENCE section 3): one shuffled order (grain, seed 42) for the whole run,
+    each block starting where the previous one stopped, resumed blocks included."""
+    import data
+
     config = print_config("--phase", "grpo", *TINY_GRPO, "--steps", "6")
-    examples = train.load_rows(config)
-    stream = train.batches(examples, 1, config["seed"], start_position=0)
-    expected = [train.example_hash(next(stream)["answer"][0]) for _ in range(2)]
-    for block in ("soft", "medium"):
-        assert [x["examples"][0] for x in rows(chain[block])] == expected
-    assert len(set(expected)) == 2
+    rows = data.fit_prompts(grpo.load_rows(config), model.load_tokenizer(model.ensure_gemma3_270m() / "tokenizer.model"),
+                            config["max_prompt_length"])
+    order = data.prompt_order(rows, 1, config["shuffle_seed"])
+    expected = [data.example_id(order[i]["answer"][0]) for i in range(4)]
+    assert [x["examples"][0] for x in rows_of(chain["soft"]) + rows_of(chain["medium"])] == expected
+    assert len(set(expected)) > 1
 
 
 def test_stop_saves_and_resume_continues_at_its_step(chain):
@@ -345,7 +357,7 @@ def test_stop_saves_and_resume_continues_at_its_step(chain):
     assert "resuming at global step 4" in chain["resume_proc"].stderr
     # Resumed from the step-3 checkpoint: steps 3 and 4 each appear once, with the learning rate
     # schedule where it was (step 4 is the block's second and last step: the cosine's end).
-    r = rows(chain["soft"])
+    r = rows_of(chain["soft"])
     assert [x["step"] for x in r] == [3, 4]
     assert r[1]["learning_rate"] < r[0]["learning_rate"]
 
@@ -392,7 +404,7 @@ def test_phase_rules(chain, env):
     # At the end of a phase: the exit criteria, judged from metrics.jsonl, and what to run next.
     assert "exit criteria over the last 1 steps: answer extraction" in proc.stdout
     assert any(line.startswith("next:") and "python train.py --phase" in line for line in proc.stdout.splitlines())
-    r = rows(fmt)
+    r = rows_of(fmt)
     assert [x["step"] for x in r] == [1] and 0.0 <= r[0]["answer_extraction_rate"] <= 1.0
     assert "rewards" in r[0] and set(r[0]["rewards"]) == {"punish_refusal", "strict_format_gate", "light_length_penalty"}
     # format -> generalize changes dataset (GSM8K -> mixed) and rewards (format -> correctness): refused.
@@ -427,9 +439,9 @@ def test_ctrl_c_saves_and_resume_finishes_the_block(tmp_path, env):
     assert not meta["complete"] and 2 <= meta["global_step"] < 6, meta
     assert "Ctrl-C: finishing the current step" in stderr
     assert f"stopped at global step {meta['global_step']}" in stdout
-    assert [r["step"] for r in rows(out)] == list(range(1, meta["global_step"] + 1))
+    assert [r["step"] for r in rows_of(out)] == list(range(1, meta["global_step"] + 1))
     run(["--phase", "grpo", "--resume", "--out", out], env)
-    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows_of(out)] == [1, 2, 3, 4, 5, 6]
     assert metadata(out)["complete"]
 
 
@@ -448,7 +460,7 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     assert "already trained" in second.stdout and "reusing" in second.stdout  # SFT and its evaluation
     grpo = metadata(root / "grpo_soft_4")
     assert grpo["complete"] and [b["phase"] for b in grpo["lineage"]] == ["sft", "grpo"]
-    assert [r["step"] for r in rows(root / "grpo_soft_4")] == [3, 4]
+    assert [r["step"] for r in rows_of(root / "grpo_soft_4")] == [3, 4]
     table = (root / "table.md").read_text()
     # GRPO columns count steps after SFT; two scripted policies show what a number is worth
     assert table.splitlines()[0] == "| Metric | Base | SFT | GRPO (2) | Always abstain | Copy best line |"
@@ -480,11 +492,11 @@ mesh = model.make_mesh(axes["fsdp"], axes["tp"])
 x = jax.make_array_from_callback((8,), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")),
                                  lambda i: np.arange(8.0)[i])
 # Both processes prepare the same --out, process 1 late: it must not find process 0's new run there.
-args, parser = runs.parse_args(train, ["--phase", "grpo", "--model", "tiny"])
+args, parser = train.parse_args(["--phase", "grpo", "--model", "tiny", "--out", sys.argv[1]])
 time.sleep(2 * jax.process_index())
 wrote, write_json = [], runs.write_json  # the files each process writes (still written)
 runs.write_json = lambda path, obj: (wrote.append(Path(path).name), write_json(path, obj))
-run_dir = runs.prepare_run_dir(sys.argv[1], train.resolve_config(args, parser, None))
+_, run_dir = train.start_block(args, parser)
 print(json.dumps({"processes": n, "devices": jax.device_count(), "axes": axes,
                   "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process(),
                   "run_dir": sorted(p.name for p in run_dir.iterdir()), "wrote": wrote}))

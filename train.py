@@ -16,43 +16,71 @@ The published recipe (README "The method"; every number from ../shared/REFERENCE
 
 Global steps count SFT's too (a GRPO block after 300 SFT steps covers 301-600; eval.py labels it
 "GRPO (300)" as the published table does). Seed 002's GSM8K curriculum runs through the same GRPO
-block with other data and rewards: --phase format, then correctness, then generalize.
+block with other data and rewards: --phase format, then correctness, then generalize (gsm8k.py).
 
-This file is the method: configuration, data, model, optimizer, rewards, the SFT block, the GRPO
-block. Tunix does the mechanics (rollout, advantages, KL, clipping, optimizer steps, checkpoints):
-PeftTrainer for SFT, RLCluster + GRPOLearner for GRPO. Run directories, metrics files, Ctrl-C and
-resume live in runs.py, which you can skip.
+This file reads top to bottom: 1. the published settings, 2. the command line over them, 3. one
+block (the SFT block is sft.py, the GRPO block grpo.py: model -> data -> reward -> cluster -> learner ->
+train), 4. the journey (every block, each evaluated by eval.py). Tunix does the mechanics (rollout,
+advantages, KL, clipping, optimizer steps, checkpoints): PeftTrainer for SFT, RLCluster + GRPOLearner
+for GRPO. Run directories, metrics files, Ctrl-C and resume live in runs.py, which you can skip.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 
+import data
+import grpo
 import gsm8k
 import rewards
 import runs
+import sft
 
 log = logging.getLogger("train")
 
 # ================================================================================================
-# Configuration: the published settings. Every one is a flag (--max-steps, --beta, ...).
+# 1. Configuration: the published settings. Every one is a flag (--max-steps, --beta, ...).
 # ================================================================================================
 
-# One GRPO block of the published run: REFERENCE.md section 3 (the author's report and
+# Settings of every block, SFT and GRPO alike.
+COMMON = dict(
+    model="gemma-3-1b-it",
+    lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
+    # The adapters' dtype. "base": the base weights' dtype, as qwix makes them (the published run: bfloat16
+    # base weights, so bfloat16 adapters); "float32": full-precision adapters over any base.
+    lora_dtype="base",
+    adam_b1=0.9, adam_b2=0.999,      # optax's defaults, which the published optax.adamw calls used
+    # The order of the training rows: grain's shuffle with the published seed (data.prompt_order).
+    shuffle_seed=42,
+    save_every=100, keep_checkpoints=2,
+    # Not published, memory only: log-probs of this many token positions at a time (grpo_loss.py), never
+    # Tunix 0.1.7's full [batch, length, 262,144] float32 logits; 0 = Tunix's own computation.
+    logps_chunk_size=256,
+    # Not published, memory only: the loss's backward pass recomputes each decoder layer instead of
+    # keeping its activations (Tunix's RematConfig.DECODER, applied in grpo_loss.py; the same values, for
+    # about one more forward pass). gemma-3-1b-it at the published lengths in bf16: XLA's buffers for the
+    # GRPO loss and its LoRA gradient 33.3 -> 6.1 GiB (BENCHMARKS.md). "none": keep every activation.
+    remat="decoder",
+)
+
+# One GRPO block of the published run: REFERENCE.md section 3 (the author's report, raw logs and
 # scripts/train_grpo_tpu.py at the "result" commit, run with Tunix 0.1.3).
 GRPO = dict(
-    model="gemma-3-1b-it",
     max_steps=300,             # one block; the blocks chain to 600, 900, 1200
-    # optax.warmup_cosine_decay_schedule(init 1e-8, peak 3e-6, warmup 10% of the block, decay over the
-    # block, end 10% of the peak); every block restarts it (REFERENCE reading (a): a fresh run per block).
-    learning_rate=3e-6, lr_init=1e-8, warmup_ratio=0.1, lr_end_ratio=0.1,
-    # clip_by_global_norm(0.1), then optax.adamw(schedule, weight_decay=0.1): betas are optax's defaults.
-    # Every block starts with fresh Adam moments (Tunix 0.1.3 saved no optimizer state).
-    adam_b1=0.9, adam_b2=0.999, weight_decay=0.1, max_grad_norm=0.1,
+    # optax.warmup_cosine_decay_schedule(init 1e-8, peak 3e-6, warmup 10% of the span, decay over the
+    # span, end 10% of the peak), after clip_by_global_norm(0.1), in optax.adamw(weight_decay=0.1).
+    learning_rate=3e-6, lr_init=1e-8, warmup_ratio=0.1, lr_end_ratio=0.1, weight_decay=0.1, max_grad_norm=0.1,
+    # How a block continues the previous one, as the raw logs show it: "published" = one checkpoint
+    # directory with MAX_STEPS raised by 300 per block, so the schedule's span is the cumulative steps
+    # (block 2: warmup 60, decay 600) while its count restarts at 0 (Tunix 0.1.3 saved no optimizer state:
+    # fresh Adam moments), and the prompt order continues (Tunix fast-forwarded past the batches done).
+    # "restart": every block a fresh run (its own 300-step schedule, prompts from the first again).
+    chaining="published",
     batch_size=1,              # prompts per step (Tunix mini_batch_size = train_micro_batch_size = 1)
     num_generations=4,         # G
     num_iterations=1,          # mu
@@ -64,66 +92,51 @@ GRPO = dict(
     # exp(ref - logp) - (ref - logp) - 1 and averaged over every completion token of the batch.
     kl_loss_mode="low_var_kl", loss_agg_mode="token-mean",
     max_prompt_length=1024, max_tokens_to_generate=512,
-    kv_cache_size=2048,        # rollout KV cache (evaluation uses 4,096: eval.py)
+    kv_cache_size=2048,        # rollout KV cache (evaluation: eval.py)
     temperature=1.0, top_p=1.0, top_k=50,
-    lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
-    save_every=100, keep_checkpoints=2,
-    # Not a published setting, memory only (GRPO and SFT): log-probs of this many token positions at
-    # a time (grpo_loss.py), never Tunix 0.1.7's full [batch, length, 262,144] float32 logits.
-    # 0 = Tunix's own computation.
-    logps_chunk_size=256,
-    # Not a published setting, memory only (GRPO and SFT): the loss's backward pass recomputes each
-    # decoder layer instead of keeping its activations (Tunix's RematConfig.DECODER, applied in
-    # grpo_loss.py; the same values, for about one more forward pass in the update). gemma-3-1b-it at
-    # the published lengths in bf16: XLA's buffers for the GRPO loss and its LoRA gradient
-    # 33.3 -> 6.1 GiB (README section 8). "none": keep every activation, as Tunix does by default.
-    remat="decoder",
-    # Which prompts a block sees. Published (reading (a)): each block was a fresh run of the same
-    # script, its data pipeline rebuilt, so every block trained on the SAME first 300 prompts of the
-    # seeded order. "continue" instead picks up where the previous block stopped.
-    data_order="restart",
+    # Where a rollout stops. The published RolloutConfig set no eos_tokens: Tunix stopped at <eos> only, so a
+    # completion ran on past <end_of_turn> and the reward parsed all of it. "<eos>,<end_of_turn>": stop at
+    # the end of the turn.
+    stop_tokens=["<eos>"],
 )
 
 # The published SFT. The sources disagree (REFERENCE section 3): the report says 300 steps at a
 # constant 2e-5; the notebook's SFT cell runs 600 steps with warmup 25 from 0 then cosine to 10%, but
 # the checkpoint the GRPO blocks loaded is named `manual_final_step_50`, so that cell as written is not
 # what produced it. We follow the report, whose SFT column the table shows; --sft-schedule notebook
-# runs the cell's schedule. Adam betas 0.9/0.999 in both.
+# runs the cell's schedule.
 SFT = dict(
-    max_steps=300, learning_rate=2e-5, sft_schedule="constant", adam_b1=0.9, adam_b2=0.999,
-    weight_decay=0.01, max_grad_norm=1.0,
+    max_steps=300, learning_rate=2e-5, sft_schedule="constant", weight_decay=0.01, max_grad_norm=1.0,
     batch_size=2,                    # micro batch
     gradient_accumulation_steps=8,   # -> 16 sequences per optimizer step
     max_seq_length=1024,
     max_tokens_to_generate=512,      # of the greedy samples that check the format at the end (0: none)
 )
-GRPO_ONLY = ("num_generations", "num_iterations", "beta", "epsilon", "kl_loss_mode", "loss_agg_mode",
-             "max_prompt_length", "kv_cache_size", "temperature", "top_p", "top_k", "lr_init", "warmup_ratio",
-             "lr_end_ratio", "data_order")
-
-NOT_PUBLISHED = ("logps_chunk_size", "remat")  # memory settings: they change how, not what, is computed
-PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
-PHASES = ("sft", "grpo", "format", "correctness", "generalize")
-GSM8K_SLICE = {"slice_start": 0.0, "slice_end": 0.25}     # seed 002: "a random 20-30% slice"
+GSM8K_SLICE = {"slice_start": 0.0, "slice_end": 0.25}     # seed 002's format phase: "a random 20-30% slice"
+CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("published", "restart"),
+           "sft_schedule": ("constant", "notebook"), "remat": ("none", "block", "decoder"),
+           "lora_dtype": ("base", "float32")}
 
 # --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
-# preset evaluates the base model first, then each block, greedy, on the builtin eval split.
+# preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
 PRESETS = {
-    # The published journey: gemma-3-1b-it, published steps and settings, 50 vignettes x 512 tokens.
+    # The published journey: gemma-3-1b-it, published steps and settings, evaluated as published.
     "paper": {"schedule": "sft,soft,medium,soft,soft", "grpo": {}, "sft": {},
-              "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 8}},
+              "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 8}},
     # The same journey on the embedded 270M, sized for one accelerator (bf16 by --dtype auto).
     "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m"},
-            "sft": {"model": "gemma-3-270m"}, "eval": {"n": 50, "max_new_tokens": 512, "batch_size": 25}},
+            "sft": {"model": "gemma-3-270m"},
+            "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 25}},
     # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft
     # block shows GRPO groups whose rewards differ. What differs from the published settings, and why
     # (README, "CPU quickstart"): SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at
     # 2e-5; 10 steps did not yet give one grounded proof) on the vignettes that fit 768 tokens, 2 per
     # step as micro batches of 1 (micro batch 2 also fits, but took longer and gave a worse table here);
     # GRPO 2 steps with G=2 (G=4 peaked at 17 GB here), prompts cut to 768 tokens, 160 new tokens; 6 eval
-    # vignettes x 256 tokens (a complete answer: golds are 116-287 tokens). The SFT evaluation shows
-    # the format, so no samples after SFT. Both blocks without remat: XLA:CPU drops its barriers, so
-    # here it saves no memory and only costs time.
+    # vignettes x 256 tokens (a complete answer: golds are 116-287 tokens), the same 6 for every column
+    # (the "clean" protocol: with 6 vignettes, a new random draw per column would compare different
+    # questions). The SFT evaluation shows the format, so no samples after SFT. Both blocks without
+    # remat: XLA:CPU drops its barriers, so here it saves no memory and only costs time.
     "cpu": {"schedule": "sft,soft",
             "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
                     "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
@@ -131,454 +144,378 @@ PRESETS = {
             "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 768,
                      "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2,
                      "remat": "none"},
-            "eval": {"n": 6, "max_new_tokens": 256, "batch_size": 6}},
+            "eval": {"protocol": "clean", "n": 6, "max_new_tokens": 256, "batch_size": 6}},
 }
+PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
+
+# ================================================================================================
+# 2. The command line: every setting above is a flag; left unset, it takes the phase's default.
+# ================================================================================================
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum "
+                                            "(and seed 002's GSM8K phases) with Tunix.")
+    p.add_argument("--phase", required=True, choices=("sft", "grpo", *gsm8k.PHASES, "curriculum"),
+                   help="one block, or 'curriculum': the whole journey of --schedule, evaluated after each block")
+    p.add_argument("--penalty", choices=tuple(rewards.PENALTIES), help="DIPG penalty level of a GRPO block (default soft)")
+    p.add_argument("--model", help="gemma-3-1b-it (published), gemma-3-270m (embedded, offline) or tiny (tests)")
+    p.add_argument("--model-path", help="local Hugging Face-format directory with the model's weights")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on GPU/TPU (as the published TPU run), float32 on CPU")
+    p.add_argument("--mesh", default="fsdp=1,tp=1", help="device mesh over Tunix's axes (default %(default)s)")
+    p.add_argument("--dataset", default="builtin", help="builtin (default), hub, a hub id or a local .jsonl/.json/.parquet")
+    p.add_argument("--system-prompt", metavar="FILE", help="the instructions at the top of every prompt, training "
+                                                           "and evaluation (default: ours, data.SYSTEM_PROMPT)")
+    p.add_argument("--n-prompts", type=int, help="use only the first N rows of the dataset")
+    p.add_argument("--seed", type=int, default=0, help="LoRA init and the builtin data (default %(default)s)")
+    p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log metrics and samples to this Weights & Biases project "
+                                                      "(pip install wandb; WANDB_MODE=offline: local files only)")
+    for key, value in {**COMMON, **GRPO, **SFT, **GSM8K_SLICE}.items():
+        if key == "model":
+            continue
+        defaults = " / ".join(f"{name} {d[key]}" for name, d in (("GRPO", GRPO), ("SFT", SFT), ("all", COMMON))
+                              if key in d) or f"format phase {GSM8K_SLICE[key]}"
+        flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
+        kind = (lambda text: text.split(",")) if isinstance(value, list) else type(value)
+        p.add_argument(*flags, dest=key, type=kind, choices=CHOICES.get(key), help=f"default: {defaults}")
+    j = p.add_argument_group("run directory, devices and the journey")
+    j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
+    j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
+    j.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its last checkpoint")
+    j.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
+    j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
+    j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+    j.add_argument("--check-device", action="store_true",
+                   help="print the backend, devices, dtype and mesh this run would use, and exit")
+    j.add_argument("--allow-cpu", action="store_true",
+                   help="run an accelerator configuration (--preset gpu/paper, --dtype bfloat16) on the CPU anyway")
+    j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
+    j.add_argument("--schedule", help="curriculum: blocks in order (default: the preset's; published: sft,"
+                                      + ",".join(PUBLISHED_SCHEDULE) + ")")
+    j.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="curriculum: paper = the published journey (gemma-3-1b-it); gpu = the same on the embedded "
+                        "270M for one accelerator; cpu = base vs SFT + one short GRPO block on 2 CPU cores (~20 min)")
+    j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
+    j.add_argument("--eval-protocol", help="curriculum: published, clean, or both as 'published,clean' (default: "
+                                           "the preset's; eval.py's PROTOCOLS say what each is)")
+    return p.parse_args(argv), p
 
 
 def phase_defaults(phase: str) -> dict:
     if phase == "sft":
-        return {**{k: v for k, v in GRPO.items() if k not in GRPO_ONLY}, **SFT}
-    return {**GRPO, **(GSM8K_SLICE if phase == "format" else {})}
+        return {**COMMON, **SFT}
+    return {**COMMON, **GRPO, **(GSM8K_SLICE if phase == "format" else {})}
 
 
-def lr_schedule(config: dict) -> dict:
-    """The learning-rate schedule of this block, as optax.warmup_cosine_decay_schedule's arguments."""
-    steps, peak = config["max_steps"], config["learning_rate"]
-    if config["phase"] != "sft":
-        return {"init": config["lr_init"], "peak": peak, "warmup_steps": int(config["warmup_ratio"] * steps),
-                "decay_steps": steps, "end": config["lr_end_ratio"] * peak}
-    if config["sft_schedule"] == "notebook":
-        return {"init": 0.0, "peak": peak, "warmup_steps": min(25, steps - 1), "decay_steps": steps, "end": 0.1 * peak}
-    return {"init": peak, "peak": peak, "warmup_steps": 0, "decay_steps": steps, "end": peak}
+def dataset_id(phase: str, dataset: str) -> str:
+    """Which data a block trains on. The format phase's slice is part of GSM8K, so format and
+    correctness share a dataset (seed 002 changes only the rewards between them)."""
+    kind = {"sft": "dipg/train", "grpo": "dipg/train", "generalize": "mixed(gsm8k,code,qa)"}.get(phase, "gsm8k/train")
+    return f"{dataset}:{kind}"
 
 
-# ================================================================================================
-# The GRPO block: model -> data -> reward -> cluster -> learner -> train
-# ================================================================================================
-
-def build_grpo(config: dict, run_dir: Path, reward_fns=None) -> dict:
-    """Everything a GRPO block (or GSM8K phase) hands to Tunix, built from its configuration.
-    reward_fns replaces the phase's rewards (tests use a scripted one)."""
-    from tunix.perf import export as perf_export
-    from tunix.perf import metrics as perf_metrics
-    from tunix.rl import rl_cluster as rl
-    from tunix.rl.grpo import grpo_learner
-    from tunix.rl.rollout import base_rollout
-
-    import grpo_loss
-    import model as model_lib
-
-    # Model: the policy continues the previous block; the reference is that same start, frozen.
-    policy, tokenizer, mesh = load_policy(config)
-    reference = frozen_reference(policy)
-
-    # Data: one prompt per step, the same seeded order in every block (--data-order).
-    rows = fit_prompts(load_rows(config), tokenizer, config["max_prompt_length"])
-    log.info("GRPO on %d prompts of %s; model %s, %s", len(rows), runs.dataset_id(config), config["model"], config["dtype"])
-
-    # Reward: the environment's score of each completion, at this block's penalty level.
-    outcomes = []
-    reward_fns = reward_fns or reward_functions(config, outcomes)
-
-    # Cluster: actor, reference and rollout share one mesh; Tunix times each part of a step.
-    schedule = learning_rate_schedule(config)
-    metrics = runs.MetricsLog(run_dir, config, schedule, complete_keys=(
-        "actor/loss", "actor/kl", "perf/global_step_time", "perf/sum/rollout_time",
-        "perf/sum/refer_inference_time", "perf/sum/actor_train_time"))
-    training = rl.RLTrainingConfig(
-        actor_optimizer=make_optimizer(config, schedule),
-        max_steps=config["max_steps"],
-        eval_every_n_steps=10 ** 9,  # evaluation is eval.py's job
-        mini_batch_size=config["batch_size"], train_micro_batch_size=config["batch_size"],
-        metrics_logging_options=metrics.options(run_dir),
-        **runs.checkpointing(config, run_dir / "checkpoints"),
-    )
-    rollout = base_rollout.RolloutConfig(
-        max_tokens_to_generate=config["max_tokens_to_generate"], max_prompt_length=config["max_prompt_length"],
-        kv_cache_size=config["kv_cache_size"], temperature=config["temperature"], top_p=config["top_p"],
-        top_k=config["top_k"], eos_tokens=[tokenizer.eos_id(), model_lib.end_of_turn_id(tokenizer)],
-    )
-    cluster_config = rl.ClusterConfig(
-        role_to_mesh={rl.Role.ACTOR: mesh, rl.Role.REFERENCE: mesh, rl.Role.ROLLOUT: mesh},
-        rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout)
-    perf = perf_metrics.PerfMetricsConfig(custom_export_fn=perf_export.PerfMetricsExport.from_cluster_config(cluster_config))
-    cluster = rl.RLCluster(actor=policy, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config,
-                           perf_config=perf)
-
-    # Learner: GRPO with the published loss (see GRPO above for kl_loss_mode and loss_agg_mode).
-    algo = grpo_learner.GRPOConfig(num_generations=config["num_generations"], num_iterations=config["num_iterations"],
-                                   beta=config["beta"], epsilon=config["epsilon"], kl_loss_mode=config["kl_loss_mode"],
-                                   loss_agg_mode=config["loss_agg_mode"])
-    learner = grpo_learner.GRPOLearner(
-        rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
-        metric_fns=[step_metrics(config, outcomes, metrics, current_step=lambda: cluster.global_steps + 1)])
-    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits (grpo_loss.py)
-        grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"], remat=config["remat"])
-    return dict(learner=learner, cluster=cluster, training=training, rows=rows, metrics=metrics)
-
-
-def run_grpo(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    """Train one GRPO block into run_dir; returns the last global step completed."""
-    grpo = build_grpo(config, run_dir)
-    cluster, training, metrics = grpo["cluster"], grpo["training"], grpo["metrics"]
-    # The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
-    done = cluster.actor_trainer.train_steps
-    cluster.global_steps = done
-    if done:
-        log.info("resuming at global step %d (checkpoint %d of this block)", config["start_step"] + done, done)
-    metrics.start(done)
-
-    stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
-    cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
-    with stopper:
-        # On a resume Tunix fast-forwards past the batches its checkpoint already trained on.
-        grpo["learner"].train(batches(grpo["rows"], config["batch_size"], config["seed"], start_position(config)))
-    metrics.finish()
-    return config["start_step"] - 1 + cluster.actor_trainer.train_steps
-
-
-# ================================================================================================
-# The SFT block: Tunix's PeftTrainer, LoRA, loss on the response tokens only
-# ================================================================================================
-
-def sft_batches(rows, tokenizer, config):
-    """Endless micro-batches of TrainingInput: <bos> prompt response, padded to max_seq_length, with
-    input_mask 1 on the response tokens only (the loss ignores the prompt). The published data fits
-    1,024 tokens; with a smaller --max-seq-length the longer rows are left out."""
-    import numpy as np
-    from tunix.sft import peft_trainer
-
-    length, pad = config["max_seq_length"], tokenizer.pad_id()
-    encoded = []
-    for r in rows:  # a row that does not fit is left out, never cut: its quotes live in its context
-        prompt, answer = tokenizer.encode(r["prompt"]), tokenizer.encode(r["completion"])
-        if 1 + len(prompt) + len(answer) <= length:
-            ids, mask = [tokenizer.bos_id()] + prompt + answer, [0] * (1 + len(prompt)) + [1] * len(answer)
-            encoded.append((ids + [pad] * (length - len(ids)), mask + [0] * (length - len(mask))))
-    if len(encoded) < len(rows):
-        log.warning("SFT: %d of %d examples are longer than --max-seq-length %d tokens and are left out",
-                    len(rows) - len(encoded), len(rows), length)
-    if not encoded:
-        sys.exit(f"error: no SFT example fits --max-seq-length {length}; raise it")
-    for batch in batches([{"i": i} for i in range(len(encoded))], config["batch_size"], config["seed"]):
-        picked = [encoded[int(i)] for i in batch["i"]]
-        yield peft_trainer.TrainingInput(input_tokens=np.array([p[0] for p in picked], dtype=np.int32),
-                                         input_mask=np.array([p[1] for p in picked], dtype=np.int32))
-
-
-def sft_model_inputs(x):
-    """TrainingInput -> the arguments of Tunix's default loss (positions, causal mask)."""
-    from tunix.sft import utils
-
-    pad_mask = x.input_tokens != 0
-    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
-            "positions": utils.build_positions_from_mask(pad_mask),
-            "attention_mask": utils.make_causal_attn_mask(pad_mask)}
-
-
-def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size: int, remat: str):
-    """Tunix's SFT loss, the mean negative log-likelihood of the response tokens (input_mask 1), without
-    its full-vocabulary logits: PeftTrainer's default builds float32 logits, their log-softmax and a
-    one-hot target, each [batch, length, 262,144] (2.1 GB apiece at the published batch 2 x 1,024).
-    Here: the hidden states, then log p(next token) a chunk of positions at a time, for the response's
-    positions only (the vocabulary projection of the prompt and padding is skipped), and the backward
-    pass recomputing each decoder layer (--remat) -- grpo_loss.py's pieces. The same value as Tunix's
-    (test_sft_loss_matches_tunix), with log-softmax in float32 where Tunix uses the logits' dtype."""
-    import jax.numpy as jnp
-
-    import grpo_loss
-
-    model = grpo_loss.rematerialized(model, remat)
-    hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
-    mask = input_mask[:, 1:].astype(jnp.float32)  # position t predicts token t+1; only these are computed
-    logps = grpo_loss.chunked_token_logps(model.embedder.decode, hidden, input_tokens[:, 1:], chunk_size, mask=mask)
-    return -(logps * mask).sum() / (mask.sum() + 1e-8)
-
-
-def sft_trainer(policy, config: dict, training, schedule):
-    """Tunix's PeftTrainer for the LoRA policy: our optimizer, inputs and (--logps-chunk-size) loss."""
-    from tunix.sft import peft_trainer
-
-    trainer = peft_trainer.PeftTrainer(policy, make_optimizer(config, schedule), training)
-    trainer = trainer.with_gen_model_input_fn(sft_model_inputs)
-    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits
-        chunk_size, remat = config["logps_chunk_size"], config["remat"]
-
-        # Tunix passes the inputs by name, and nnx.value_and_grad needs them as named parameters.
-        def loss(model, input_tokens, input_mask, positions, attention_mask):
-            return sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size, remat)
-
-        trainer = trainer.with_loss_fn(loss)
-    return trainer
-
-
-def run_sft(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    from tunix.sft import peft_trainer
-
-    import model as model_lib
-
-    policy, tokenizer, mesh = load_policy(config)
-    rows = load_rows(config)
-    log.info("SFT on %d examples of %s; model %s, %s", len(rows), runs.dataset_id(config), config["model"], config["dtype"])
-    accumulation = config["gradient_accumulation_steps"]
-    schedule = learning_rate_schedule(config)
-    metrics = runs.MetricsLog(run_dir, config, schedule)
-    training = peft_trainer.TrainingConfig(
-        max_steps=config["max_steps"], eval_every_n_steps=10 ** 9, gradient_accumulation_steps=accumulation,
-        metrics_logging_options=metrics.options(run_dir), **runs.checkpointing(config, run_dir / "checkpoints"))
-    # PeftTrainer reads the mesh from the `with mesh:` context, which jax now calls deprecated.
-    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh:
-        trainer = sft_trainer(policy, config, training, schedule)
-        done = trainer.train_steps  # > 0 when resuming: Tunix restored the checkpoint
-        metrics.start(done)
-
-        def stop():  # finish the optimizer step under way (all its micro-batches), then stop
-            training.max_steps = min(training.max_steps, trainer.train_steps + 1)
-
-        stopper = runs.StopRequest(on_stop=stop)
-        trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, sft_metrics=metrics))
-        with stopper:
-            trainer.train(sft_batches(rows, tokenizer, config))  # on a resume Tunix fast-forwards
-        metrics.finish()
-        if trainer.train_steps >= config["max_steps"] and config["max_tokens_to_generate"]:
-            # Greedy samples after SFT: does the model now write <think>, <proof> and <answer>?
-            outs = model_lib.generate(policy, tokenizer, [r["prompt"] for r in rows[:4]],
-                                      max_new_tokens=config["max_tokens_to_generate"], progress=False)
-            ok = sum(all(f"<{t}>" in o["text"] and f"</{t}>" in o["text"] for t in ("think", "proof", "answer")) for o in outs)
-            print(f"format adherence after SFT: {ok}/{len(outs)} greedy samples contain <think>, <proof> and <answer>")
-            print(f"first sample: {outs[0]['text'][:600]!r}")
-    return config["start_step"] - 1 + trainer.train_steps
-
-
-# ================================================================================================
-# Data: prompts in a seeded order
-# ================================================================================================
-
-def load_rows(config: dict) -> list[dict]:
-    """Training rows of the phase: {"prompts": chat prompt, "answer": what the reward needs}
-    (SFT: {"prompt", "completion"})."""
-    import data
-
-    n = config["n_prompts"]
+def reward_set(config: dict) -> str:
+    """What the block optimises, as compared by the phase rule."""
     if config["phase"] in ("sft", "grpo"):
-        rows = data.load_dipg(config["dataset"], "train", n=n, seed=config["seed"] if config["dataset"] == "builtin" else 0)
-        return [(data.to_sft_example if config["phase"] == "sft" else data.to_grpo_example)(r) for r in rows]
-    if config["phase"] == "generalize":
-        items = gsm8k.load_mixed(n or 2000, seed=config["seed"], gsm_source=config["dataset"])
+        return "sft_format" if config["phase"] == "sft" else f"dipg_{config['penalty']}"
+    return "gsm8k_" + ("format" if config["phase"] == "format" else "correctness")  # generalize keeps phase 2's
+
+
+def lr_schedule(config: dict, steps_before: int) -> dict:
+    """The block's learning-rate schedule, as optax.warmup_cosine_decay_schedule's arguments, and the
+    optimizer count it starts at (always 0: every block starts a fresh optimizer). Published chaining:
+    the span is every step of this lineage's blocks of the phase so far plus this block's."""
+    steps, peak = config["max_steps"], config["learning_rate"]
+    if config["phase"] == "sft":
+        if config["sft_schedule"] == "notebook":
+            return {"init": 0.0, "peak": peak, "warmup_steps": min(25, steps - 1), "decay_steps": steps,
+                    "end": 0.1 * peak, "start_count": 0}
+        return {"init": peak, "peak": peak, "warmup_steps": 0, "decay_steps": steps, "end": peak, "start_count": 0}
+    span = steps_before + steps if config["chaining"] == "published" else steps
+    return {"init": config["lr_init"], "peak": peak, "warmup_steps": int(config["warmup_ratio"] * span),
+            "decay_steps": span, "end": config["lr_end_ratio"] * peak, "start_count": 0}
+
+
+def resolve_config(args, parser, init_meta: dict | None = None) -> dict:
+    """The flat configuration of one block: flags over the published defaults of its phase, chained to
+    the run it starts from (init_meta: that run's metadata.json). A block started --init-from keeps the
+    model and LoRA shape of that run (its LoRA weights must fit)."""
+    phase = args.phase
+    if args.penalty and phase != "grpo":
+        parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
+    defaults = phase_defaults(phase)
+    if init_meta is not None:
+        for key in ("model", "lora_rank", "lora_alpha", "lora_dtype"):
+            asked = getattr(args, key)
+            if asked is not None and asked != init_meta.get(key, defaults[key]):
+                parser.error(f"--{key.replace('_', '-')} {asked} differs from the init run's {init_meta.get(key)} "
+                             f"({args.init_from}); its LoRA weights belong to that run. Drop the flag.")
+            defaults[key] = init_meta.get(key, defaults[key])
+    config = {"phase": phase, "penalty": (args.penalty or "soft") if phase == "grpo" else None}
+    config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
+    config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
+                  mesh=args.mesh, dataset=args.dataset, system_prompt=args.system_prompt, n_prompts=args.n_prompts,
+                  seed=args.seed, wandb=args.wandb, init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
+                  start_step=(init_meta["global_step"] + 1) if init_meta else 1)
+    config["end_step"] = config["start_step"] + config["max_steps"] - 1
+    # Chaining: the blocks of this lineage that trained this phase on these rows before this one.
+    earlier = [b for b in (init_meta or {}).get("lineage", [])
+               if b["phase"] == phase and b.get("dataset") == dataset_id(phase, args.dataset)]
+    steps_before = sum(b["end_step"] - b["start_step"] + 1 for b in earlier)
+    config["lr_schedule"] = lr_schedule(config, steps_before)
+    published = phase == "sft" or config["chaining"] == "published"
+    config["data_start_position"] = steps_before * config["batch_size"] if published and phase != "sft" else 0
+    if phase == "grpo":  # the rewards by their published names, so --print-config shows the whole block
+        config.update(dataclasses.asdict(rewards.PENALTIES[config["penalty"]]))
+    elif phase != "sft":
+        config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
+    runs.check_wandb(config)
+    # Checks a typo would otherwise turn into a confusing failure an hour later.
+    try:
+        runs.parse_mesh(config["mesh"])
+        data.load_system_prompt(config["system_prompt"])
+    except ValueError as e:
+        parser.error(str(e))
+    if config["max_steps"] < 1:
+        parser.error("--steps must be >= 1")
+    if config["logps_chunk_size"] < 0:
+        parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
+    if config["logps_chunk_size"] == 0 and config["remat"] != "none":
+        parser.error(f"--remat {config['remat']} is applied in our chunked loss, which --logps-chunk-size 0 "
+                     "replaces with Tunix's own: add --remat none")
+    if phase != "sft":
+        if config["num_generations"] < 2:
+            parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
+        if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
+            parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
+                         f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
+        unknown = [t for t in config["stop_tokens"] if t not in ("<eos>", "<end_of_turn>")]
+        if unknown or not config["stop_tokens"]:
+            parser.error(f"--stop-tokens {','.join(config['stop_tokens'])}: use <eos> or <eos>,<end_of_turn>")
+    if phase == "format" and not 0 <= config["slice_start"] < config["slice_end"] <= 1:
+        parser.error("--slice-start/--slice-end: need 0 <= start < end <= 1")
+    return config
+
+
+def run_metadata(config: dict, run_dir: Path, init_meta: dict | None) -> dict:
+    """RUN_DIR/metadata.json: what the block is, what it continues, and (runs.py) how far it got."""
+    this_block = {"run_dir": str(Path(run_dir).resolve()), "phase": config["phase"], "penalty": config["penalty"],
+                  "start_step": config["start_step"], "end_step": config["end_step"],
+                  "dataset": dataset_id(config["phase"], config["dataset"])}
+    return {
+        **{k: config[k] for k in ("phase", "penalty", "model", "model_path", "lora_rank", "lora_alpha", "lora_dtype",
+                                  "start_step", "end_step", "max_steps")},
+        "global_step": config["start_step"] - 1, "dataset": this_block["dataset"], "reward_set": reward_set(config),
+        # Tunix's RLCluster writes the actor's checkpoints one level down, under "actor".
+        "checkpoint_dir": "checkpoints" if config["phase"] == "sft" else "checkpoints/actor",
+        "config": config, "complete": False,
+        "lineage": (init_meta["lineage"] if init_meta else []) + [this_block],
+    }
+
+
+def default_out(config: dict) -> Path:
+    name = config["phase"] if config["phase"] == "sft" else "_".join(
+        filter(None, [config["phase"], config["penalty"], str(config["end_step"])]))
+    return Path("runs") / name
+
+
+def resolve_dtype(dtype: str) -> str:
+    """--dtype auto: bfloat16 on accelerators (the published TPU run computed in bf16), float32 on CPU
+    (bfloat16 matrix products are slow there)."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+# JAX for each machine, pinned to requirements.txt's jax (README "Set up"; each line resolved with pip's
+# resolver together with requirements.txt on 2026-11-28). requirements.txt alone installs the CPU build.
+INSTALL = {"NVIDIA GPU, CUDA 12": "pip install -r requirements.txt 'jax[cuda12]==0.10.2'",
+           "CUDA 13": "pip install -r requirements.txt 'jax[cuda13]==0.10.2'",
+           "TPU": "pip install -r requirements.txt 'jax[tpu]==0.10.2'"}
+
+
+def check_device(config: dict, accelerator_preset: str | None, allow_cpu: bool) -> None:
+    """No silent fall-back: an accelerator configuration (--preset gpu or paper, any bfloat16 run) on a
+    JAX that sees only a CPU is refused in one line, with the install line and the override."""
+    import jax
+
+    if jax.default_backend() == "cpu" and (accelerator_preset or config["dtype"] == "bfloat16") and not allow_cpu:
+        what = f"--preset {accelerator_preset}" if accelerator_preset else "--dtype bfloat16"
+        sys.exit(f"error: {what} is meant for a GPU or TPU, but JAX sees only a CPU. Install JAX for yours ("
+                 + "; ".join(f"{machine}: {line}" for machine, line in INSTALL.items())
+                 + ") and check with --check-device, or add --allow-cpu to run it on the CPU anyway (slowly)")
+
+
+def describe_device(config: dict) -> dict:
+    """What --check-device prints: where and how this run would compute."""
+    import jax
+
+    axes = runs.mesh_axes(config["mesh"])
+    return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind, "process_count": jax.process_count(),
+            "dtype": config["dtype"], "lora_dtype": config["lora_dtype"], "mesh": axes,
+            "mesh_fits": axes["fsdp"] * axes["tp"] <= jax.device_count(), "jax": jax.__version__}
+
+
+# ================================================================================================
+# 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration
+# ================================================================================================
+
+def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
+    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next."""
+    run_dir = Path(run_dir)
+    last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after)
+    metadata = runs.finish_run_dir(run_dir, last)
+    if not runs.is_main_process():
+        return metadata
+    if not metadata["complete"]:
+        print(f"stopped at global step {last}; continue with: python train.py --phase {config['phase']} "
+              f"--out {run_dir} --resume")
+    elif config["phase"] in gsm8k.PHASES:  # seed 002's exit criteria, then the next phase
+        gsm8k.print_next_steps(config, run_dir)
     else:
-        items = gsm8k.load_gsm8k(config["dataset"], "train", seed=config["seed"])
-        if config["phase"] == "format":
-            items = list(gsm8k.iterable_slice(items, config["slice_start"], config["slice_end"]))
-        items = items[:n]
-    return [{"prompts": gsm8k.gsm8k_prompt(it["question"]), "answer": it["answer"]} for it in items]
+        print(f"done: {run_dir} (global steps {config['start_step']}-{last})")
+        blocks = sum(1 for b in metadata["lineage"] if b["phase"] == "grpo")
+        if blocks < len(PUBLISHED_SCHEDULE):
+            print(f"next (published curriculum, block {blocks + 1}): python train.py --phase grpo "
+                  f"--penalty {PUBLISHED_SCHEDULE[blocks]} --init-from {run_dir}")
+        print(f"evaluate: python eval.py --runs {run_dir}")
+    return metadata
 
 
-def start_position(config: dict) -> int:
-    """Where in the prompt order this block starts (in prompts), by --data-order."""
-    if config.get("data_order") == "continue":
-        return (config["start_step"] - 1) * config["batch_size"]
+def start_block(args, parser, run_dir: Path | None = None):
+    """Resolve a new block's configuration, check the phase rule, and prepare its run directory
+    (None when --print-config asked only to see it). Returns (config, run_dir)."""
+    init_meta = runs.load_init_run(args.init_from) if args.init_from else None
+    config = resolve_config(args, parser, init_meta)
+    if init_meta is not None:
+        gsm8k.check_phase_rule(init_meta, {"dataset": dataset_id(config["phase"], config["dataset"]),
+                                           "reward_set": reward_set(config)}, args.force)
+    config["sample_every"] = args.sample_every
+    if args.print_config:
+        return config, None
+    check_device(config, None, args.allow_cpu)  # before the run directory exists: a refusal leaves nothing behind
+    run_dir = run_dir or Path(args.out or default_out(config))
+    return config, runs.prepare_run_dir(run_dir, run_metadata(config, run_dir, init_meta), overwrite=args.overwrite)
+
+
+# ================================================================================================
+# 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py)
+# ================================================================================================
+
+def run_journey(args, parser) -> int:
+    """Train each block of the schedule from the previous one, evaluate it, and keep OUT/table.md and
+    OUT/curriculum.png up to date (one table and plot per evaluation protocol). Finished blocks and
+    evaluations are skipped, so rerunning the same command after an interruption resumes the journey."""
+    import eval as evaluation
+
+    preset = PRESETS[args.preset]
+    schedule = [b.strip() for b in (args.schedule or preset["schedule"]).split(",") if b.strip()]
+    if not schedule or "sft" in schedule[1:] or any(b not in ("sft", *rewards.PENALTIES) for b in schedule):
+        parser.error(f"--schedule {args.schedule!r}: expected a comma-separated list of GRPO penalty levels "
+                     f"({', '.join(rewards.PENALTIES)}), optionally starting with sft (e.g. sft,soft,medium,soft,soft)")
+    protocols = (args.eval_protocol or preset["eval"]["protocol"]).split(",")
+    if any(p not in evaluation.PROTOCOLS for p in protocols):
+        parser.error(f"--eval-protocol {args.eval_protocol}: choose from {', '.join(evaluation.PROTOCOLS)}")
+    root = Path(args.out or "runs")
+
+    def block_args(block: str, init_from):
+        """The user's flags, then the preset's, then the published defaults (in resolve_config)."""
+        b = argparse.Namespace(**vars(args))
+        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
+        b.init_from = str(init_from) if init_from else None
+        for key, value in preset[b.phase].items():
+            if getattr(b, key, None) is None:
+                setattr(b, key, value)
+        return b
+
+    if args.print_config:  # every block's configuration, one JSON object per line; nothing runs
+        init_from, init_meta = args.init_from, runs.load_init_run(args.init_from) if args.init_from else None
+        for block in schedule:
+            config = resolve_config(block_args(block, init_from), parser, init_meta)
+            print(json.dumps(config))
+            # what the next block will find in this one's metadata.json once it has run
+            init_from = root / default_out(config).name
+            init_meta = dict(run_metadata(config, init_from, init_meta), global_step=config["end_step"], complete=True)
+        return 0
+    check_device(resolve_config(block_args(schedule[0], args.init_from), parser,
+                                runs.load_init_run(args.init_from) if args.init_from else None),
+                 args.preset if args.preset in ("gpu", "paper") else None, args.allow_cpu)
+    root.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in preset["eval"].items() if k != "protocol"}
+    published = evaluation.PUBLISHED if args.preset == "paper" else None
+    columns = {p: [] for p in protocols}  # each protocol's evaluation directories so far, one table column each
+    references = {p: evaluation.reference_summaries(evaluation.load_eval_rows(
+        "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) for p in protocols}
+
+    def evaluate(run, **base_model):
+        """Evaluate `run` under every protocol (in a child process), then redraw each one's table and plot
+        (the first protocol: OUT/eval/, table.md, curriculum.png; another: OUT/eval_<protocol>/, ...)."""
+        for p in protocols:
+            tag = "" if p == protocols[0] else f"_{p}"
+            out_dir = root / f"eval{tag}" / evaluation.result_dir_name(run)
+            runs.in_child_process(evaluation.evaluate_run, run, protocol=p, dataset=args.eval_dataset,
+                                  system_prompt=args.system_prompt, out_dir=out_dir, **settings, **base_model)
+            columns[p].append(out_dir)
+            evaluation.write_report(columns[p], root, tag, references=references[p], published=published)
+
+    init_from = args.init_from
+    for i, block in enumerate(schedule, 1):
+        b = block_args(block, init_from)
+        config = resolve_config(b, parser, runs.load_init_run(b.init_from) if b.init_from else None)
+        if i == 1:  # the model before any training: the table's first column
+            evaluate("base", model_name=config["model"], model_path=config["model_path"])
+        run_dir = root / default_out(config).name
+        existing = runs.read_metadata(run_dir)
+        print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")
+        if existing and existing.get("complete"):
+            print(f"already trained ({run_dir}/metadata.json says complete); skipping")
+        else:
+            if existing:  # interrupted earlier: continue it with its own saved configuration
+                config = existing["config"]
+            else:
+                b.out, b.overwrite = str(run_dir), False
+                config, _ = start_block(b, parser, run_dir)
+            runs.in_child_process(train_block, config, run_dir, stop_after=args.stop_after)
+            if not runs.read_metadata(run_dir).get("complete"):
+                print(f"stopped inside {run_dir}; run the same command again to resume the journey")
+                return 1
+        evaluate(str(run_dir))
+        init_from = run_dir
+    for p in protocols:
+        tag = "" if p == protocols[0] else f"_{p}"
+        print(f"\n{(root / f'table{tag}.md').read_text()}\nwrote {root / f'table{tag}.md'} and {root / f'curriculum{tag}.png'}")
     return 0
 
 
-def batches(rows: list[dict], batch_size: int, seed: int, start_position: int = 0):
-    """Endless batches in a seeded order, from `start_position` (in prompts) on. Tunix wants each
-    batch as a dict of numpy arrays: it repeats every array G times along axis 0 to make the groups."""
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(len(rows))
-    position = start_position
-    while True:
-        picked = [rows[order[(position + i) % len(rows)]] for i in range(batch_size)]
-        yield {key: np.array([str(r[key]) for r in picked]) for key in picked[0]}
-        position += batch_size
-
-
-def fit_prompts(rows: list[dict], tokenizer, max_prompt_length: int) -> list[dict]:
-    """Make every prompt fit in max_prompt_length tokens (with the <bos> the sampler adds): Tunix's
-    sampler does not cut long prompts. We drop the middle (the context), keeping the instructions
-    and the question; the reward still sees the whole context."""
-    budget, cut, out = max_prompt_length - 1, 0, []
-    for row in rows:
-        ids = tokenizer.encode(row["prompts"])
-        if len(ids) > budget:
-            cut, keep = cut + 1, budget - 4  # decode/encode round trips can add a token or two
-            while True:
-                text = tokenizer.decode(ids[:keep // 2]) + tokenizer.decode(ids[len(ids) - (keep - keep // 2):])
-                if len(tokenizer.encode(text)) <= budget or keep <= 2:
-                    break
-                keep -= 2
-            row = dict(row, prompts=text)
-        out.append(row)
-    if cut:
-        log.warning("%d of %d prompts are longer than --max-prompt-length %d: their middle was cut",
-                    cut, len(rows), max_prompt_length)
-    return out
-
-
-def example_hash(answer: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(str(answer).encode()).hexdigest()[:10]
-
-
 # ================================================================================================
-# Model: base weights + LoRA; the reference is the policy as the block starts, frozen
-# ================================================================================================
-
-def load_policy(config: dict):
-    """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
-    import model as model_lib
-
-    axes = runs.mesh_axes(config["mesh"])
-    try:
-        mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
-        base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
-                                            dtype=config["dtype"], seed=config["seed"])
-    except model_lib.WeightsUnavailable as e:
-        hint = " -- on this machine, run the embedded model instead: --model gemma-3-270m" if config["model"] != "gemma-3-270m" else ""
-        sys.exit(f"error: {e}{hint}")
-    except (ValueError, FileNotFoundError) as e:  # e.g. --model-path holds another model, a mesh too big
-        sys.exit(f"error: --model {config['model']} --mesh {config['mesh']}: {e}")
-    policy = model_lib.apply_lora(base, rank=config["lora_rank"], alpha=config["lora_alpha"], mesh=mesh, seed=config["seed"])
-    if config["init_from"]:
-        run_dir = Path(config["init_from"])
-        try:
-            step, _ = model_lib.restore_checkpoint(run_dir, policy, checkpoint_dir=runs.read_metadata(run_dir)["checkpoint_dir"])
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: --init-from {run_dir}: {e}")
-        log.info("restored the LoRA weights of %s (its checkpoint %d)", run_dir, step)
-    return policy, tokenizer, mesh
-
-
-def frozen_reference(policy):
-    """The KL anchor: the policy as it is now, frozen. nnx.merge builds a second module around the
-    SAME backbone arrays (no copy; Tunix sees they are shared) plus a copy of the small LoRA arrays,
-    which the optimizer never touches. Each block anchors to the weights it started from."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    graphdef, lora, backbone = nnx.split(policy, nnx.LoRAParam, ...)
-    return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), backbone)
-
-
-# ================================================================================================
-# Optimizer: clip, then AdamW on the block's schedule
-# ================================================================================================
-
-def learning_rate_schedule(config: dict):
-    """The block's schedule (config["lr_schedule"], as --print-config shows it); every block restarts it."""
-    import optax
-
-    s = config["lr_schedule"]
-    return optax.warmup_cosine_decay_schedule(init_value=s["init"], peak_value=s["peak"], warmup_steps=s["warmup_steps"],
-                                              decay_steps=s["decay_steps"], end_value=s["end"])
-
-
-def make_optimizer(config: dict, schedule):
-    """clip_by_global_norm, then AdamW, on the block's schedule. inject_hyperparams keeps the values
-    in the optimizer state, so what Tunix runs can be read back (and Tunix logs the learning rate)."""
-    import optax
-
-    def clipped_adamw(learning_rate, b1, b2, weight_decay, max_grad_norm):
-        return optax.chain(optax.clip_by_global_norm(max_grad_norm),
-                           optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-
-    return optax.inject_hyperparams(clipped_adamw)(
-        learning_rate=schedule, b1=config["adam_b1"], b2=config["adam_b2"], weight_decay=config["weight_decay"],
-        max_grad_norm=config["max_grad_norm"])
-
-
-# ================================================================================================
-# Rewards: plain functions of (prompts, completions, answer); Tunix sums them per completion
-# ================================================================================================
-
-OUTCOMES = rewards.OUTCOME_LABELS  # what a completion did, as the reward ladder decided it
-
-
-def reward_functions(config: dict, outcomes: list) -> list:
-    """DIPG: the environment's reward at the block's penalty level; each completion's scorer metrics
-    land in `outcomes` (scored once: step_metrics counts them). GSM8K: the phase's reward list."""
-    if config["phase"] == "grpo":
-        return [rewards.make_dipg_reward(config["penalty"], outcomes=outcomes)]
-    return list(gsm8k.PHASE_REWARDS[config["phase"]])
-
-
-def step_metrics(config: dict, outcomes: list, metrics_log, current_step):
-    """A Tunix metric function: what the completions of a step did. Tunix logs the returned scalars
-    with the step's rewards (so they reach metrics.jsonl and TensorBoard)."""
-    import numpy as np
-
-    def metrics(prompts, completions, rewards, answer=None, **_):
-        step = current_step()
-        scores = np.asarray(rewards, dtype=float).reshape(-1, config["num_generations"])
-        out = {"step/reward_std": float(np.std(scores, ddof=1)) if scores.size > 1 else 0.0,
-               # a group whose rewards all tie has zero advantage: it teaches nothing
-               "step/groups_with_spread": float(np.mean(scores.std(axis=1) > 0)),
-               "step/n_completions": len(completions)}
-        if config["phase"] == "grpo":
-            scored, outcomes[:] = list(outcomes), []
-            for name in OUTCOMES:
-                out[f"step/{name}"] = sum(s["outcome"] == name for s in scored)
-            out["step/abstention"] = sum(s["abstained"] for s in scored)
-            out["step/refusal"] = sum(s["refusal"] for s in scored)
-        else:
-            out.update({f"step/{k}": v for k, v in gsm8k_counts(completions, answer).items()})
-        # Which prompts the step trained on (a hash of each row's answer), and now and then a sample.
-        metrics_log.extras[step] = {"examples": list(dict.fromkeys(example_hash(a) for a in answer))}
-        if config["sample_every"] and (config["start_step"] - 1 + step) % config["sample_every"] == 0:
-            metrics_log.text(f"completion (reward {scores.flat[0]:.2f})", str(completions[0]), step)
-        return {k: (v, np.mean) for k, v in out.items()}
-
-    return metrics
-
-
-def gsm8k_counts(completions, answers) -> dict:
-    m = gsm8k.phase_metrics([str(c) for c in completions], [str(a) for a in answers])
-    n = len(completions)
-    return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
-            "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],
-            "mean_length_chars": m["mean_length"]}
-
-
-def resolve_config(args, parser, init_meta=None) -> dict:
-    """The flat configuration of one block: flags over the published defaults of its phase."""
-    return runs.resolve_config(sys.modules[__name__], args, parser, init_meta)
-
-
-def train_block(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    return (run_sft if config["phase"] == "sft" else run_grpo)(config, run_dir, stop_after)
-
-
-# ================================================================================================
-# Command line
+# The command line
 # ================================================================================================
 
 def main(argv=None) -> int:
-    args, parser = runs.parse_args(sys.modules[__name__], argv)
+    args, parser = parse_args(argv)
     runs.setup_logging()
     runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
-    if args.phase == "curriculum":  # every block of the journey, each evaluated (eval.py)
-        from eval import PUBLISHED  # the seed's table, plotted beside ours when the journey is the paper's
-
-        return runs.run_curriculum(args, parser, resolve_config, train_block, PRESETS[args.preset],
-                                   levels=tuple(rewards.PENALTIES),
-                                   published=PUBLISHED if args.preset == "paper" else None)
+    if args.phase == "curriculum" and not args.check_device:
+        return run_journey(args, parser)
     if args.resume:
         run_dir, config = runs.reopen_run_dir(args.out, args.phase, parser)
+        check_device(config, None, args.allow_cpu)
+    elif args.print_config or args.check_device:
+        config, _ = start_block(argparse.Namespace(**{**vars(args), "print_config": True,
+                                                      "phase": "grpo" if args.phase == "curriculum" else args.phase}),
+                                parser)
+        print(json.dumps(describe_device(config) if args.check_device else config))
+        return 0
     else:
-        init_meta = runs.load_init_run(args.init_from) if args.init_from else None
-        config = resolve_config(args, parser, init_meta)
-        runs.check_phase_rules(config, init_meta, args.force)
-        if args.print_config:
-            print(json.dumps(config))
-            return 0
-        config["sample_every"] = args.sample_every
-        run_dir = runs.prepare_run_dir(args.out, config, init_meta, overwrite=args.overwrite)
+        config, run_dir = start_block(args, parser)  # checks the device first
     log.info("%s block: global steps %d-%d into %s; model %s; data %s", config["phase"], config["start_step"],
-             config["end_step"], run_dir, config["model"], runs.dataset_id(config))
+             config["end_step"], run_dir, config["model"], dataset_id(config["phase"], config["dataset"]))
     try:
-        runs.run_block(train_block, config, run_dir, stop_after=args.stop_after)
+        train_block(config, run_dir, stop_after=args.stop_after)
     except SystemExit:
         if not args.resume:
             runs.remove_if_empty_run(run_dir)

@@ -1,0 +1,225 @@
+"""The GRPO block: model -> data -> reward -> cluster -> learner -> train, with Tunix.
+
+One block of the published curriculum (REFERENCE.md section 3; its settings: train.py's GRPO dict,
+passed in as the block's flat configuration). Each step takes ONE prompt, samples G completions,
+scores each with the DIPG Safety Gym reward (rewards.py) at the block's penalty level, and moves the
+LoRA policy towards the completions that beat their group's mean, with a KL leash to the weights the
+block started from. Tunix does the mechanics: RLCluster (actor, reference, rollout on one mesh) and
+GRPOLearner (advantages, clipped surrogate + KL, optimizer steps, checkpoints); grpo_loss.py computes
+its log-probs without full-vocabulary logits. Seed 002's GSM8K phases run through the same block with
+their own rows and rewards (gsm8k.py).
+
+    build(config, run_dir)   everything handed to Tunix, built but not trained (tests read it)
+    run(config, run_dir)     train the block; returns the last global step done
+
+The pieces come first, in the order the block uses them: the policy and its frozen reference, the
+rows, the optimizer (shared with sft.py), the rewards and what a step did.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import data
+import gsm8k
+import rewards as rewards_lib
+import runs
+
+log = logging.getLogger("train")
+
+# ------------------------------------------------------------------------------------------------
+# The pieces: policy, reference, rows, optimizer, rewards
+# ------------------------------------------------------------------------------------------------
+
+def load_policy(config: dict):
+    """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
+    import model as model_lib
+
+    axes = runs.mesh_axes(config["mesh"])
+    try:
+        mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
+        base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
+                                            dtype=config["dtype"], seed=config["seed"])
+    except model_lib.WeightsUnavailable as e:
+        hint = " -- on this machine, run the embedded model instead: --model gemma-3-270m" if config["model"] != "gemma-3-270m" else ""
+        sys.exit(f"error: {e}{hint}")
+    except (ValueError, FileNotFoundError) as e:  # e.g. --model-path holds another model, a mesh too big
+        sys.exit(f"error: --model {config['model']} --mesh {config['mesh']}: {e}")
+    policy = model_lib.apply_lora(base, rank=config["lora_rank"], alpha=config["lora_alpha"], mesh=mesh,
+                                  seed=config["seed"], dtype=config["lora_dtype"])
+    if config["init_from"]:
+        run_dir = Path(config["init_from"])
+        try:
+            step, _ = model_lib.restore_checkpoint(run_dir, policy, checkpoint_dir=runs.read_metadata(run_dir)["checkpoint_dir"])
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: --init-from {run_dir}: {e}")
+        log.info("restored the LoRA weights of %s (its checkpoint %d)", run_dir, step)
+    return policy, tokenizer, mesh
+
+
+def frozen_reference(policy):
+    """The KL anchor: the policy as it is now, frozen. nnx.merge builds a second module around the
+    SAME backbone arrays (no copy; Tunix sees they are shared) plus a copy of the small LoRA arrays,
+    which the optimizer never touches. Each block anchors to the weights it started from."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, lora, backbone = nnx.split(policy, nnx.LoRAParam, ...)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, lora), backbone)
+
+
+def load_rows(config: dict) -> list[dict]:
+    """The block's training rows, {"prompts": chat prompt, "answer": what the reward needs}: DIPG
+    vignettes (data.py), or seed 002's GSM8K phases (gsm8k.py)."""
+    if config["phase"] == "grpo":
+        return data.training_examples("grpo", config["dataset"], config["n_prompts"], config["seed"],
+                                      config["system_prompt"])
+    return gsm8k.training_rows(config["phase"], config["dataset"], config["seed"], config["n_prompts"],
+                               config.get("slice_start", 0.0), config.get("slice_end", 1.0))
+
+
+def make_optimizer(config: dict):
+    """clip_by_global_norm, then AdamW, on the block's schedule (config["lr_schedule"]). inject_hyperparams
+    keeps the values in the optimizer state, so what Tunix runs can be read back (and Tunix logs the rate)."""
+    import optax
+
+    s = config["lr_schedule"]
+    schedule = optax.warmup_cosine_decay_schedule(init_value=s["init"], peak_value=s["peak"], end_value=s["end"],
+                                                  warmup_steps=s["warmup_steps"], decay_steps=s["decay_steps"])
+
+    def clipped_adamw(learning_rate, b1, b2, weight_decay, max_grad_norm):
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                           optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+
+    # Adam's betas stay Python numbers, as in the published optax.adamw call: inject_hyperparams casts
+    # what it injects to the parameters' dtype, and in bfloat16 b2 = 0.999 is 1.0: Adam's second moment
+    # stays 0, its bias correction divides 0 by 0, and every bfloat16 adapter is NaN after one step.
+    # So kept, bfloat16 adapters take the published chain's steps (test_lora_precision.py).
+    optimizer = optax.inject_hyperparams(clipped_adamw, static_args=("b1", "b2"))(
+        learning_rate=schedule, b1=config["adam_b1"], b2=config["adam_b2"], weight_decay=config["weight_decay"],
+        max_grad_norm=config["max_grad_norm"])
+    return optimizer, schedule
+
+
+def reward_functions(config: dict) -> list:
+    """Plain functions fn(prompts, completions, answer) -> rewards; Tunix sums them per completion.
+    DIPG: the environment's reward at the block's penalty level. GSM8K: the phase's list."""
+    if config["phase"] == "grpo":
+        return [rewards_lib.make_dipg_reward(config["penalty"])]
+    return list(gsm8k.PHASE_REWARDS[config["phase"]])
+
+
+def step_metrics(config: dict, metrics_log, current_step):
+    """A Tunix metric function: what the completions of a step did (DIPG: each outcome counted, by
+    scoring them again, which costs a millisecond). Tunix logs the returned scalars with the step's
+    rewards, so they reach metrics.jsonl and TensorBoard."""
+    import numpy as np
+
+    def metrics(prompts, completions, rewards, answer=None, **_):
+        step = current_step()
+        scores = np.asarray(rewards, dtype=float).reshape(-1, config["num_generations"])
+        out = {"step/reward_std": float(np.std(scores, ddof=1)) if scores.size > 1 else 0.0,
+               # a group whose rewards all tie has zero advantage: it teaches nothing
+               "step/groups_with_spread": float(np.mean(scores.std(axis=1) > 0)),
+               "step/n_completions": len(completions)}
+        if config["phase"] == "grpo":
+            scored = rewards_lib.score_batch(completions, answer, config["penalty"])
+            out.update({f"step/{name}": sum(s["outcome"] == name for s in scored) for name in rewards_lib.OUTCOME_LABELS})
+            out["step/abstention"] = sum(s["abstained"] for s in scored)
+            out["step/refusal"] = sum(s["refusal"] for s in scored)
+        else:
+            out.update({f"step/{k}": v for k, v in gsm8k.step_counts(completions, answer).items()})
+        # Which rows the step trained on, and now and then a sample.
+        metrics_log.extras[step] = {"examples": list(dict.fromkeys(data.example_id(a) for a in answer))}
+        if config["sample_every"] and (config["start_step"] - 1 + step) % config["sample_every"] == 0:
+            metrics_log.text(f"completion (reward {scores.flat[0]:.2f})", str(completions[0]), step)
+        return {k: (v, np.mean) for k, v in out.items()}
+
+    return metrics
+
+
+
+# ------------------------------------------------------------------------------------------------
+# The block
+# ------------------------------------------------------------------------------------------------
+
+def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
+    """Everything a GRPO block (or GSM8K phase) hands to Tunix, built from its configuration.
+    reward_fns replaces the phase's rewards (tests use a scripted one)."""
+    from tunix.perf import export as perf_export
+    from tunix.perf import metrics as perf_metrics
+    from tunix.rl import rl_cluster as rl
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+
+    import grpo_loss
+    import model as model_lib
+
+    # Model: the policy continues the previous block; the reference is that same start, frozen.
+    policy, tokenizer, mesh = load_policy(config)
+    reference = frozen_reference(policy)
+
+    # Data: one prompt per step, in the published order, from where the earlier blocks stopped.
+    rows = data.fit_prompts(load_rows(config), tokenizer, config["max_prompt_length"])
+    log.info("GRPO on %d prompts of %s from position %d; model %s, %s", len(rows), config["dataset"],
+             config["data_start_position"], config["model"], config["dtype"])
+
+    # Reward: the environment's score of each completion, at this block's penalty level.
+    reward_fns = reward_fns or reward_functions(config)
+
+    # Cluster: actor, reference and rollout share one mesh; Tunix times each part of a step.
+    optimizer, schedule = make_optimizer(config)
+    metrics = runs.MetricsLog(run_dir, config, schedule)
+    training = rl.RLTrainingConfig(
+        actor_optimizer=optimizer, max_steps=config["max_steps"],
+        eval_every_n_steps=10 ** 9,  # evaluation is eval.py's job
+        mini_batch_size=config["batch_size"], train_micro_batch_size=config["batch_size"],
+        metrics_logging_options=metrics.options(run_dir),
+        **runs.checkpointing(config, run_dir / "checkpoints"),
+    )
+    rollout = base_rollout.RolloutConfig(
+        max_tokens_to_generate=config["max_tokens_to_generate"], max_prompt_length=config["max_prompt_length"],
+        kv_cache_size=config["kv_cache_size"], temperature=config["temperature"], top_p=config["top_p"],
+        top_k=config["top_k"], eos_tokens=[model_lib.token_id(tokenizer, t) for t in config["stop_tokens"]],
+    )
+    cluster_config = rl.ClusterConfig(
+        role_to_mesh={rl.Role.ACTOR: mesh, rl.Role.REFERENCE: mesh, rl.Role.ROLLOUT: mesh},
+        rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout)
+    perf = perf_metrics.PerfMetricsConfig(custom_export_fn=perf_export.PerfMetricsExport.from_cluster_config(cluster_config))
+    cluster = rl.RLCluster(actor=policy, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config,
+                           perf_config=perf)
+
+    # Learner: GRPO with the published loss (see GRPO above for kl_loss_mode and loss_agg_mode).
+    algo = grpo_learner.GRPOConfig(num_generations=config["num_generations"], num_iterations=config["num_iterations"],
+                                   beta=config["beta"], epsilon=config["epsilon"], kl_loss_mode=config["kl_loss_mode"],
+                                   loss_agg_mode=config["loss_agg_mode"])
+    learner = grpo_learner.GRPOLearner(
+        rl_cluster=cluster, algo_config=algo, reward_fns=reward_fns,
+        metric_fns=[step_metrics(config, metrics, current_step=lambda: cluster.global_steps + 1)])
+    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits (grpo_loss.py)
+        grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"], remat=config["remat"])
+    runs.rows_before_checkpoints(metrics, cluster.actor_trainer, cluster)  # a killed run keeps every step's row
+    batches = data.prompt_order(rows, config["batch_size"], config["shuffle_seed"], config["data_start_position"])
+    return dict(learner=learner, cluster=cluster, training=training, rows=rows, batches=batches, metrics=metrics)
+
+
+def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
+    """Train one GRPO block into run_dir; returns the last global step completed."""
+    grpo = build(config, run_dir)
+    cluster, training, metrics = grpo["cluster"], grpo["training"], grpo["metrics"]
+    # The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
+    done = cluster.actor_trainer.train_steps
+    cluster.global_steps = done
+    if done:
+        log.info("resuming at global step %d (checkpoint %d of this block)", config["start_step"] + done, done)
+    metrics.start(done)
+
+    stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
+    cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
+    with stopper:
+        grpo["learner"].train(grpo["batches"])  # on a resume Tunix fast-forwards past the batches done
+    metrics.finish()
+    return config["start_step"] - 1 + cluster.actor_trainer.train_steps

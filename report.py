@@ -1,0 +1,297 @@
+"""What evaluations look like: the table in the published layout and the curriculum as a picture.
+
+eval.py computes the numbers (summary.json per evaluation; stats.compare for two of them); this file
+only shows them:
+
+  format_table / write_table   the published rows, then the others we know, one column per evaluation
+                               and per scripted policy; then the paired changes between consecutive
+                               columns (format_comparisons)
+  plot_curriculum              each rate (with its 95% interval) and the mean reward (with its bootstrap
+                               interval) against the GRPO step, every training block shaded by its penalty
+                               level; SFT (and Base) sit at step 0, where GRPO starts; with comparisons, a
+                               panel of the paired change in mean reward and its interval
+
+It reads summaries as plain dicts (summary.json) and imports nothing of this project but stats.py.
+"""
+
+import math
+from pathlib import Path
+
+import stats
+
+
+def rl_step(summary):
+    """The step a column is known by: RL steps since SFT, as in the published "GRPO (300)" (eval.py's
+    describe_run records both numbers)."""
+    return (summary.get("global_step") or 0) - (summary.get("sft_steps") or 0)
+
+
+def sft_steps(summary):
+    return summary.get("sft_steps") or 0
+
+# ---------------------------------------------------------------------------------------------------
+# The table, in the published layout: the five published rows first, then the rest we know.
+# ---------------------------------------------------------------------------------------------------
+
+# How the outcome counts are shown (rewards.OUTCOME_LABELS, best first).
+OUTCOME_ORDER = ("correct_abstention", "correct_answer", "incorrect", "hallucination", "missing_proof", "format_error")
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}".removesuffix(".0") + "%"
+
+
+def _num(digits):
+    return lambda x: "n/a" if x is None else f"{x:.{digits}f}"
+
+
+TABLE_ROWS = {
+    "dipg": [
+        ("Safe Response Rate", "safe_response_rate", _pct),
+        ("Hallucination Rate", "medical_hallucination_rate", _pct),
+        ("Reasoning Consistency", "reasoning_consistency_rate", _pct),
+        ("Mean Reward", "mean_reward", _num(2)),
+        ("Max Reward", "max_reward", _num(1)),
+        ("Refusal Rate", "refusal_rate", _pct),
+        ("Format Error Rate", "format_error_rate", _pct),
+        ("Median Reward", "median_reward", _num(1)),
+        ("Std Reward", "std_reward", _num(2)),
+        ("Min Reward", "min_reward", _num(1)),
+        ("Mean Reward 95% CI", "mean_reward_ci", lambda ci: "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"),
+        ("Outcomes: abstained / answered / wrong / ungrounded / no proof / unparsed", "outcomes",
+         lambda counts: "n/a" if counts is None else " / ".join(str(counts.get(o, 0)) for o in OUTCOME_ORDER)),
+    ],
+    "gsm8k": [
+        ("Answer Extraction", "answer_extraction_rate", _pct),
+        ("Refusal Rate", "refusal_rate", _pct),
+        ("Accuracy", "accuracy", _pct),
+        ("Mean Length (chars)", "mean_length", _num(1)),
+        ("Mean Wrong-Answer Length (chars)", "mean_wrong_length", _num(1)),
+        ("Strict Format Rate", "format_rate", _pct),
+    ],
+}
+
+
+def format_table(summaries, task="dipg", references=(), comparisons=()):
+    """Markdown table: one row per metric, one column per summary (labelled by summary["label"]), then
+    one per reference policy (reference_summaries); then, given comparisons (compare_results), a second
+    table of the paired changes between consecutive columns (format_comparisons)."""
+    rows = TABLE_ROWS[task]
+    references = list(references)
+    summaries = list(summaries) + references
+    lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
+             "|---|" + "---|" * len(summaries)]
+    lines += [f"| {name} | " + " | ".join(fmt(s.get(key)) for s in summaries) + " |"
+              for name, key, fmt in rows]
+    ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
+    settings = summaries[0].get("settings", {}) if summaries else {}
+    how = "scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg" \
+        else "GSM8K KPIs of gsm8k.phase_metrics"
+    if settings.get("max_new_tokens"):
+        how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
+              f"{settings.get('dataset')}; " + how
+    lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
+    if references:
+        lines.append(f"{', '.join(s['label'] for s in references)}: scripted policies "
+                     "(vignettes.REFERENCE_POLICIES), no model, scored the same way.")
+    if comparisons:
+        lines += ["", format_comparisons(comparisons)]
+    return "\n".join(lines) + "\n"
+
+
+def _p(p):
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def format_comparisons(comparisons):
+    """Markdown: one column per comparison (stats.compare) "A → B", on the vignettes both saw: how many
+    rewards rose/fell/stayed, each rate before → after with its exact McNemar p, the mean reward before
+    → after with the paired bootstrap 95% interval of the difference."""
+    def cell(c, key, fmt):
+        if not c["shared"]:
+            return "n/a"
+        if key == "mean_reward":
+            (a, b), (lo, hi) = c["mean_reward"], c["mean_reward_diff_ci95"]
+            return f"{a:.2f} → {b:.2f}: {b - a:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        return f"{fmt(c[key][0])} → {fmt(c[key][1])} ({_p(c[key + '_p'])})"
+
+    rows = [("Shared vignettes", lambda c: f"{c['shared']} (of {c['n_a']}, {c['n_b']})"),
+            ("Reward up / down / same", lambda c: "{improved} / {worsened} / {same}".format(**c["reward_change"]))]
+    rows += [(name, lambda c, key=key, fmt=fmt: cell(c, key, fmt)) for name, key, fmt in TABLE_ROWS["dipg"]
+             if key in stats.RATE_FLAGS or key == "mean_reward"]
+    lines = ["| Change, paired | " + " | ".join(f"{c['a']} → {c['b']}" for c in comparisons) + " |",
+             "|---|" + "---|" * len(comparisons)]
+    lines += [f"| {name} | " + " | ".join(map(show, comparisons)) + " |" for name, show in rows]
+    lines += ["", "Each column compares the vignettes both evaluations saw (matched by content). Rates: before → "
+              "after, exact McNemar p (two-sided). Mean reward: before → after: difference [paired bootstrap "
+              "95% interval]. p > 0.05, or an interval across 0, is a change the data cannot tell from noise."]
+    return "\n".join(lines)
+
+
+def write_table(summaries, path, task="dipg", references=(), comparisons=()):
+    text = format_table(summaries, task, references, comparisons)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The curriculum as a picture
+# ---------------------------------------------------------------------------------------------------
+
+PLOT_METRICS = {
+    "dipg": [("safe_response_rate", "Safe response", "#1b9e77", "o"),
+             ("reasoning_consistency_rate", "Reasoning consistency", "#386cb0", "^"),
+             ("medical_hallucination_rate", "Hallucination", "#d95f02", "s"),
+             ("refusal_rate", "Refusal", "#7f7f7f", "D")],
+    "gsm8k": [("answer_extraction_rate", "Answer extraction", "#386cb0", "^"),
+              ("accuracy", "Accuracy", "#1b9e77", "o"),
+              ("format_rate", "Strict format", "#d95f02", "s"),
+              ("refusal_rate", "Refusal", "#7f7f7f", "D")],
+}
+BLOCK_COLOURS = {"soft": "#cfe8cf", "medium": "#f7d3b5", "format": "#dbe4f3", "correctness": "#cfe8cf",
+                 "generalize": "#eadcf0"}
+
+
+def _x(summary, base_x):
+    phase = summary.get("phase")
+    if phase == "base":
+        return base_x
+    if phase == "sft":
+        return 0
+    return rl_step(summary)
+
+
+def _blocks(summaries):
+    """Every training block seen in the runs or their lineage: (start, end, level), deduplicated."""
+    blocks = {}
+    for s in summaries:
+        offset = sft_steps(s)  # plotted in RL steps, like the published table
+        for b in list(s.get("lineage") or []) + [s]:
+            phase = b.get("phase")
+            if phase in (None, "base", "sft"):
+                continue
+            end = b.get("end_step", b.get("global_step"))
+            start = b.get("start_step") or 1
+            if end is None:
+                continue
+            blocks[(start - 1 - offset, end - offset)] = b.get("penalty") or phase
+    return sorted((s, e, level) for (s, e), level in blocks.items())
+
+
+def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=()):
+    """Save the curriculum figure to `path` (PNG). summaries: dicts as in summary.json; the mean reward
+    carries its bootstrap 95% interval (summary["mean_reward_ci"]) where there is one. comparisons
+    (stats.compare dicts, "a" and "b" being column labels) add a third panel: at each column, the paired
+    change in mean reward against the previous one, with its 95% interval: a bar across zero is a change
+    the data cannot tell from noise."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft", rl_step(s)))
+    steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
+    max_step = max(steps + [1])
+    has_sft = published is not None or any(s.get("phase") == "sft" for s in points)
+    base_x = -max(0.08 * max_step, 1) if has_sft else 0  # Base sits just left of SFT (step 0), if any
+    xs = [_x(s, base_x) for s in points]
+    blocks = _blocks(points)
+
+    style = {"font.size": 13, "axes.spines.top": False, "axes.spines.right": False}
+    with plt.rc_context(style):  # a talk-sized figure, without changing the caller's defaults
+        x_of = {s.get("label"): x for s, x in zip(points, xs)}
+        changes = [c for c in comparisons or () if c.get("shared") and c.get("b") in x_of]
+        panels = 3 if changes else 2
+        fig, axes = plt.subplots(panels, 1, figsize=(11, 7.5 + 2.3 * (panels - 2)), sharex=True,
+                                 gridspec_kw={"height_ratios": [3, 1.6, 1.6][:panels], "hspace": 0.08})
+        top, bottom, last = axes[0], axes[1], axes[-1]
+        for ax in axes:
+            for start, end, level in blocks:
+                ax.axvspan(start, end, color=BLOCK_COLOURS.get(level, "#eeeeee"), alpha=0.7, lw=0, zorder=0)
+                ax.axvline(end, color="white", lw=2, zorder=0)  # so two blocks at the same level stay two
+            if has_sft:
+                ax.axvline(0, color="#555555", lw=1, ls=":", zorder=1)
+            ax.grid(axis="y", color="#dddddd", lw=0.8, zorder=0)
+        for start, end, level in blocks:
+            top.text((start + end) / 2, 103, level, ha="center", va="bottom", fontsize=11, color="#444444")
+
+        dodge = 0.006 * (max_step - base_x)  # nudge each metric sideways so the interval bars don't overlap
+        for i, (key, name, colour, marker) in enumerate(PLOT_METRICS[task]):
+            values = [s.get(key) for s in points]
+            if all(v is None for v in values):
+                continue
+            ys = [100 * v if v is not None else math.nan for v in values]
+            shifted = [x + (i - 1.5) * dodge for x in xs]
+            cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
+            lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
+            highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
+            minor = key == "refusal_rate"
+            top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
+                         lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,
+                         alpha=0.8 if minor else 1, label=name, zorder=3)
+            if published and key in published:
+                top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
+                         mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
+        top.set_ylim(-3, 112)
+        has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
+        top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
+
+        mean_key = "mean_reward" if task == "dipg" else "mean_length"
+        means = [s.get(mean_key) for s in points]
+        cis = [(s.get("mean_reward_ci") if task == "dipg" and m is not None else None) or (m, m)
+               for s, m in zip(points, means)]  # no interval: no bar
+        bottom.errorbar(xs, [m if m is not None else math.nan for m in means],
+                        yerr=[[m - lo if m is not None else 0 for m, (lo, _) in zip(means, cis)],
+                              [hi - m if m is not None else 0 for m, (_, hi) in zip(means, cis)]],
+                        color="black", marker="o", lw=2.4, ms=7, capsize=4, elinewidth=1, zorder=3,
+                        label="mean reward" if task == "dipg" else "mean length")
+        for x, m in zip(xs, means):
+            if m is not None:
+                bottom.annotate(f"{m:+.2f}" if task == "dipg" else f"{m:.0f}", (x, m), textcoords="offset points",
+                                xytext=(7, 5), ha="left", fontsize=10)  # beside the interval bar, not on it
+        if published and task == "dipg":
+            pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
+            bottom.plot([p[0] for p in pub], [p[1] for p in pub], color="black", marker="o", mfc="none",
+                        ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
+        if task == "dipg":
+            bottom.axhline(0, color="#888888", lw=0.8)
+        has_ci = any(s.get("mean_reward_ci") for s in points) and task == "dipg"
+        bottom.set_ylabel(("mean reward\n[95% CI]" if has_ci else "mean reward") if task == "dipg"
+                          else "mean length\n(chars)")
+        lo, hi = bottom.get_ylim()
+        bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
+        if changes:  # the paired change against the previous column, on the vignettes both saw
+            diffs = [c["mean_reward_diff"] for c in changes]
+            last.errorbar([x_of[c["b"]] for c in changes], diffs, color="#6a3d9a", marker="D", ms=7, ls="none",
+                          yerr=[[d - c["mean_reward_diff_ci95"][0] for d, c in zip(diffs, changes)],
+                                [c["mean_reward_diff_ci95"][1] - d for d, c in zip(diffs, changes)]],
+                          capsize=5, elinewidth=1.5, zorder=3)
+            for d, c in zip(diffs, changes):
+                last.annotate(f"{d:+.2f}  (n={c['shared']}, safe p={c['safe_response_rate_p']:.3g})",
+                              (x_of[c["b"]], d), textcoords="offset points", xytext=(8, 0), va="center", fontsize=9)
+            last.axhline(0, color="#888888", lw=0.8)
+            last.set_ylabel("mean reward change\nvs previous\n[paired 95% CI]")
+
+        ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
+        ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
+        last.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
+        last.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
+        handles = top.get_legend_handles_labels()[0]
+        levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
+        handles += [Patch(color=BLOCK_COLOURS.get(level, "#eeeeee"), label=f"{level} penalties"
+                          if task == "dipg" else f"{level} phase") for level in levels]
+        if published:
+            handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
+                                      label=f"published ({published['model']})"))
+        top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
+        if title is None:
+            first = points[0] if points else {}
+            title = (f"{'DIPG Safety Gym' if task == 'dipg' else 'GSM8K'} across the curriculum \u2013 "
+                     f"{first.get('settings', {}).get('model', '')}, {first.get('total', '?')} held-out "
+                     f"prompts, greedy")
+        top.set_title(title, fontsize=14, loc="left")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path

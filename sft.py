@@ -1,0 +1,121 @@
+"""The SFT block: teach the output format <think> plan </think><proof> quotes </proof><answer> answer </answer>.
+
+Tunix's PeftTrainer on the LoRA policy (the same policy and optimizer as a GRPO block, grpo.py), the
+loss on the response tokens only, with the settings of train.py's SFT dict. Each example is
+<bos> prompt response <end_of_turn>, padded to --max-seq-length (data.sft_token_rows), in the published
+row order (data.prompt_order); micro-batches accumulate into one optimizer step.
+
+    build(config, run_dir)   model, batches and trainer, built but not trained (tests read it)
+    run(config, run_dir)     train the block; returns the last global step done
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import data
+import runs
+from grpo import load_policy, make_optimizer
+
+log = logging.getLogger("train")
+
+
+def sft_model_inputs(x):
+    """TrainingInput -> the arguments of Tunix's default loss (positions, causal mask)."""
+    from tunix.sft import utils
+
+    pad_mask = x.input_tokens != 0
+    return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
+            "positions": utils.build_positions_from_mask(pad_mask),
+            "attention_mask": utils.make_causal_attn_mask(pad_mask)}
+
+
+def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size: int, remat: str):
+    """Tunix's SFT loss, the mean negative log-likelihood of the response tokens (input_mask 1), without
+    its full-vocabulary logits: PeftTrainer's default builds float32 logits, their log-softmax and a
+    one-hot target, each [batch, length, 262,144] (2.1 GB apiece at the published batch 2 x 1,024).
+    Here: the hidden states, then log p(next token) a chunk of positions at a time, for the response's
+    positions only, and the backward pass recomputing each decoder layer (--remat) -- grpo_loss.py's
+    pieces. The same value as Tunix's (test_sft_loss_matches_tunix), with log-softmax in float32."""
+    import jax.numpy as jnp
+
+    import grpo_loss
+
+    model = grpo_loss.rematerialized(model, remat)
+    hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
+    mask = input_mask[:, 1:].astype(jnp.float32)  # position t predicts token t+1; only these are computed
+    logps = grpo_loss.chunked_token_logps(grpo_loss.unembedding(model), hidden, input_tokens[:, 1:], chunk_size,
+                                          mask=mask)
+    return -(logps * mask).sum() / (mask.sum() + 1e-8)
+
+
+def sft_trainer(policy, config: dict, training, optimizer):
+    """Tunix's PeftTrainer for the LoRA policy: our optimizer, inputs and (--logps-chunk-size) loss."""
+    from tunix.sft import peft_trainer
+
+    trainer = peft_trainer.PeftTrainer(policy, optimizer, training).with_gen_model_input_fn(sft_model_inputs)
+    if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits
+        chunk_size, remat = config["logps_chunk_size"], config["remat"]
+
+        # Tunix passes the inputs by name, and nnx.value_and_grad needs them as named parameters.
+        def loss(model, input_tokens, input_mask, positions, attention_mask):
+            return sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size, remat)
+
+        trainer = trainer.with_loss_fn(loss)
+    return trainer
+
+
+def build(config: dict, run_dir: Path) -> dict:
+    """Everything an SFT block hands to Tunix: model, micro-batches in the published order, trainer."""
+    from tunix.sft import peft_trainer
+
+    policy, tokenizer, mesh = load_policy(config)
+    rows = data.training_examples("sft", config["dataset"], config["n_prompts"], config["seed"], config["system_prompt"])
+    log.info("SFT on %d examples of %s; model %s, %s", len(rows), config["dataset"],
+             config["model"], config["dtype"])
+    try:
+        examples = data.sft_token_rows(rows, tokenizer, config["max_seq_length"])
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    batches = data.prompt_order(examples, config["batch_size"], config["shuffle_seed"]).map(
+        lambda b: peft_trainer.TrainingInput(**b))
+    optimizer, schedule = make_optimizer(config)
+    metrics = runs.MetricsLog(run_dir, config, schedule)
+    training = peft_trainer.TrainingConfig(
+        max_steps=config["max_steps"], eval_every_n_steps=10 ** 9,
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], metrics_prefix="actor",  # as in GRPO
+        metrics_logging_options=metrics.options(run_dir), **runs.checkpointing(config, run_dir / "checkpoints"))
+    # PeftTrainer reads the mesh from the `with mesh:` context, which jax now calls deprecated.
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh:
+        trainer = sft_trainer(policy, config, training, optimizer)
+    runs.rows_before_checkpoints(metrics, trainer)  # a killed run keeps every step's row
+    return dict(trainer=trainer, training=training, batches=batches, rows=rows, policy=policy, tokenizer=tokenizer,
+                mesh=mesh, metrics=metrics)
+
+
+def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
+    import model as model_lib
+
+    sft = build(config, run_dir)
+    trainer, training, metrics = sft["trainer"], sft["training"], sft["metrics"]
+    metrics.start(trainer.train_steps)  # > 0 when resuming: Tunix restored the checkpoint
+
+    def stop():  # finish the optimizer step under way (all its micro-batches), then stop
+        training.max_steps = min(training.max_steps, trainer.train_steps + 1)
+
+    stopper = runs.StopRequest(on_stop=stop)
+    trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, sft_metrics=metrics))
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), sft["mesh"], stopper:
+        trainer.train(sft["batches"])  # on a resume Tunix fast-forwards past the micro-batches done
+    metrics.finish()
+    if trainer.train_steps >= config["max_steps"] and config["max_tokens_to_generate"]:
+        # Greedy samples after SFT: does the model now write <think>, <proof> and <answer>?
+        outs = model_lib.generate(sft["policy"], sft["tokenizer"], [r["prompt"] for r in sft["rows"][:4]],
+                                  max_new_tokens=config["max_tokens_to_generate"], progress=False)
+        ok = sum(all(f"<{t}>" in o["text"] and f"</{t}>" in o["text"] for t in ("think", "proof", "answer")) for o in outs)
+        print(f"format adherence after SFT: {ok}/{len(outs)} greedy samples contain <think>, <proof> and <answer>")
+        print(f"first sample: {outs[0]['text'][:600]!r}")
+    return config["start_step"] - 1 + trainer.train_steps

@@ -1,0 +1,197 @@
+"""What a number is worth: aggregates of an evaluation, their intervals, and paired comparisons.
+
+A leaf module (it imports nothing from this project), used by eval.py, data.py and the benches.
+
+1. `summarize` turns one evaluation's (reward, metrics) pairs into the aggregates of the environment's
+   `EvaluationManager` (rates, reward mean/median/std/min/max), plus what the published table does not
+   say: a Wilson 95% interval per rate and a bootstrap 95% interval of the mean reward. With 50
+   vignettes a rate is only known to about +-13 points.
+2. Two evaluations are best compared on the vignettes both saw, pair by pair: the published blocks were
+   each evaluated on a different random 50 of a ~100-vignette set, so two block-level rates mix a change
+   in the model with a change in the questions. `match_by_content` pairs the records of two evaluations
+   by the vignette's text (context, question, expected answer), never by position or id; `compare` then
+   counts which vignettes improved, worsened or stayed, tests each rate with an exact McNemar test (only
+   the vignettes that changed carry information about a change) and gives a paired bootstrap 95%
+   interval of the difference in mean reward.
+
+Everything here is plain Python and numpy (no scipy): the binomial tail of McNemar's test is summed
+exactly with integers, the bootstrap is seeded so the same records always give the same interval.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+
+import numpy as np
+
+_Z95 = 1.959963984540054
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+# The per-response flags behind each rate of the published table (and two more we report).
+# reasoning_consistency counts responses that are safe and not refusals, as the package does.
+RATE_FLAGS = {
+    "safe_response_rate": lambda m: bool(m.get("safe")),
+    "medical_hallucination_rate": lambda m: bool(m.get("hallucination")),
+    "reasoning_consistency_rate": lambda m: bool(m.get("safe")) and not m.get("refusal"),
+    "refusal_rate": lambda m: bool(m.get("refusal")),
+    "format_error_rate": lambda m: bool(m.get("format_error")),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. One evaluation: aggregates and their intervals.
+# ---------------------------------------------------------------------------------------------------
+
+def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate (stays inside [0, 1] and is
+    sensible for 0/50 or 50/50, unlike the normal approximation)."""
+    if n == 0:
+        return (0.0, 1.0)  # no data: no information
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def bootstrap_mean_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                      level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of `values` (None for no values).
+
+    Resample the values with replacement `resamples` times, take each resample's mean, and return the
+    central `level` of those means. Seeded: the same values give the same interval. For a paired
+    comparison pass the per-vignette differences (resampling differences = resampling pairs)."""
+    values = np.asarray(list(values), dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // n)  # bounded memory: at most ~2M indices at a time, whatever n is
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return (float(lo), float(hi))
+
+
+def summarize(scored) -> dict:
+    """Aggregate a list of (reward, metrics) pairs like the package's evaluation service.
+
+    std_reward is the sample standard deviation (0.0 for fewer than two). Each rate gets a Wilson 95%
+    interval (`<rate>_ci`), the mean reward a bootstrap 95% interval (`mean_reward_ci`, None if empty).
+    """
+    scored = list(scored)
+    rewards = [float(reward) for reward, _ in scored]
+    metrics = [m or {} for _, m in scored]
+    n = len(scored)
+    out = {
+        "total": n,
+        "mean_reward": float(statistics.mean(rewards)) if rewards else 0.0,
+        "median_reward": float(statistics.median(rewards)) if rewards else 0.0,
+        "std_reward": float(statistics.stdev(rewards)) if n > 1 else 0.0,
+        "min_reward": min(rewards) if rewards else 0.0,
+        "max_reward": max(rewards) if rewards else 0.0,
+        "mean_reward_ci": bootstrap_mean_ci(rewards),
+    }
+    for name, flag in RATE_FLAGS.items():
+        count = sum(flag(m) for m in metrics)
+        out[name] = count / n if n else 0.0
+        out[name + "_ci"] = wilson_interval(count, n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Two evaluations: pair the vignettes both saw, then count, test and bound the change.
+# ---------------------------------------------------------------------------------------------------
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value from the discordant pairs of a paired 2x2 table.
+
+    only_a: pairs where the flag holds in evaluation a only; only_b: in b only. Pairs where both agree
+    say nothing about a change. Under "no change" each discordant pair is a fair coin, so the p-value
+    is twice the binomial(n, 1/2) tail at the smaller count (capped at 1), summed exactly."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def _normal(text) -> str:
+    return " ".join(str(text or "").split())  # whitespace differences are not a different vignette
+
+
+def vignette_key(record: dict) -> tuple:
+    """What a vignette is: its context, question and expected answer (whitespace-normalised).
+
+    Accepts our records (`expected_final`) and the environment server's (`expected_answer.final`)."""
+    expected = record.get("expected_final")
+    if expected is None and isinstance(record.get("expected_answer"), dict):
+        expected = record["expected_answer"].get("final")
+    return (_normal(record.get("context")), _normal(record.get("question")), _normal(expected))
+
+
+def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
+    """Pairs (record of a, record of b) for every vignette both evaluations saw, in a's order.
+
+    Matching is by vignette_key, never by position or id. A vignette that one evaluation saw twice is
+    paired occurrence by occurrence (first with first), so no record is used twice."""
+    unmatched = {}
+    for record in records_b:
+        unmatched.setdefault(vignette_key(record), []).append(record)
+    pairs = []
+    for record in records_a:
+        candidates = unmatched.get(vignette_key(record))
+        if candidates:
+            pairs.append((record, candidates.pop(0)))
+    return pairs
+
+
+def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = BOOTSTRAP_RESAMPLES,
+            seed: int = BOOTSTRAP_SEED) -> dict:
+    """Paired comparison of two evaluations on the vignettes both saw (records: reward, metrics, the
+    vignette's text; `outcome` optional). Returns a JSON-ready dict:
+
+    a, b, n_a, n_b, shared        labels, sizes, vignettes in common
+    reward_change                  {"improved", "worsened", "same"}: per shared vignette, b's reward vs a's
+    outcome_transitions            {"incorrect -> correct_abstention": k, ...} (changed outcomes only)
+    <rate>, <rate>_p, <rate>_only  [a, b] on the shared vignettes; exact McNemar p; discordant counts
+                                   [flag in a only, flag in b only]
+    mean_reward, mean_reward_diff  [a, b] on the shared vignettes; b - a
+    mean_reward_diff_ci95          paired bootstrap 95% interval of b - a (None if nothing is shared)
+    """
+    records_a, records_b = list(records_a), list(records_b)
+    pairs = match_by_content(records_a, records_b)
+    n = len(pairs)
+    diffs = [float(rb["reward"]) - float(ra["reward"]) for ra, rb in pairs]
+    out = {"a": a, "b": b, "n_a": len(records_a), "n_b": len(records_b), "shared": n,
+           "reward_change": {"improved": sum(d > 0 for d in diffs), "worsened": sum(d < 0 for d in diffs),
+                             "same": sum(d == 0 for d in diffs)}}
+    transitions = Counter(f"{ra.get('outcome')} -> {rb.get('outcome')}" for ra, rb in pairs
+                          if ra.get("outcome") != rb.get("outcome"))
+    out["outcome_transitions"] = dict(transitions.most_common())
+    for name, flag in RATE_FLAGS.items():
+        flags = [(flag(ra.get("metrics") or {}), flag(rb.get("metrics") or {})) for ra, rb in pairs]
+        only_a = sum(fa and not fb for fa, fb in flags)
+        only_b = sum(fb and not fa for fa, fb in flags)
+        out[name] = [sum(fa for fa, _ in flags) / n, sum(fb for _, fb in flags) / n] if n else [None, None]
+        out[name + "_p"] = mcnemar_p(only_a, only_b)
+        out[name + "_only"] = [only_a, only_b]
+    mean_a = statistics.mean(float(ra["reward"]) for ra, _ in pairs) if n else None
+    mean_b = statistics.mean(float(rb["reward"]) for _, rb in pairs) if n else None
+    out["mean_reward"] = [mean_a, mean_b]
+    out["mean_reward_diff"] = mean_b - mean_a if n else None
+    ci = bootstrap_mean_ci(diffs, resamples, seed)
+    out["mean_reward_diff_ci95"] = list(ci) if ci else None
+    return out
+
+
+def compare_consecutive(evaluations, **kwargs) -> list[dict]:
+    """compare() for each consecutive pair of [(label, records), ...]: the change from one block to the next."""
+    evaluations = list(evaluations)
+    return [compare(ra, rb, la, lb, **kwargs) for (la, ra), (lb, rb) in zip(evaluations, evaluations[1:])]
