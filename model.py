@@ -323,9 +323,12 @@ def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: s
     # so base and LoRA model share one copy in memory (a frozen reference model can too).
     nnx.update(lora_model, nnx.state(model, nnx.Param))
     if mesh is not None:
-        from tunix.rl import reshard
-
-        lora_model = reshard.reshard_model_to_mesh(lora_model, mesh)
+        # qwix makes the adapters whole on every device (and Tunix's reshard_model_to_mesh leaves alone
+        # a model already on `mesh`): split them as they are declared, over their base kernel's axes.
+        # Left whole, the first update hands them back split, and the sampler and the train step
+        # compile a second time at step 2 (test_mesh.py).
+        lora = nnx.state(lora_model, nnx.LoRAParam)
+        nnx.update(lora_model, jax.device_put(lora, nnx.get_named_sharding(lora, mesh)))
     n_lora = _count(lora_model, nnx.LoRAParam)
     if n_lora == 0:
         raise ValueError(f"LoRA pattern {pattern!r} matched no module of the model")
@@ -503,7 +506,10 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     missing = [k for k in ("model", "lora_rank", "lora_alpha") if k not in metadata]
     if missing:
         raise ValueError(f"{run_dir / 'metadata.json'} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
-    model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh, dtype=dtype)
+    # tiny's random base weights come from the run's seed
+    seed = metadata.get("config", {}).get("seed", 0)
+    model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh,
+                               dtype=dtype, seed=seed)
     model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh,
                        dtype=metadata.get("lora_dtype", "base"))
     restored, _ = restore_checkpoint(run_dir, model, step=step, checkpoint_dir=metadata.get("checkpoint_dir", CHECKPOINT_SUBDIR))
