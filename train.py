@@ -31,12 +31,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import data
 import grpo
 import gsm8k
+import report
 import rewards
 import runs
 import sft
@@ -446,7 +448,7 @@ def run_journey(args, parser) -> int:
                  args.preset if args.preset in ("gpu", "paper") else None, args.allow_cpu)
     root.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in preset["eval"].items() if k != "protocol"}
-    published = evaluation.PUBLISHED if args.preset == "paper" else None
+    published = report.PUBLISHED if args.preset == "paper" else None
     columns = {p: [] for p in protocols}  # each protocol's evaluation directories so far, one table column each
     references = {p: evaluation.reference_summaries(evaluation.load_eval_rows(
         "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) for p in protocols}
@@ -497,12 +499,20 @@ def run_journey(args, parser) -> int:
 
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
+    if args.phase == "curriculum":
+        # The journey's own process only coordinates; its blocks and evaluations run in child processes
+        # (inheriting this). Without it, JAX would reserve 75% of a GPU's memory in the coordinator the
+        # moment it asks which backend it has, and starve the children.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     runs.setup_logging()
     runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
     if args.phase == "curriculum" and not args.check_device:
         return run_journey(args, parser)
     if args.resume:
         run_dir, config = runs.reopen_run_dir(args.out, args.phase, parser)
+        if args.print_config or args.check_device:  # the saved run's; nothing trains
+            print(json.dumps(describe_device(config) if args.check_device else config))
+            return 0
         check_device(config, None, args.allow_cpu)
     elif args.print_config or args.check_device:
         config, _ = start_block(argparse.Namespace(**{**vars(args), "print_config": True,
