@@ -212,20 +212,17 @@ ROW_KEYS = {
 
 
 class MetricsLog:
-    """Tunix's scalars as one row per step, under the GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard
-    event files in RUN_DIR/tensorboard (so `tensorboard --logdir runs` shows a whole journey), the
-    progress bar, and with --wandb a W&B run (metrax's backend, the one Tunix's logger has).
+    """Tunix's scalars as one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard (RUN_DIR/tensorboard:
+    `tensorboard --logdir runs` shows a whole journey), the progress bar, with --wandb a W&B run.
 
-    It is a Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close). Tunix logs
-    every scalar as "<prefix>/<mode>/<name>" with its own step count: rollout-side metrics ("rewards",
-    "completions", our "step" metrics) carry the count BEFORE their update, the others (loss, KL,
-    timers) the count after it; we file all under the 1-based local step they belong to.
+    A Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close). Tunix logs each
+    scalar as "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards", "completions",
+    our "step") carry the count BEFORE their update, the others the count after it; we file all under
+    the 1-based local step they belong to.
 
-    Nothing is lost when a run is killed: write_rows() runs just before every checkpoint is saved
-    (rows_before_checkpoints), so each step a checkpoint holds already has its row. A step's timers
-    end after its checkpoint: they complete its row at the next save (metrics.jsonl is rewritten,
-    TensorBoard gets only the new numbers), or never, if the run is killed in between. A resumed run
-    forgets the rows and TensorBoard events of the steps it redoes."""
+    A killed run loses no row: write_rows() runs before every checkpoint (rows_before_checkpoints). A
+    step's timers end after its checkpoint, so they complete its row at the next one (or never, if the
+    run is killed in between). A resumed run drops the rows and TensorBoard events of the steps it redoes."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
@@ -254,12 +251,21 @@ class MetricsLog:
         config = self.config
         first = config["start_step"] + done_steps  # the first global step this process trains
         self.kept = [r for r in read_rows(self.run_dir) if r["step"] < first]
-        self.final = done_steps  # rows up to this local step are final (and with W&B)
+        self.final = done_steps  # Tunix logs nothing more for the steps up to this one
         self.bar = tqdm(total=config["max_steps"], initial=done_steps, unit="step", disable=not self.main,
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
         if self.main:
-            self.write_jsonl()
-            self.events = tensorboard_events(self.run_dir / "tensorboard", purge_from=first)
+            if (self.run_dir / "metrics.jsonl").exists():
+                self.write_jsonl()
+            # TensorBoard: a new event file, written through (a killed run loses none of it; tensorboardX's
+            # SummaryWriter, under metrax's TensorboardBackend, writes from a thread and loses its tail),
+            # that first drops the events of the steps redone from here (TensorBoard purges at a START).
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            (self.run_dir / "tensorboard").mkdir(exist_ok=True)
+            self.events = EventsWriter(str(self.run_dir / "tensorboard" / "events"))
+            self.events.write_event(Event(wall_time=time.time(), step=first, session_log=SessionLog(status=SessionLog.START)))
             if config.get("wandb"):
                 from tunix.sft.metrics_logger import WandbBackend
 
@@ -308,64 +314,62 @@ class MetricsLog:
         row["tokens_per_second"] = tokens / row["seconds"] if tokens and row.get("seconds") else None
         return row
 
-    def write_rows(self, final: bool = False) -> None:
-        """Write the rows of the steps updated so far (a step has a row once its loss is in), new or
-        grown since the last call; rows before the newest (all, if final) are final and go to W&B."""
+    def write_rows(self) -> None:
+        """Write the rows of the steps trained so far (a step has a row once its loss is in) that are new
+        or have grown since the last call. A row is final once a newer one is written."""
         with self.lock:
             steps = sorted(s for s, scalars in self.scalars.items() if s > self.final and "actor/loss" in scalars)
-            if not self.main or not steps:
-                return
             changed = {s: row for s in steps if (row := self.row(s)) != self.rows.get(s)}
-            for s, row in changed.items():  # TensorBoard: the numbers it has not been sent for the step
-                before = numbers(self.rows.get(s, {}), self.config["phase"])
-                for tag, value in numbers(row, self.config["phase"]).items():
-                    if tag not in before:
-                        self.events.write_event(tensorboard_event(row["step"], scalar=(tag, value)))
-            self.events.flush()
+            if not changed or not self.main:
+                return
+            phase = self.config["phase"]
+            for s, row in changed.items():  # what TensorBoard and W&B have not been sent for the step
+                sent = numbers(self.rows.get(s, {}), phase)
+                self.send(row["step"], {t: v for t, v in numbers(row, phase).items() if t not in sent},
+                          self.samples.pop(s, []))
             new = [s for s in changed if s not in self.rows]
             self.rows.update(changed)
-            if changed:
-                self.write_jsonl()
+            self.final = max([self.final] + steps[:-1])
+            self.write_jsonl()
             if new:
                 last = self.rows[new[-1]]
-                self.bar.set_postfix({k: _fmt(last.get(k), d) for k, d in (("loss", 3), ("reward_mean", 2), ("kl", 4),
-                                                                   ("seconds", 1)) if k in last}, refresh=False)
+                self.bar.set_postfix({k: _fmt(last[k], d) for k, d in (("loss", 3), ("reward_mean", 2), ("kl", 4),
+                                                                       ("seconds", 1)) if k in last}, refresh=False)
                 self.bar.update(len(new))
-            for s in steps if final else steps[:-1]:
-                self.to_wandb(self.rows[s], self.samples.pop(s, []))
-                self.final = s
 
-    def write_jsonl(self) -> None:
+    def write_jsonl(self) -> None:  # the rows before this process's first step, then its own
         rows = self.kept + [self.rows[s] for s in sorted(self.rows)]
         write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    def to_wandb(self, row: dict, samples: list) -> None:
-        """A final row and its samples; W&B takes a step's values until a later step arrives."""
-        if self.wandb is None:
-            return
-        import wandb
+    def send(self, step: int, scalars: dict, samples: list) -> None:
+        """To TensorBoard (written through: a kill loses nothing sent) and W&B, which takes a step's
+        values until a later step's arrive: rows go out in step order, each sample with its row."""
+        from tensorboardX import summary
+        from tensorboardX.proto.event_pb2 import Event
 
-        for tag, value in numbers(row, self.config["phase"]).items():
-            self.wandb.log_scalar(tag, value, step=row["step"])
-        for tag, text in samples:
-            table = wandb.Table(columns=["step", "tag", "text"], data=[[row["step"], tag, text]])
-            wandb.log({"samples": table}, step=row["step"])
+        for s in [summary.scalar(*x) for x in scalars.items()] + [summary.text(t, f"```\n{x}\n```") for t, x in samples]:
+            self.events.write_event(Event(wall_time=time.time(), step=step, summary=s))
+        self.events.flush()
+        if self.wandb is not None:
+            import wandb
+
+            for tag, value in scalars.items():
+                self.wandb.log_scalar(tag, value, step=step)
+            for tag, text in samples:
+                wandb.log({"samples": wandb.Table(columns=["step", "tag", "text"], data=[[step, tag, text]])}, step=step)
 
     def text(self, tag: str, text: str, local_step: int) -> None:
-        """A sample completion, shown in TensorBoard's text tab, under the progress bar, and in W&B."""
+        """A sample completion: under the progress bar now, in TensorBoard's text tab and W&B with its row."""
         if self.main:
-            step = self.config["start_step"] - 1 + local_step
             with self.lock:
-                self.events.write_event(tensorboard_event(step, text=(tag, "```\n" + text + "\n```")))
-                self.events.flush()
                 self.samples.setdefault(local_step, []).append((tag, text))
-            self.bar.write(f"--- step {step}, {tag}:\n{text[:1500]}\n---")
+            self.bar.write(f"--- step {self.config['start_step'] - 1 + local_step}, {tag}:\n{text[:1500]}\n---")
 
     def close(self):  # Tunix closes its backends when its trainer closes; ours outlive that
         pass
 
     def finish(self):
-        self.write_rows(final=True)
+        self.write_rows()
         self.active = False
         if self.bar is not None:
             self.bar.close()
@@ -379,28 +383,6 @@ def numbers(row: dict, phase: str) -> dict:
     """A row's numbers under their TensorBoard and W&B tags, "<phase>/<key>"."""
     return {f"{phase}/{k}": v for k, v in row.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-
-
-def tensorboard_events(log_dir: Path, purge_from: int):
-    """A new TensorBoard event file that first purges the events of steps >= purge_from (what a resumed
-    run redoes: TensorBoard drops them when it reads this file's SessionLog START). Its writes are
-    synchronous, so a killed run loses none of what it wrote: tensorboardX's SummaryWriter (and
-    metrax's TensorboardBackend, built on it) writes from a queue in a thread, and loses the tail."""
-    from tensorboardX.event_file_writer import EventsWriter
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    events = EventsWriter(str(log_dir / "events"))
-    events.write_event(Event(wall_time=time.time(), step=purge_from, session_log=SessionLog(status=SessionLog.START)))
-    events.flush()
-    return events
-
-
-def tensorboard_event(step: int, scalar: tuple | None = None, text: tuple | None = None):
-    from tensorboardX import summary
-    from tensorboardX.proto.event_pb2 import Event
-
-    return Event(wall_time=time.time(), step=step, summary=summary.scalar(*scalar) if scalar else summary.text(*text))
 
 
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:

@@ -432,11 +432,11 @@ def test_ctrl_c_saves_and_resume_finishes_the_block(tmp_path, env):
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # during step 2 or 3: the first row is written after step 2
+    proc.send_signal(signal.SIGINT)  # as step 1 ends (its row is written before its checkpoint) or later
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     meta = metadata(out)
-    assert not meta["complete"] and 2 <= meta["global_step"] < 6, meta
+    assert not meta["complete"] and 1 <= meta["global_step"] < 6, meta
     assert "Ctrl-C: finishing the current step" in stderr
     assert f"stopped at global step {meta['global_step']}" in stdout
     assert [r["step"] for r in rows_of(out)] == list(range(1, meta["global_step"] + 1))
@@ -450,7 +450,7 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     the same command resumes it, then skips everything already done."""
     root = tmp_path / "runs"
     journey = ["--phase", "curriculum", "--schedule", "sft,soft", "--preset", "cpu", *TINY_GRPO,
-               "--steps", 2, "--max-seq-length", 768, "--out", root]
+               "--steps", 2, "--max-seq-length", 768, "--out", root, "--eval-protocol", "clean,published"]
     first = run(journey + ["--stop-after", 3], env, check=False)
     assert first.returncode == 1 and "run the same command again" in first.stdout
     assert metadata(root / "sft")["complete"] and (root / "eval" / "sft" / "summary.json").is_file()
@@ -468,9 +468,18 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     cpu_eval = train.PRESETS["cpu"]["eval"]  # the cpu preset's evaluation
     assert (summary["total"], summary["settings"]["max_new_tokens"]) == (cpu_eval["n"], cpu_eval["max_new_tokens"])
     assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Both protocols when asked: the first in table.md, the other beside it; each says which it is, and
+    # consecutive columns are compared on the vignettes both saw (clean: all of them).
+    assert "Protocol: clean" in table and "| Change, paired | Base → SFT | SFT → GRPO (2) |" in table
+    published = (root / "table_published.md").read_text()
+    assert "Protocol: published" in published and (root / "curriculum_published.png").is_file()
+    draws = [json.loads((root / "eval_published" / name / "summary.json").read_text())["settings"]
+             for name in ("base", "sft", "grpo_soft_4")]
+    assert [d["draw"] for d in draws] == [0, 2, 4] and all(d["protocol"] == "published" for d in draws)
+    assert summary["settings"]["ids"] == json.loads((root / "eval" / "sft" / "summary.json").read_text())["settings"]["ids"]
 
     third = run(journey, env)
-    assert third.stdout.count("already trained") == 2 and third.stdout.count("reusing") == 3  # base, sft, grpo
+    assert third.stdout.count("already trained") == 2 and third.stdout.count("reusing") == 6  # 3 runs x 2 protocols
 
 
 def test_curriculum_schedule_is_checked(env):
