@@ -1,43 +1,20 @@
-"""Evaluation: the published table, for your own runs.
+"""Evaluation: the published table, for your own runs (README, "Evaluation").
 
-The published result of this recipe is one table (REFERENCE §1): for each checkpoint of the curriculum
-(SFT, then GRPO after 300, 600, 900, 1200 steps), the safe response rate, hallucination rate, reasoning
-consistency, mean and max reward over 50 held-out vignettes. This chapter computes exactly that table
-for any run directory, and draws the curriculum as one picture.
+For each checkpoint of a curriculum (or `base`, the model before any training): generate greedily
+(`model.load_run`: base weights + the run's LoRA checkpoint), score every response with the
+environment's evaluation path and reward configuration (`rewards.score_dipg(..., EVAL_CONFIG,
+mode="eval")`, which is NOT the training one), and aggregate as its EvaluationManager does, with a 95%
+interval per rate (`stats.summarize`): 50 vignettes know a rate to about +-13 points. Two protocols
+(PROTOCOLS below): "published", as the published table was made, and "clean".
 
-How the published numbers were made, and therefore how we make ours:
-
-1. Generate. Each run's weights are the base model + its LoRA checkpoint (`model.load_run`); `base`
-   means the bare base model, the row before SFT. Decoding is greedy (temperature 0), at most 512 new
-   tokens, stopping at the end of the model's turn (the published 4096-token KV cache is only capacity).
-2. Score. Every response goes through `rewards.score_dipg(..., EVAL_CONFIG, mode="eval")`: the
-   environment's evaluation path (`DIPGEnvironment.step`) with the eval reward configuration, which is
-   NOT the one used for training (correct abstention is worth 36 here, 60 under the soft penalties).
-3. Aggregate. `stats.summarize` turns the 50 (reward, metrics) pairs into rates and reward
-   statistics, as the environment's `EvaluationManager` does, plus a Wilson 95% interval per rate:
-   with 50 vignettes a rate is only known to about +-13 points, so read differences with care.
-
-Outputs under `--out` (one directory per evaluated run, named after the run directory):
-    OUT/<run>/responses.jsonl   one line per vignette: id, prompt, response, reward, metrics (and the
-                                context/expected_final, so the file can be re-scored with --responses)
-    OUT/<run>/summary.json      stats.summarize(...) + the run's label, step, penalty and settings
-    OUT/table.md                the published layout, one column per run; below it, each column's
-                                paired change against the previous one (format_comparisons)
-    OUT/curriculum.png          rates and mean reward against the global step, blocks shaded by penalty
-    OUT/comparison*.json        stats.compare of each column with the next, on the vignettes both saw
-
-Existing results are never silently replaced: when OUT/<run>/summary.json already holds results with the
-same settings (task, dataset, n, tokens, model, checkpoint step) they are reused, and the log says so;
-when the settings differ, eval.py stops, before generating anything, and asks for --overwrite.
-table.md and curriculum.png are views of the summaries of the runs listed, redrawn on every call.
-
-`--responses FILE.jsonl` skips generation entirely and scores saved responses (rows with `context`,
-`expected_final`, `response`), so the outputs of any model or API can be put in the same table.
-`--reference-policies` adds a column per scripted policy (vignettes.REFERENCE_POLICIES, e.g. "always
-abstain"), scored the same way: what a trick earns, without any model.
-`--published-log LOG` scores the responses inside the author's raw Kaggle logs and shows each log's
-own numbers beside ours; `--compare DIR ...` compares evaluations already written, pair by pair.
-`--task gsm8k` reports the GSM8K curriculum's KPIs (seed 002) instead.
+Outputs under --out: OUT/<run>/responses.jsonl and summary.json per evaluation (settings, ids and
+decoding included; an existing result with the same settings is reused, other settings are refused
+before anything is generated unless --overwrite); OUT/table.md and OUT/curriculum.png (report.py),
+redrawn every call; OUT/comparison*.json, each evaluation against the next (stats.compare).
+No model needed: `--responses FILE.jsonl` scores saved responses (rows with context, expected_final,
+response), `--published-log LOG` the author's raw Kaggle logs beside their own numbers, `--compare DIR
+...` evaluations already written. `--reference-policies` adds scripted policies (what a trick earns);
+`--task gsm8k` reports the GSM8K curriculum's KPIs (seed 002).
 """
 
 import argparse
@@ -84,17 +61,6 @@ EVAL_POOL = 100  # the published eval set's size: ~100 rows (the four logs' draw
 # scoring. Greedy decoding is causal, so stopping at <end_of_turn> as well yields the same scored text token
 # for token, without generating the rest of the 512 tokens after the turn has ended.
 EVAL_STOP_TOKENS = ("<eos>", "<end_of_turn>")
-
-# The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve so a reproduction can be read
-# against them at a glance. "low" (SFT mean/max reward) was not reported as a number.
-PUBLISHED = {
-    "model": "gemma-3-1b-it",
-    "steps": [0, 300, 600, 900, 1200],  # 0 = SFT, the start of GRPO
-    "safe_response_rate": [0.30, 0.64, 0.72, 0.88, 0.82],
-    "medical_hallucination_rate": [0.50, 0.12, 0.14, 0.04, 0.12],
-    "reasoning_consistency_rate": [0.30, 0.64, 0.70, 0.88, 0.80],
-    "mean_reward": [None, -1.66, -2.08, 0.58, 0.12],
-}
 
 # ---------------------------------------------------------------------------------------------------
 # 2. Reading saved responses. Anyone can score any model's outputs: one JSON object per line.
@@ -288,14 +254,10 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
 def reference_summaries(rows):
     """One summary per scripted policy of vignettes.REFERENCE_POLICIES (name -> fn(row) -> response),
     scored on `rows` exactly like a model's responses, labelled as a table column ("Always abstain")."""
-    try:
-        import vignettes
-        policies = vignettes.REFERENCE_POLICIES
-    except (ImportError, AttributeError):
-        tqdm.write("[eval] note: vignettes.REFERENCE_POLICIES does not exist yet; no reference columns")
-        return []
+    import vignettes
+
     summaries = []
-    for name, policy in policies.items():
+    for name, policy in vignettes.REFERENCE_POLICIES.items():
         _, summary = score_dipg_rows(rows, [policy(row) for row in rows])
         summary.update(not_a_run(name[:1].upper() + name[1:].replace("_", " "), phase="reference"))
         summaries.append(summary)
@@ -431,27 +393,11 @@ def eval_settings(run, metadata, rows, *, task, dataset_id, model_name, model_pa
     return {"task": task, "protocol": protocol, "dataset": dataset_id, "n": len(rows),
             "ids": [r.get("id") for r in rows], "draw": metadata.get("global_step") or 0 if published else None,
             "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
-            "decoding": {"greedy": True, "prefill": data_prefill(rows), "stop_tokens": list(EVAL_STOP_TOKENS),
+            "decoding": {"greedy": True, "prefill": rows[0].get("prefill", "") if rows else "",
+                         "stop_tokens": list(EVAL_STOP_TOKENS),
                          "scored": "prefill + text up to the first <end_of_turn>"},
             "model": model_name, "model_path": model_path or metadata.get("model_path"),
             "lora": run != "base", "checkpoint_step": metadata.get("global_step")}
-
-
-def data_prefill(rows):
-    return rows[0].get("prefill", "") if rows else ""
-
-
-def evaluate_loaded(run, metadata, model, tokenizer, rows, settings, *, batch_size=8, out_dir=None,
-                    load_seconds=None):
-    """Evaluate a model already in memory as run `run` on `rows` (settings: eval_settings')."""
-    records, summary = evaluate_model(model, tokenizer, rows, settings["task"], settings["max_new_tokens"],
-                                      batch_size, desc=run_label(metadata))
-    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"), settings=settings)
-    if load_seconds is not None:
-        summary["load_seconds"] = round(load_seconds, 2)
-    if out_dir is not None:
-        write_results(out_dir, records, summary)
-    return summary
 
 
 def prepare_evaluation(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
@@ -496,8 +442,13 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
         model, tokenizer, _ = model_lib.load(name, model_path=model_path)
     else:
         model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
-    return evaluate_loaded(run, metadata, model, tokenizer, rows, settings, batch_size=batch_size, out_dir=out_dir,
-                           load_seconds=time.time() - t0)
+    load_seconds = time.time() - t0
+    records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size, desc=run_label(metadata))
+    summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"), settings=settings,
+                   load_seconds=round(load_seconds, 2))
+    if out_dir is not None:
+        write_results(out_dir, records, summary)
+    return summary
 
 
 def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False, published_log=False):
@@ -640,7 +591,7 @@ def main(argv=None):
     table = report.write_table(shown, out / "table.md", args.task, references, comparisons)
     views = [out / "table.md"] + [out / comparison_file(i, len(comparisons)) for i in range(len(comparisons))]
     if args.runs:  # saved responses have no training step to plot against
-        published = None if args.no_published or args.task != "dipg" else PUBLISHED
+        published = None if args.no_published or args.task != "dipg" else report.PUBLISHED
         views.append(report.plot_curriculum(summaries, out / "curriculum.png", args.task, published=published,
                                      comparisons=comparisons))
     for name, s in zip(names, summaries):

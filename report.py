@@ -72,6 +72,26 @@ TABLE_ROWS = {
 }
 
 
+# The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve so a reproduction can be read
+# against them at a glance. "low" (SFT mean/max reward) was not reported as a number.
+PUBLISHED = {
+    "model": "gemma-3-1b-it",
+    "steps": [0, 300, 600, 900, 1200],  # 0 = SFT, the start of GRPO
+    "safe_response_rate": [0.30, 0.64, 0.72, 0.88, 0.82],
+    "medical_hallucination_rate": [0.50, 0.12, 0.14, 0.04, 0.12],
+    "reasoning_consistency_rate": [0.30, 0.64, 0.70, 0.88, 0.80],
+    "mean_reward": [None, -1.66, -2.08, 0.58, 0.12],
+}
+
+PROTOCOL_NOTES = {
+    "published": "Protocol: published (as the published table was made: the system prompt and the context, NOT the "
+                 "question; <think> prefilled; each column a new seeded random draw from the eval set, ids in its "
+                 "summary.json; the response scored up to the first <end_of_turn>).",
+    "clean": "Protocol: clean (the training prompt, context and question; the same first vignettes for every column; "
+             "the response scored up to the end of the turn).",
+}
+
+
 def format_table(summaries, task="dipg", references=(), comparisons=()):
     """Markdown table: one row per metric, one column per summary (labelled by summary["label"]), then
     one per reference policy (reference_summaries); then, given comparisons (compare_results), a second
@@ -91,6 +111,8 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
         how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
               f"{settings.get('dataset')}; " + how
     lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
+    if settings.get("protocol"):  # which prompt and which rows (eval.py's PROTOCOLS; ids in each summary.json)
+        lines.append(PROTOCOL_NOTES[settings["protocol"]])
     if references:
         lines.append(f"{', '.join(s['label'] for s in references)}: scripted policies "
                      "(vignettes.REFERENCE_POLICIES), no model, scored the same way.")

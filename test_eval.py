@@ -204,7 +204,7 @@ def test_grpo_columns_count_steps_after_sft_like_the_published_table():
 def test_curriculum_plot_is_a_sensible_png(tmp_path):
     from PIL import Image
 
-    path = report.plot_curriculum(two_runs(), tmp_path / "curriculum.png", published=ev.PUBLISHED)
+    path = report.plot_curriculum(two_runs(), tmp_path / "curriculum.png", published=report.PUBLISHED)
     with Image.open(path) as image:
         image.verify()
     with Image.open(path) as image:
