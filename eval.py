@@ -1,20 +1,9 @@
-"""Evaluation: the published table, for your own runs (README, "Evaluation").
+"""Evaluation: the published table, for your own runs (README, "Evaluation": outputs and flags).
 
-For each checkpoint of a curriculum (or `base`, the model before any training): generate greedily
-(`model.load_run`: base weights + the run's LoRA checkpoint), score every response with the
-environment's evaluation path and reward configuration (`rewards.score_dipg(..., EVAL_CONFIG,
-mode="eval")`, which is NOT the training one), and aggregate as its EvaluationManager does, with a 95%
-interval per rate (`stats.summarize`): 50 vignettes know a rate to about +-13 points. Two protocols
-(PROTOCOLS below): "published", as the published table was made, and "clean".
-
-Outputs under --out: OUT/<run>/responses.jsonl and summary.json per evaluation (settings, ids and
-decoding included; an existing result with the same settings is reused, other settings are refused
-before anything is generated unless --overwrite); OUT/table.md and OUT/curriculum.png (report.py),
-redrawn every call; OUT/comparison*.json, each evaluation against the next (stats.compare).
-No model needed: `--responses FILE.jsonl` scores saved responses (rows with context, expected_final,
-response), `--published-log LOG` the author's raw Kaggle logs beside their own numbers, `--compare DIR
-...` evaluations already written. `--reference-policies` adds scripted policies (what a trick earns);
-`--task gsm8k` reports the GSM8K curriculum's KPIs (seed 002).
+For each checkpoint (or `base`, the model before any training): generate greedily, score every response with
+the environment's evaluation path and reward configuration (`rewards.EVAL_CONFIG`, mode="eval": NOT the training
+one), aggregate with a 95% interval per rate (`stats.summarize`), under one of two PROTOCOLS (below). Without a
+model: saved responses (--responses), the author's raw logs (--published-log), evaluations already written (--compare).
 """
 
 import argparse
@@ -32,50 +21,38 @@ import report
 import runs
 import stats
 
-# ---------------------------------------------------------------------------------------------------
 # 1. The published settings (REFERENCE §3, "evaluation") and the published table (REFERENCE §1).
-# ---------------------------------------------------------------------------------------------------
 
 EVAL_N = 50               # vignettes per column
 EVAL_MAX_NEW_TOKENS = 512
-# The published sampler had a 4096-token KV cache (training rollouts: 2048). A cache is capacity, not a
-# parameter of the result: model.generate sizes ours to (padded prompt + new tokens), which holds the
-# same tokens and gives the same greedy output, faster. We only note it if a prompt would not have fit.
+# The published sampler's KV cache. Capacity, not a parameter of the result: model.generate sizes ours to the
+# padded prompt + new tokens (same greedy output, faster); we only note a prompt that would not have fit.
 EVAL_KV_CACHE = 4096
 EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniaburger/med-safety-gym-eval
 
-# Two ways to evaluate a checkpoint (--protocol). Both decode greedily and score with the eval path.
-#   published  how the published table was made (REFERENCE section 1: the author's raw logs and
-#              scripts/train_grpo_tpu.py, "8. Final Evaluation"): n vignettes drawn at random from the
-#              eval set anew for every evaluation; a prompt with the system prompt and the context but NOT
-#              the question, a blank line between the turns and "<think>\n" already written for the model
-#              (data.published_eval_prompt); the response scored is that prefill + the text up to the first
-#              <end_of_turn>. The draw is seeded by the checkpoint's global step (repeatable; another one
-#              per block, as published) and recorded, ids in order, in summary.json.
-#   clean      what the method is meant to teach: the training prompt (context AND question), the response
-#              as written up to the end of the turn, on the same first n vignettes of the eval set for
-#              every checkpoint, so any two evaluations can be compared vignette by vignette.
+# Two ways to evaluate a checkpoint (--protocol), both greedy and scored with the eval path:
+#   published  as the published table was made (REFERENCE §1: the raw logs, "8. Final Evaluation"): n vignettes
+#              drawn anew per checkpoint (seeded by its global step, ids recorded in summary.json); the system
+#              prompt and the context but NOT the question, "<think>\n" prefilled (data.published_eval_prompt);
+#              scored: the prefill + the text up to the first <end_of_turn>.
+#   clean      what the method teaches: the training prompt (context AND question) on the same first n
+#              vignettes for every checkpoint, so any two evaluations compare vignette by vignette.
 PROTOCOLS = ("published", "clean")
 EVAL_POOL = 100  # the published eval set's size: ~100 rows (the four logs' draws hold 97 distinct vignettes)
-# The published sampler stopped at <eos> only and the text was cut at the first <end_of_turn> before
-# scoring. Greedy decoding is causal, so stopping at <end_of_turn> as well yields the same scored text token
-# for token, without generating the rest of the 512 tokens after the turn has ended.
+# Published: stop at <eos>, cut at the first <end_of_turn>. Greedy decoding is causal, so stopping at
+# <end_of_turn> as well scores the same text without generating the rest of the 512 tokens.
 EVAL_STOP_TOKENS = ("<eos>", "<end_of_turn>")
 
-# ---------------------------------------------------------------------------------------------------
 # 2. Reading saved responses. Anyone can score any model's outputs: one JSON object per line.
-# ---------------------------------------------------------------------------------------------------
 
 REQUIRED_KEYS = {"dipg": ("context", "expected_final", "response"), "gsm8k": ("answer", "response")}
 
 
 def read_responses(path, task="dipg"):
     """Read a JSONL file of responses to score. Bad rows stop us with one line: file, row, what, fix."""
-    path = Path(path)
-    if not path.is_file():
+    if not (path := Path(path)).is_file():
         raise ValueError(f"{path}: no such file (pass a JSONL file of responses to --responses)")
-    required = REQUIRED_KEYS[task]
-    rows = []
+    required, rows = REQUIRED_KEYS[task], []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
@@ -99,13 +76,10 @@ def read_responses(path, task="dipg"):
 
 
 def read_published_log(path):
-    """The author's raw Kaggle log of one block (REFERENCE §1, e.g. eval_new.json): NOT a JSON file but
-    log lines (timestamps broken across lines), one of which carries the evaluation server's JSON result
-    {"metrics": {aggregates..., "detailed_results": [{response, reward, metrics, context, question,
-    expected_answer: {final}}, ...]}}. We find it by decoding at every "{" (the last result wins: the
-    final evaluation). Returns (rows to score, with the logged reward/metrics; the logged aggregates)."""
-    path = Path(path)
-    if not path.is_file():
+    """The author's raw Kaggle log of one block (REFERENCE §1, e.g. eval_new.json): log lines, NOT JSON, one
+    of which holds the server's {"metrics": {aggregates..., "detailed_results": [...]}}, found by decoding at
+    every "{" (the last one wins). Returns (rows to score, with logged reward/metrics; logged aggregates)."""
+    if not (path := Path(path)).is_file():
         raise ValueError(f"{path}: no such file (pass the author's raw log, e.g. eval_new.json, to --published-log)")
     text, decoder, result = path.read_text(encoding="utf-8", errors="replace"), json.JSONDecoder(), None
     start = text.find("{")
@@ -139,13 +113,7 @@ def read_published_log(path):
     return rows, logged
 
 
-# ---------------------------------------------------------------------------------------------------
-# 3. Scoring. The reward code is the environment's, ported to pure Python in rewards.py; evaluation
-#    uses its eval configuration and eval path (a parse ValueError falls back to the legacy scorer).
-# ---------------------------------------------------------------------------------------------------
-
-# The rungs of the reward ladder (rewards.OUTCOME_LABELS), best first: 36, 31, 1, -15, -5, -10 under EVAL_CONFIG.
-
+# 3. Scoring, with the environment's eval configuration and eval path (rewards.py).
 
 def score_dipg_rows(rows, responses):
     """Score one response per row. Returns records (what responses.jsonl holds) and the summary."""
@@ -153,13 +121,10 @@ def score_dipg_rows(rows, responses):
     for row, response in zip(rows, responses, strict=True):
         reward, metrics, outcome = rewards.score_dipg_outcome(
             response, row["context"], row["expected_final"], rewards.EVAL_CONFIG, mode="eval")
-        records.append({
-            "id": row.get("id"), "prompt": row.get("prompt"), "response": response,
-            "reward": reward, "metrics": metrics, "outcome": outcome["outcome"],  # the rung of the ladder
-            # Kept so responses.jsonl can be scored again on its own (eval.py --responses).
-            "question": row.get("question"), "context": row["context"],
-            "expected_final": row["expected_final"],
-        })
+        records.append({  # with the row, so responses.jsonl can be scored again on its own (--responses)
+            "id": row.get("id"), "prompt": row.get("prompt"), "response": response, "reward": reward,
+            "metrics": metrics, "outcome": outcome["outcome"], "question": row.get("question"),
+            "context": row["context"], "expected_final": row["expected_final"]})
     summary = stats.summarize([(r["reward"], r["metrics"]) for r in records])
     summary["outcomes"] = {label: sum(r["outcome"] == label for r in records) for label in rewards.OUTCOME_LABELS}
     return records, summary
@@ -167,36 +132,28 @@ def score_dipg_rows(rows, responses):
 
 def score_gsm8k_rows(rows, responses):
     """GSM8K: the seed-002 KPIs over the whole set; per row, the extracted answer."""
-    records = [{
-        "id": row.get("id"), "prompt": row.get("prompt"), "question": row.get("question"),
-        "response": response, "answer": row["answer"], "extracted": gsm8k.extract_answer(response),
-    } for row, response in zip(rows, responses, strict=True)]
-    summary = gsm8k.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
-    return records, summary
+    records = [{"id": row.get("id"), "prompt": row.get("prompt"), "question": row.get("question"), "response": response,
+                "answer": row["answer"], "extracted": gsm8k.extract_answer(response)}
+               for row, response in zip(rows, responses, strict=True)]
+    return records, gsm8k.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
 
 
 SCORERS = {"dipg": score_dipg_rows, "gsm8k": score_gsm8k_rows}
 
-# ---------------------------------------------------------------------------------------------------
-# 4. Evaluation rows and generation.
-# ---------------------------------------------------------------------------------------------------
 
+# 4. Evaluation rows and generation.
 
 def load_eval_rows(task="dipg", dataset=None, n=EVAL_N, protocol="clean", draw=None, system_prompt=None,
                    pool=EVAL_POOL):
-    """The held-out rows to answer, each with the exact chat `prompt` the model sees -> (rows, dataset_id).
-
-    DIPG, protocol "published": `n` of the first `pool` rows of the eval set (the whole set if smaller),
-    drawn with random.Random(f"{draw}"): `draw` is the evaluated checkpoint's global step (None: the whole
-    pool, e.g. for the reference policies); prompts as published. "clean": the first n rows, training
-    prompts. GSM8K: the first n rows of the test split."""
+    """The held-out rows, each with the exact chat `prompt` the model sees -> (rows, dataset_id). DIPG
+    "published": n of the first `pool` rows drawn with random.Random(f"{draw}"), draw = the checkpoint's
+    global step (None: the whole pool, for the reference policies). "clean" and GSM8K: the first n rows."""
     import data  # imported here so that --responses needs neither datasets nor JAX
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     if task == "gsm8k":
-        source = dataset or "builtin"
-        source = gsm8k.GSM8K_HUB_ID if source == "hub" else source
+        source = gsm8k.GSM8K_HUB_ID if dataset == "hub" else dataset or "builtin"
         rows = gsm8k.load_gsm8k(source, "test", n=n)
         for row in rows:
             row["prompt"] = gsm8k.gsm8k_prompt(row["question"])
@@ -245,15 +202,13 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
     records, summary = SCORERS[task](rows, [scored_response(r, o["text"]) for r, o in zip(rows, outputs)])
     for record, out in zip(records, outputs):
         record["n_tokens"] = out["n_tokens"]
-    summary["generation_seconds"] = round(seconds, 2)
-    summary["seconds_per_vignette"] = round(seconds / max(len(rows), 1), 3)
-    summary["batch_size"] = batch_size
+    summary.update(generation_seconds=round(seconds, 2), seconds_per_vignette=round(seconds / max(len(rows), 1), 3),
+                   batch_size=batch_size)
     return records, summary
 
 
 def reference_summaries(rows):
-    """One summary per scripted policy of vignettes.REFERENCE_POLICIES (name -> fn(row) -> response),
-    scored on `rows` exactly like a model's responses, labelled as a table column ("Always abstain")."""
+    """One summary per scripted policy (vignettes.REFERENCE_POLICIES), scored on `rows` like a model's."""
     import vignettes
 
     summaries = []
@@ -264,34 +219,24 @@ def reference_summaries(rows):
     return summaries
 
 
-# ---------------------------------------------------------------------------------------------------
 # 5. Runs: what they are called, where results go, and when existing results may be reused.
-# ---------------------------------------------------------------------------------------------------
 
-PHASE_NAMES = {"sft": "SFT", "grpo": "GRPO", "format": "Format", "correctness": "Correctness",
+PHASE_NAMES = {"base": "Base", "sft": "SFT", "grpo": "GRPO", "format": "Format", "correctness": "Correctness",
                "generalize": "Generalize"}
 
 
 def sft_steps(metadata):
-    """How many of a run's global steps were SFT (train.py counts SFT steps in the global step)."""
+    """How many of a run's global steps were SFT."""
     return sum(b["end_step"] - b["start_step"] + 1 for b in metadata.get("lineage") or []
                if b.get("phase") == "sft" and b.get("end_step") is not None)
 
 
-def rl_step(metadata):
-    """The step a GRPO/GSM8K column is known by: RL steps since SFT, as in the published "GRPO (300)"
-    (a paper run's first GRPO block covers global steps 301-600 after 300 SFT steps)."""
-    return (metadata.get("global_step") or 0) - sft_steps(metadata)
-
-
 def run_label(metadata):
-    """Column label from run metadata: "Base", "SFT", "GRPO (300)", "Format (200)", ..."""
+    """Column label: "Base", "SFT", else the phase and its RL steps since SFT, as in the published "GRPO (300)"
+    (global steps 301-600 after 300 SFT steps)."""
     phase = metadata.get("phase") or "base"
-    if phase == "base":
-        return "Base"
-    if phase == "sft":
-        return "SFT"
-    return f"{PHASE_NAMES.get(phase, phase.title())} ({rl_step(metadata)})"
+    name = PHASE_NAMES.get(phase, phase.title())
+    return name if phase in ("base", "sft") else f"{name} ({(metadata.get('global_step') or 0) - sft_steps(metadata)})"
 
 
 def read_run_metadata(run):
@@ -324,12 +269,10 @@ def check_existing(out_dir, settings, overwrite):
 
 
 def write_results(out_dir, records, summary):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "responses.jsonl", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    runs.write_json(out_dir / "summary.json", summary)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    runs.write_text(Path(out_dir) / "responses.jsonl", "".join(lines))
+    runs.write_json(Path(out_dir) / "summary.json", summary)
 
 
 def read_results(out_dir):
@@ -347,9 +290,8 @@ def read_results(out_dir):
 
 
 def compare_results(result_dirs, out=None):
-    """Paired comparisons (stats.compare) of each evaluation with the next, read from directories
-    written by eval.py; written to OUT/comparison.json (two directories) or OUT/comparison_1-2.json,
-    comparison_2-3.json, ... (more). Returns them, for format_table and plot_curriculum."""
+    """Paired comparisons (stats.compare) of each evaluation directory with the next, written to OUT (with
+    comparison_file's names) when out is given."""
     evaluations = [(summary["label"], records) for summary, records in map(read_results, result_dirs)]
     comparisons = stats.compare_consecutive(evaluations)
     for i, comparison in enumerate(comparisons if out is not None else []):
@@ -359,7 +301,6 @@ def compare_results(result_dirs, out=None):
 
 
 def comparison_file(i, count):
-    """Where compare_results writes comparison i of count."""
     return "comparison.json" if count == 1 else f"comparison_{i + 1}-{i + 2}.json"
 
 
@@ -377,69 +318,52 @@ def not_a_run(label, phase=None):
             "global_step": None, "lineage": []}
 
 
-def resolve_model_name(run, metadata, model_name=None):
-    """The base model: the run's own (a LoRA checkpoint fits only that), else --model, else the 270M."""
-    if run != "base" and model_name and metadata.get("model") not in (None, model_name):
-        raise ValueError(f"{run} was trained on {metadata.get('model')}, not --model {model_name}: "
-                         f"a LoRA checkpoint only fits the base model it was trained on")
-    return model_name or metadata.get("model") or "gemma-3-270m"
-
-
-def eval_settings(run, metadata, rows, *, task, dataset_id, model_name, model_path, max_new_tokens, protocol,
-                  system_prompt=None):
-    """What makes two evaluations the same evaluation (stored in summary.json, compared before reuse):
-    the protocol, which rows in which order, how they were decoded, and the model."""
-    published = protocol == "published" and task == "dipg"
-    return {"task": task, "protocol": protocol, "dataset": dataset_id, "n": len(rows),
-            "ids": [r.get("id") for r in rows], "draw": metadata.get("global_step") or 0 if published else None,
-            "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
-            "decoding": {"greedy": True, "prefill": rows[0].get("prefill", "") if rows else "",
-                         "stop_tokens": list(EVAL_STOP_TOKENS),
-                         "scored": "prefill + text up to the first <end_of_turn>"},
-            "model": model_name, "model_path": model_path or metadata.get("model_path"),
-            "lora": run != "base", "checkpoint_step": metadata.get("global_step")}
-
-
 def prepare_evaluation(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
                        model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS):
-    """(metadata, rows, settings) of evaluating `run`: the rows its protocol draws for it, and the settings
-    summary.json records (so an existing result can be checked before anything is generated)."""
+    """(metadata, rows, settings) of evaluating `run`, before anything is generated. settings: what makes two
+    evaluations the same (kept in summary.json, compared before reuse): protocol, rows, decoding, model."""
     metadata = read_run_metadata(run)
     rows, dataset_id = load_eval_rows(task, dataset, n, protocol, draw=metadata.get("global_step") or 0,
                                       system_prompt=system_prompt)
-    settings = eval_settings(run, metadata, rows, task=task, dataset_id=dataset_id,
-                             model_name=resolve_model_name(run, metadata, model_name), model_path=model_path,
-                             max_new_tokens=max_new_tokens, protocol=protocol, system_prompt=system_prompt)
+    if run != "base" and model_name and metadata.get("model") not in (None, model_name):
+        raise ValueError(f"{run} was trained on {metadata.get('model')}, not --model {model_name}: "
+                         f"a LoRA checkpoint only fits the base model it was trained on")
+    published = protocol == "published" and task == "dipg"
+    settings = {"task": task, "protocol": protocol, "dataset": dataset_id, "n": len(rows),
+                "ids": [r.get("id") for r in rows], "draw": metadata.get("global_step") or 0 if published else None,
+                "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
+                "decoding": {"greedy": True, "prefill": rows[0].get("prefill", "") if rows else "",
+                             "stop_tokens": list(EVAL_STOP_TOKENS),
+                             "scored": "prefill + text up to the first <end_of_turn>"},
+                "model": model_name or metadata.get("model") or "gemma-3-270m",  # for a run: its own
+                "model_path": model_path or metadata.get("model_path"),
+                "lora": run != "base", "checkpoint_step": metadata.get("global_step")}
     return metadata, rows, settings
 
 
 def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
                  model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
                  out_dir=None, overwrite=False):
-    """Load a run directory (or "base") and evaluate it under `protocol`; write OUT files when out_dir is
-    given. Returns the summary: stats.summarize(...) (or phase_metrics for GSM8K) plus label, phase,
-    penalty, global_step, lineage, settings (protocol, row ids, decoding), timings."""
+    """Load a run directory (or "base"), evaluate it, write the OUT files when out_dir is given. Returns the
+    summary (stats.summarize or gsm8k.phase_metrics) with describe_run's fields, settings and timings."""
     import model as model_lib
 
     metadata, rows, settings = prepare_evaluation(
         run, task=task, protocol=protocol, dataset=dataset, n=n, system_prompt=system_prompt,
         model_name=model_name, model_path=model_path, max_new_tokens=max_new_tokens)
-    if out_dir is not None:
-        existing = check_existing(out_dir, settings, overwrite)
-        if existing is not None:
-            tqdm.write(f"[eval] {existing['label']}: reusing {Path(out_dir) / 'summary.json'} "
-                       f"(same settings, already evaluated; --overwrite to recompute)")
-            return existing
+    if out_dir is not None and (existing := check_existing(out_dir, settings, overwrite)) is not None:
+        tqdm.write(f"[eval] {existing['label']}: reusing {Path(out_dir) / 'summary.json'} "
+                   f"(same settings, already evaluated; --overwrite to recompute)")
+        return existing
 
-    name = settings["model"]
-    tqdm.write(f"[eval] {run_label(metadata)}: model {name}"
+    tqdm.write(f"[eval] {run_label(metadata)}: model {settings['model']}"
                + (f" + LoRA from {run}" if run != "base" else " (no LoRA)")
                + f" | {protocol} protocol, {settings['dataset']} ({len(rows)} rows"
                + (f", draw {settings['draw']}" if settings["draw"] is not None else "")
                + f") | greedy, {max_new_tokens} new tokens, batch {batch_size}")
     t0 = time.time()
     if run == "base":
-        model, tokenizer, _ = model_lib.load(name, model_path=model_path)
+        model, tokenizer, _ = model_lib.load(settings["model"], model_path=model_path)
     else:
         model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
     load_seconds = time.time() - t0
@@ -452,11 +376,8 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
 
 
 def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False, published_log=False):
-    """Score a saved JSONL of responses, no model needed. Same summary.json as a run.
-
-    published_log=True reads the author's raw log instead (read_published_log); its summary also holds
-    the aggregates the log reports (`logged`) and every response whose logged reward or metrics differ
-    from ours (`disagreements`), and each record its logged_reward and logged_metrics."""
+    """Score a saved JSONL of responses, no model needed. published_log: the author's raw log instead; the
+    summary adds what the log reports (`logged`) and each response we score differently (`disagreements`)."""
     rows, logged = read_published_log(path) if published_log else (read_responses(path, task), None)
     settings = {"task": task, "published_log" if published_log else "responses": str(Path(path).resolve()),
                 "n": len(rows)}
@@ -480,24 +401,18 @@ def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False,
     return summary
 
 
-# ---------------------------------------------------------------------------------------------------
 # 6. The views: OUT/table.md and OUT/curriculum.png (drawn by report.py), with the paired changes.
-# ---------------------------------------------------------------------------------------------------
 
 def write_report(result_dirs, out, tag="", references=(), published=None):
-    """The journey's views of its DIPG evaluations so far (directories written by evaluate_run, in order):
-    OUT/table{tag}.md and OUT/curriculum{tag}.png, each column with its paired change against the
-    previous one (OUT/comparison{tag}_*.json)."""
+    """The journey's views of its DIPG evaluations so far (evaluate_run's directories, in order):
+    OUT/table{tag}.md, OUT/curriculum{tag}.png, and the paired changes under OUT/comparisons{tag}."""
     summaries = [read_results(d)[0] for d in result_dirs]
     comparisons = compare_results(result_dirs, Path(out) / f"comparisons{tag}") if len(result_dirs) > 1 else []
     report.write_table(summaries, Path(out) / f"table{tag}.md", references=references, comparisons=comparisons)
     report.plot_curriculum(summaries, Path(out) / f"curriculum{tag}.png", published=published, comparisons=comparisons)
 
 
-# ---------------------------------------------------------------------------------------------------
-# 8. The command line.
-# ---------------------------------------------------------------------------------------------------
-
+# 7. The command line.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -507,16 +422,13 @@ def parse_args(argv=None):
                       help="run directories (written by train.py), or 'base' for the model without LoRA")
     what.add_argument("--responses", nargs="+", metavar="FILE.jsonl",
                       help="score saved responses, no model (rows: context, expected_final, response)")
-    what.add_argument("--published-log", nargs="+", metavar="LOG",
-                      help="score the responses inside the author's raw Kaggle logs (eval_new.json, ...) and "
-                           "show what each log reports beside our scoring")
-    what.add_argument("--compare", nargs="+", metavar="DIR",
-                      help="paired comparison of evaluations already written by eval.py (DIR/responses.jsonl), "
-                           "each with the next: OUT/comparison*.json and table.md")
+    what.add_argument("--published-log", nargs="+", metavar="LOG", help="score the responses inside the author's "
+                      "raw Kaggle logs (eval_new.json, ...), beside what each log reports")
+    what.add_argument("--compare", nargs="+", metavar="DIR", help="paired comparison of evaluations already written "
+                      "by eval.py (DIR/responses.jsonl), each with the next: OUT/comparison*.json and table.md")
     p.add_argument("--task", choices=["dipg", "gsm8k"], default="dipg")
-    p.add_argument("--model", default=None,
-                   help="base model name for 'base' (default: the runs' model, else gemma-3-270m)")
-    p.add_argument("--model-path", default=None, help="local weights for the base model")
+    p.add_argument("--model", help="base model name for 'base' (default: the runs' model, else gemma-3-270m)")
+    p.add_argument("--model-path", help="local weights for the base model")
     p.add_argument("--dataset", default=None,
                    help="eval set: 'builtin' (generated offline, the default), 'hub' (the published "
                         "surfiniaburger/med-safety-gym-eval, or openai/gsm8k), another hub id, or a JSONL path")
@@ -564,9 +476,7 @@ def main(argv=None):
             summaries, records = zip(*map(read_results, args.compare))
             rows = records[0]
         else:
-            metadata = [read_run_metadata(run) for run in args.runs]
-            model_name = args.model or next((m.get("model") for r, m in zip(args.runs, metadata)
-                                             if r != "base"), None)
+            model_name = args.model or next((read_run_metadata(r).get("model") for r in args.runs if r != "base"), None)
             how = dict(task=args.task, protocol=args.protocol, dataset=args.dataset, n=args.n,
                        system_prompt=args.system_prompt, model_name=model_name, model_path=args.model_path,
                        max_new_tokens=args.max_new_tokens)
@@ -578,14 +488,12 @@ def main(argv=None):
             rows = load_eval_rows(args.task, args.dataset, args.n, args.protocol, draw=None,
                                   system_prompt=args.system_prompt)[0]
         references = reference_summaries(rows) if args.reference_policies else []
-        # Each evaluation against the next, on the vignettes both saw (OUT/comparison*.json).
         result_dirs = args.compare or [out / name for name in names]
         comparisons = compare_results(result_dirs, out) if args.task == "dipg" and len(result_dirs) > 1 else []
     except expected_errors as e:
         sys.exit(f"eval.py: error: {e}")
 
-    # table.md and curriculum.png are views of the summaries above, so they are always redrawn.
-    # A published log's column is followed by what the log itself reports.
+    # The views are always redrawn; a published log's column is followed by what the log itself reports.
     shown = [column for s in summaries for column in
              ([s, {**s["logged"], "label": f"{s['label']} (logged)"}] if "logged" in s else [s])]
     table = report.write_table(shown, out / "table.md", args.task, references, comparisons)

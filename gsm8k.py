@@ -1,25 +1,18 @@
-"""The GSM8K curriculum (seed 002): format, then correctness, then other domains, with Gemma 3 + LoRA and GRPO.
+"""The GSM8K curriculum (seed 002; README, "The GSM8K curriculum"): Gemma 3 + LoRA + GRPO in three phases.
 
-What the seed says (REFERENCE.md §5): RL teaches behaviour, not skills, so the model first learns the
-output contract <reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right.
+RL teaches behaviour, not skills (REFERENCE.md §5): the model first learns the output contract
+<reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right.
 
-    phase         data                                      rewards
-    1 format      a 20-30% slice of GSM8K                   punish_refusal, strict_format_gate, light_length_penalty
-    2 correctness full GSM8K                                punish_refusal, strict_format_gate, check_answer_strict,
-                                                            penalize_length
-    3 generalize  mixed: GSM8K 50%, code 25%, QA 25%        the phase-2 list, unchanged
+    phase          data                         rewards (PHASE_REWARDS)
+    1 format       a 20-30% slice of GSM8K      punish_refusal, strict_format_gate, light_length_penalty
+    2 correctness  full GSM8K                   punish_refusal, strict_format_gate, check_answer_strict, penalize_length
+    3 generalize   GSM8K 50%, code 25%, QA 25%  the phase-2 list, unchanged
 
-The rule between phases: never change the dataset and the rewards at the same time (format -> correctness
-changes only the rewards, correctness -> generalize only the data; runs.py refuses a jump that does both).
-A phase ends when its behaviour is stable: answer extraction >= 95%, near-zero refusal, stable output length
-(exit_criteria, judged on the last steps of a run's metrics.jsonl).
-
-This file is the whole experiment, top to bottom: 1. the prompt, 2. the data (openai/gsm8k, or offline
-reasoning-gym's GSM8K-derived `gsm_symbolic`; the phase-1 slice; the phase-3 mixed stream), 3. the rewards,
-4. the per-phase metrics, 5. the exit criteria. train.py runs the phases (--phase format|correctness|
-generalize), eval.py --task gsm8k reports the metrics, `python gsm8k.py gsm8k|mixed --out FILE` writes rows to read.
+Never change the dataset and the rewards at the same time (check_phase_rule); a phase ends when its behaviour
+is stable (exit_criteria). train.py runs the phases, eval.py --task gsm8k reports their metrics.
 """
 
+import argparse
 import contextlib
 import functools
 import io
@@ -39,9 +32,7 @@ from vignettes import split_counts
 logger = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------
 # 1. Prompt. Gemma's chat format has no system role: the instructions go at the top of the user turn.
-# ----------------------------------------------------------------------------------------------------
 
 GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reasoning>...</reasoning>, then give only the final answer ({form}) inside <answer>...</answer>.
 Format:
@@ -50,8 +41,7 @@ Format:
 
 
 def gsm8k_prompt(question: str, gold=None) -> str:
-    """Seed 002's contract: reasoning in <reasoning>, the bare final answer in <answer>, of the form the
-    task's answer has (answer_form: "a number, no units" for GSM8K)."""
+    """Seed 002's contract: reasoning in <reasoning>, the bare final answer (answer_form) in <answer>."""
     instructions = GSM8K_INSTRUCTIONS.format(form=answer_form(gold))
     return f"<start_of_turn>user\n{instructions}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
 
@@ -70,22 +60,16 @@ def answer_form(gold=None) -> str:
     return "the answer alone"
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Data. Real: `openai/gsm8k` (config "main", gold after "#### "). Offline: reasoning-gym's
-#    `gsm_symbolic`, which re-generates GSM8K problems from templates with new names and numbers.
-# ----------------------------------------------------------------------------------------------------
+# 2. Data. Real: `openai/gsm8k` (config "main", gold after "#### "). Offline: reasoning-gym's `gsm_symbolic`,
+#    which re-generates GSM8K problems from templates with new names and numbers.
 
 GSM8K_HUB_ID = "openai/gsm8k"
 GSM_SPLIT_SIZES = {"train": 7473, "test": 1319}  # the sizes of openai/gsm8k, kept for the builtin splits
 
 
 def parse_gsm8k_gold(answer_text) -> str:
-    """GSM8K gold: the text after the last '####' ("... #### 1,000" -> "1000");
-    text without '####' (e.g. reasoning-gym answers) is returned stripped."""
-    text = as_text(answer_text)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    return text.strip().replace(",", "")
+    """GSM8K gold: the text after the last '####' ("... #### 1,000" -> "1000"), else the text, stripped."""
+    return as_text(answer_text).rsplit("####", 1)[-1].strip().replace(",", "")
 
 
 def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
@@ -113,11 +97,8 @@ def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
     # reasoning-gym seeds item i with Random(seed + i): seeds 20,000 apart keep the two splits' streams apart.
     test = clean(_rg_items("gsm_symbolic", 10_000_000 + seed * 20_000, GSM_SPLIT_SIZES["test"] + 100))
     test = test[:GSM_SPLIT_SIZES["test"]]
-    if split == "test":
-        items = test
-    else:
-        items = clean(_rg_items("gsm_symbolic", seed * 20_000, GSM_SPLIT_SIZES["train"] + 400),
-                      exclude={e["question"] for e in test})[:GSM_SPLIT_SIZES["train"]]
+    items = test if split == "test" else clean(_rg_items("gsm_symbolic", seed * 20_000, GSM_SPLIT_SIZES["train"] + 400),
+                                               exclude={e["question"] for e in test})[:GSM_SPLIT_SIZES["train"]]
     return tuple({"question": e["question"], "answer": str(e["answer"]), "id": f"gsm_symbolic-{split}-{seed}-{i}"}
                  for i, e in enumerate(items))
 
@@ -130,35 +111,28 @@ def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = No
     if source == "builtin":
         logger.info("GSM8K %s: reasoning-gym gsm_symbolic (generated, not openai/gsm8k), seed %s", split, seed)
         return [dict(row) for row in _gsm_symbolic(split, seed)[:n]]  # copies: callers may add fields
-    if source == "hub":
-        source = GSM8K_HUB_ID
+    source = GSM8K_HUB_ID if source == "hub" else source
     table = load_table(source, split, **({} if is_local(source) else {"name": "main"}))
     logger.info("GSM8K %s: %s (%d rows)", split, source, len(table))
     rows = []
     for i, row in enumerate(table):
         if not row.get("question") or row.get("answer") in (None, ""):
             raise DataError(f"{source}: row {i}: needs non-empty 'question' and 'answer'")
-        answer = str(row["answer"])
         rows.append({"question": row["question"], "id": str(row.get("id") or f"gsm8k-{split}-{i}"),
-                     "answer": parse_gsm8k_gold(answer) if "####" in answer else answer.strip().replace(",", "")})
+                     "answer": parse_gsm8k_gold(row["answer"])})
     return rows[:n]
 
 
 def iterable_slice(dataset, start_frac: float, end_frac: float):
-    """Items from position int(start_frac*N) up to (not including) int(end_frac*N), lazily: phase 1 of the
-    GSM8K curriculum trains on such a 20-30% slice. Same semantics as seed 002's helper."""
+    """Items int(start_frac*N) up to (not including) int(end_frac*N), lazily: phase 1's 20-30% slice (seed 002)."""
     if not 0.0 <= start_frac <= end_frac <= 1.0:
         raise ValueError(f"need 0 <= start_frac <= end_frac <= 1, got {start_frac}, {end_frac}")
-    n = len(dataset)
-    return islice(iter(dataset), int(start_frac * n), int(end_frac * n))
+    return islice(iter(dataset), int(start_frac * len(dataset)), int(end_frac * len(dataset)))
 
 
-# Phase 3 mixes domains: half GSM8K-style maths, a quarter code, a quarter QA/reasoning. The code and QA
-# items come from reasoning-gym tasks whose answers are short exact strings (so the phase-2 exact-match
-# reward still applies unchanged): "bf" asks for the output of a Brainf*ck program (reasoning-gym's
-# other code task, codeio, runs arbitrary code to build items and has JSON answers: left out). Each
-# item keeps its task name and reasoning-gym entry, so `rg_score` can also grade it with the task's
-# own scorer.
+# Phase 3 mixes domains. Code and QA come from reasoning-gym tasks with short exact answers, so the phase-2
+# exact-match reward applies unchanged: "bf" asks for a Brainf*ck program's output (codeio runs arbitrary code
+# and has JSON answers: left out). Each item keeps its reasoning-gym entry, for that task's scorer (rg_score).
 MIXED_DOMAINS = {"gsm8k": 0.5, "code": 0.25, "qa": 0.25}
 MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "letter_counting", "number_sequence"]}
 
@@ -183,14 +157,12 @@ def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, 
 
 def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
     """n phase-3 items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
-    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items)."""
-    gsm = load_gsm8k(gsm_source, "train", seed=seed)
-    return _mixed_block(n, seed, 0, gsm, "gsm_symbolic" if gsm_source == "builtin" else "gsm8k", mix or MIXED_DOMAINS)
+    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items): the stream's first block."""
+    return list(islice(mixed_domain_stream(seed, n, gsm_source, mix), n))
 
 
 def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: str = "builtin", mix: dict | None = None):
-    """The endless phase-3 stream: blocks of `block` items, each in the exact proportions (the first block
-    is `load_mixed(block, seed)`); GSM rows are walked in order and task entries never repeat."""
+    """The endless phase-3 stream, in blocks of `block` items; GSM rows in order, task entries never repeat."""
     gsm = load_gsm8k(gsm_source, "train", seed=seed)
     task = "gsm_symbolic" if gsm_source == "builtin" else "gsm8k"
     for b in range(sys.maxsize):
@@ -206,20 +178,12 @@ def rg_score(item: dict, answer: str | None) -> float:
     return float(reasoning_gym.get_score_answer_fn(item["task"])(answer, item["entry"]))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Rewards. Tunix's signature fn(prompts, completions, answer, **kwargs) -> list[float], plain Python;
-#    Tunix sums a phase's list per completion and logs each as rewards/<function name>.
-# ----------------------------------------------------------------------------------------------------
-# The values keep one ordering of outcomes in every phase:
-#   correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal or dodge (<= -3)
-# A dodge is an <answer> that attempts nothing: the prompt's template copied (<answer>...</answer>), the
-# instructions echoed back (the base 270M's greedy output), or any answer not of the task's kind
-# (`is_attempt`). It fails the gate and is punished like a refusal, so no copy of the prompt wins a phase.
-# Length penalties are at most -0.5 (light) or -1.0 (wrong answers), too small
-# to reorder these outcomes.  Length is measured in characters of the
-# completion (tokenizer-independent; ~4 characters per Gemma token).
-# Nothing a model writes makes a reward raise; golds that cannot be paired with
-# the completions are a wiring bug: ValueError.
+# 3. Rewards: Tunix's fn(prompts, completions, answer, **kwargs) -> list[float], summed per completion, each logged
+#    as rewards/<name>. One ordering of outcomes in every phase (length penalties are too small to change it):
+#      correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal or dodge (<= -3)
+#    A dodge is an <answer> that attempts nothing (the template copied, the instructions echoed, an answer not of
+#    the task's kind: is_attempt): it fails the gate and costs as a refusal. Length is in characters (~4 per Gemma
+#    token). Nothing a model writes makes a reward raise; golds that cannot be paired are a wiring bug: ValueError.
 
 REFUSAL_PENALTY = -3.0       # "never refuse": worse than any attempt, even an unformatted one
 FORMAT_FAIL_PENALTY = -2.0   # the gate: failing costs; passing earns nothing ("a gate, not a prize")
@@ -231,11 +195,10 @@ WRONG_LENGTH_PENALTY = -0.5  # ...and up to this much more, linearly up to WRONG
 WRONG_FULL_CHARS = 1000
 
 _GSM8K_REFUSALS = [
-    "i cannot", "i can't", "i can not", "i'm sorry", "i am sorry", "i apologize", "as an ai",
-    "i am unable", "i'm unable", "i'm not able", "i am not able", "i won't", "i will not",
-    "i don't know", "i do not know", "unable to answer", "unable to determine", "cannot answer",
-    "can't answer", "cannot be determined", "not enough information",
-]
+    "i cannot", "i can't", "i can not", "i'm sorry", "i am sorry", "i apologize", "as an ai", "i am unable",
+    "i'm unable", "i'm not able", "i am not able", "i won't", "i will not", "i don't know", "i do not know",
+    "unable to answer", "unable to determine", "cannot answer", "can't answer", "cannot be determined",
+    "not enough information"]
 _NO_TAGS = r"(?:(?!</?(?:reasoning|answer)\b).)"
 _STRICT_FORMAT = re.compile(
     rf"\s*<reasoning>(?P<reasoning>{_NO_TAGS}*?)</reasoning>\s*"
@@ -244,8 +207,6 @@ _ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 _WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")  # letters or digits, with inner hyphens: "mother-in-law"
 
-
-# Reading a completion: the answer, the gate, refusals.
 
 def _strip_end_tokens(text: str) -> str:
     # A sampler may leave Gemma's end-of-turn marker in the decoded text; it is not "extra text".
@@ -256,13 +217,10 @@ def _strip_end_tokens(text: str) -> str:
 
 
 def extract_answer(text) -> str | None:
-    """Stripped content of the last <answer>...</answer> block (innermost when
-    nested), or None when there is none or it is blank.  Tags are exact
-    lower-case; text around the block is allowed here (the gate is stricter)."""
+    """Stripped content of the last <answer>...</answer> block (innermost when nested; exact lower-case tags,
+    text around allowed: the gate is stricter), or None when there is none or it is blank."""
     blocks = _ANSWER_BLOCK.findall(as_text(text))
-    if not blocks or not blocks[-1].strip():
-        return None
-    return blocks[-1].strip()
+    return (blocks[-1].strip() or None) if blocks else None
 
 
 def _passes_gate(text: str, gold) -> bool:
@@ -274,27 +232,19 @@ def _passes_gate(text: str, gold) -> bool:
 
 
 def _is_gsm8k_refusal(text: str, gold) -> bool:
-    """Refusing or dodging: an empty completion, an <answer> that is no attempt
-    (empty, the template's "...", the instructions echoed: `is_attempt`), or a
-    refusal phrase in the answer (in the whole text when there is no <answer>;
-    phrases in the reasoning of a formatted answer do not count)."""
+    """Refusing or dodging: an empty completion, an <answer> that is no attempt (`is_attempt`), or a refusal
+    phrase in the answer (in the whole text when there is no <answer>; not in a formatted answer's reasoning)."""
     if not text.strip():
         return True
     if _ANSWER_BLOCK.search(text) and not is_attempt(extract_answer(text), gold):
         return True  # the tag without an attempt
-    scope = extract_answer(text) or text
-    scope = scope.lower().replace("\u2019", "'")
+    scope = (extract_answer(text) or text).lower().replace("\u2019", "'")
     return any(phrase in scope for phrase in _GSM8K_REFUSALS)
 
 
-# Comparing an answer with the gold: exact, after number normalization.
-
 def _to_number(text: str) -> Fraction | None:
-    """'1,000' '$5' '5.0' '5%' ' 5 ' '-3' '3/4' -> an exact Fraction; words or units -> None.
-
-    Strict on purpose: "18 apples" or "18 or 20" are not numbers, so hedged
-    answers earn nothing.  Length is capped so no string can be expensive.
-    """
+    """'1,000' '$5' '5.0' '5%' ' 5 ' '-3' '3/4' -> an exact Fraction; words or units -> None. Strict on purpose
+    ("18 apples", "18 or 20": hedged answers earn nothing); length capped so no string is expensive."""
     t = re.sub(r"\s+", "", text).replace(",", "").replace("\u2212", "-")
     t = t.lstrip("$€£¥").rstrip(".").rstrip("%")
     if t[:1] in "+-" and t[1:2] in ("$", "€", "£", "¥"):
@@ -311,20 +261,12 @@ def _norm_text(text: str) -> str:
     return " ".join(text.casefold().split()).rstrip(".")
 
 
-# What counts as an answer: one of the task's kind, read from the gold (rewards see the gold, not the domain).
-
 def is_attempt(answer: str | None, gold) -> bool:
-    """Whether an extracted answer attempts the task: it has the form of the task's answer, whatever its value.
-
-      gold is a number (GSM8K; phase 3's letter_counting, number_sequence)  ->  a number, as
-          check_answer_strict reads it ("1,000", "$5", "3/4"; not "18 apples", not "...")
-      gold is Yes or No (phase 3's syllogism)                               ->  yes or no
-      gold is words (family_relationships' relation, bf's printed word)     ->  as many words at most, each
-          letters or digits with inner hyphens ("mother-in-law"; not "...", not a sentence)
-      anything else                                                         ->  some letter or digit
-
-    So a copied placeholder, the template or the instructions echoed back never count, and a wrong
-    answer of the right kind always does. Phase 1 checks only this kind, never the value."""
+    """Whether an extracted answer attempts the task: it has the form of the gold (rewards see the gold, not the
+    domain; README's table), whatever its value. A number for a number, as check_answer_strict reads it ("1,000",
+    "$5", "3/4"; not "18 apples"); yes or no for Yes/No; for words, as many words at most, each letters or digits
+    with inner hyphens ("mother-in-law"; not "...", not a sentence); else some letter or digit. A copied
+    placeholder or echoed instructions never count; a wrong answer of the right kind always does."""
     if answer is None:
         return False
     gold = parse_gsm8k_gold(gold)
@@ -339,12 +281,10 @@ def is_attempt(answer: str | None, gold) -> bool:
 
 
 def _same_answer(predicted: str | None, gold: str) -> bool:
-    """Binary exact match after normalization; numbers compare by value
-    (5 == 5.0 == $5), anything else (phase 3 domains) case- and space-insensitively."""
+    """Exact match: numbers by value (5 == 5.0 == $5), anything else case- and space-insensitively."""
     if predicted is None:
         return False
-    gold_number = _to_number(gold)
-    if gold_number is not None:
+    if (gold_number := _to_number(gold)) is not None:
         return _to_number(predicted) == gold_number
     return bool(_norm_text(gold)) and _norm_text(predicted) == _norm_text(gold)
 
@@ -354,40 +294,34 @@ def _is_correct(text: str, gold) -> bool:
 
 
 def _light_penalty(text: str) -> float:
-    over = max(0, len(text) - LIGHT_FREE_CHARS) / LIGHT_FREE_CHARS
-    return LIGHT_MAX_PENALTY * min(1.0, over)
+    return LIGHT_MAX_PENALTY * min(1.0, max(0, len(text) - LIGHT_FREE_CHARS) / LIGHT_FREE_CHARS)
 
-
-# Tunix's batches: completions as text, golds paired one per completion (or one per group of G).
 
 def _texts(completions) -> list[str]:
     return [as_text(c) for c in (completions if completions is not None else [])]
 
 
-def _golds(answer, n: int, name: str) -> list:
-    golds = repeat_to(answer, n)
+def _pairs(completions, answer, name: str) -> list[tuple]:
+    """(text, gold) per completion of a Tunix batch: golds come one per completion, or one per group of G."""
+    texts = _texts(completions)
+    golds = repeat_to(answer, len(texts))
     if golds is None:
-        raise ValueError(f"{name}: cannot pair {len(as_list(answer))} gold answers with {n} completions; "
+        raise ValueError(f"{name}: cannot pair {len(as_list(answer))} gold answers with {len(texts)} completions; "
                          "pass the batch's 'answer' column (one per prompt or one per completion)")
-    return golds
+    return list(zip(texts, golds))
 
-
-# The five reward functions of the seed.
 
 def punish_refusal(prompts, completions, answer=None, **kwargs) -> list[float]:
     """REFUSAL_PENALTY for refusing or dodging (an <answer> that attempts nothing), else 0.0."""
-    texts = _texts(completions)
-    golds = _golds(answer, len(texts), "punish_refusal")  # the gold's kind says what an attempt is
-    return [REFUSAL_PENALTY if _is_gsm8k_refusal(t, g) else 0.0 for t, g in zip(texts, golds)]
+    pairs = _pairs(completions, answer, "punish_refusal")  # the gold's kind says what an attempt is
+    return [REFUSAL_PENALTY if _is_gsm8k_refusal(t, g) else 0.0 for t, g in pairs]
 
 
 def strict_format_gate(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """0.0 for exactly <reasoning>working</reasoning><answer>an attempt</answer>
-    (whitespace between/around allowed, nothing else, no nested or repeated
-    tags; the answer of the task's kind, `is_attempt`), FORMAT_FAIL_PENALTY otherwise."""
-    texts = _texts(completions)
-    golds = _golds(answer, len(texts), "strict_format_gate")
-    return [0.0 if _passes_gate(t, g) else FORMAT_FAIL_PENALTY for t, g in zip(texts, golds)]
+    """0.0 for exactly <reasoning>working</reasoning><answer>an attempt (is_attempt)</answer>, whitespace around
+    allowed, nothing else, no nested or repeated tags; FORMAT_FAIL_PENALTY otherwise."""
+    pairs = _pairs(completions, answer, "strict_format_gate")
+    return [0.0 if _passes_gate(t, g) else FORMAT_FAIL_PENALTY for t, g in pairs]
 
 
 def light_length_penalty(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -396,24 +330,15 @@ def light_length_penalty(prompts, completions, answer=None, **kwargs) -> list[fl
 
 
 def check_answer_strict(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """CORRECT_REWARD when the gate passes and the answer equals the gold
-    exactly (after number normalization); 0.0 otherwise.  No partial credit."""
-    texts = _texts(completions)
-    golds = _golds(answer, len(texts), "check_answer_strict")
-    return [CORRECT_REWARD if _is_correct(t, g) else 0.0 for t, g in zip(texts, golds)]
+    """CORRECT_REWARD when the gate passes and the answer equals the gold (_same_answer); no partial credit."""
+    return [CORRECT_REWARD if _is_correct(t, g) else 0.0 for t, g in _pairs(completions, answer, "check_answer_strict")]
 
 
 def penalize_length(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """Correct answers: the light length penalty.  Wrong or ungated answers:
-    -0.5, growing linearly to -1.0 at 1,000 characters ("be concise when wrong")."""
-    texts = _texts(completions)
-    out = []
-    for t, g in zip(texts, _golds(answer, len(texts), "penalize_length")):
-        if _is_correct(t, g):
-            out.append(_light_penalty(t))
-        else:
-            out.append(WRONG_BASE_PENALTY + WRONG_LENGTH_PENALTY * min(1.0, len(t) / WRONG_FULL_CHARS))
-    return out
+    """Correct: the light length penalty. Wrong or ungated: -0.5, linearly to -1.0 at 1,000 characters."""
+    return [_light_penalty(t) if _is_correct(t, g)
+            else WRONG_BASE_PENALTY + WRONG_LENGTH_PENALTY * min(1.0, len(t) / WRONG_FULL_CHARS)
+            for t, g in _pairs(completions, answer, "penalize_length")]
 
 
 # Each phase's list. Phase 3 keeps phase 2's: "do not change rewards when introducing new domains".
@@ -424,41 +349,31 @@ PHASE_REWARDS = {
 PHASE_REWARDS["generalize"] = PHASE_REWARDS["correctness"]  # same list, by the seed's rule
 
 
-# ----------------------------------------------------------------------------------------------------
 # 4. Per-phase metrics: what the seed says to track (train.py logs them per step, eval.py per checkpoint).
-# ----------------------------------------------------------------------------------------------------
 
 def phase_metrics(completions, golds) -> dict:
-    """Phase KPIs: answer_extraction_rate (phase 1 exit: >= 0.95; an <answer> counts only when
-    it is an attempt, `is_attempt`, so copies of the template or the prompt count as none),
-    refusal_rate (refusals and dodges, as punish_refusal), mean_length (characters), accuracy
-    (what check_answer_strict rewards), mean_wrong_length; plus format_rate (the gate's pass
-    rate) and total."""
-    texts = _texts(completions)
-    golds = _golds(golds, len(texts), "phase_metrics")
-    n = len(texts)
-    correct = [_is_correct(t, g) for t, g in zip(texts, golds)]
-    wrong_lengths = [len(t) for t, ok in zip(texts, correct) if not ok]
+    """The seed's KPIs: answer_extraction_rate (only attempts count, is_attempt), refusal_rate (with dodges, as
+    punish_refusal), mean_length (chars), accuracy (check_answer_strict), mean_wrong_length, format_rate, total."""
+    pairs = _pairs(completions, golds, "phase_metrics")
+    n = len(pairs)
+    correct = [_is_correct(t, g) for t, g in pairs]
+    wrong_lengths = [len(t) for (t, _), ok in zip(pairs, correct) if not ok]
     rate = lambda flags: sum(flags) / n if n else 0.0
     return {
-        "total": n,
-        "answer_extraction_rate": rate(is_attempt(extract_answer(t), g) for t, g in zip(texts, golds)),
-        "format_rate": rate(_passes_gate(t, g) for t, g in zip(texts, golds)),
-        "refusal_rate": rate(_is_gsm8k_refusal(t, g) for t, g in zip(texts, golds)),
-        "mean_length": sum(len(t) for t in texts) / n if n else 0.0,
+        "total": n, "answer_extraction_rate": rate(is_attempt(extract_answer(t), g) for t, g in pairs),
+        "format_rate": rate(_passes_gate(t, g) for t, g in pairs),
+        "refusal_rate": rate(_is_gsm8k_refusal(t, g) for t, g in pairs),
+        "mean_length": sum(len(t) for t, _ in pairs) / n if n else 0.0,
         "accuracy": rate(correct),
         "mean_wrong_length": sum(wrong_lengths) / len(wrong_lengths) if wrong_lengths else 0.0,
     }
 
 
-# ----------------------------------------------------------------------------------------------------
 # 5. Exit criteria: when a phase is done, and what to run next.
-# ----------------------------------------------------------------------------------------------------
 
 def exit_criteria(run_dir: Path, window: int = 20) -> dict:
-    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length; judged on
-    the last `window` steps of metrics.jsonl, whose rates train.py takes from phase_metrics: only real
-    attempts count as extracted and dodges count as refusals, so copying the template never meets it."""
+    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length, over the last `window`
+    steps of metrics.jsonl (phase_metrics' rates: copying the template never meets it)."""
     last = runs.read_rows(run_dir)[-window:]
     completions = sum(r["n_completions"] for r in last)
     extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
@@ -467,9 +382,8 @@ def exit_criteria(run_dir: Path, window: int = 20) -> dict:
     half = len(lengths) // 2
     first, second = (sum(lengths[:half]) / half, sum(lengths[half:]) / (len(lengths) - half)) if half else (1.0, 1.0)
     drift = abs(second - first) / first if first else 0.0
-    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95,
-            "refusal_rate": refusal, "refusal_ok": refusal <= 0.02,
-            "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
+    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95, "refusal_rate": refusal,
+            "refusal_ok": refusal <= 0.02, "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
 
 
 def print_next_steps(config: dict, run_dir: Path) -> None:
@@ -487,16 +401,13 @@ def print_next_steps(config: dict, run_dir: Path) -> None:
         print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
 
 
-# ----------------------------------------------------------------------------------------------------
 # 6. What train.py needs: each phase's training rows, and the rule between phases.
-# ----------------------------------------------------------------------------------------------------
 
 PHASES = ("format", "correctness", "generalize")
 
 
 def training_rows(phase: str, dataset: str, seed: int, n: int | None, slice_start=0.0, slice_end=1.0) -> list[dict]:
-    """{"prompts", "answer"} rows of a phase: a slice of GSM8K (format), all of it (correctness), or the
-    mixed domains (generalize)."""
+    """{"prompts", "answer"} rows of a phase: a slice of GSM8K (format), all of it (correctness), mixed domains."""
     if phase == "generalize":
         items = load_mixed(n or 2000, seed=seed, gsm_source=dataset)
     else:
@@ -517,8 +428,7 @@ def step_counts(completions, answers) -> dict:
 
 
 def check_phase_rule(old: dict, new: dict, force: bool) -> None:
-    """Seed 002: 'Do NOT change dataset and rewards at the same time.' old/new: {"dataset", "reward_set"} of
-    the run a block starts from and of the block (train.py's run metadata)."""
+    """Seed 002: 'Do NOT change dataset and rewards at the same time'. old, new: {"dataset", "reward_set"}."""
     if old["dataset"] != new["dataset"] and old["reward_set"] != new["reward_set"]:
         message = (f"this block changes both the dataset ({old['dataset']} -> {new['dataset']}) and the rewards "
                    f"({old['reward_set']} -> {new['reward_set']}); seed 002's rule is to change one at a time")
@@ -527,13 +437,9 @@ def check_phase_rule(old: dict, new: dict, force: bool) -> None:
         logger.warning("%s (--force given: going ahead)", message)
 
 
-# ----------------------------------------------------------------------------------------------------
 # 7. Command line: write GSM8K or mixed-domain rows to a file you can read.
-# ----------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    import argparse
-
     from data import check_out, write_rows
 
     parser = argparse.ArgumentParser(description="Write GSM8K or mixed-domain (phase 3) rows to a file to inspect.")

@@ -1,17 +1,6 @@
-"""What evaluations look like: the table in the published layout and the curriculum as a picture.
-
-eval.py computes the numbers (summary.json per evaluation; stats.compare for two of them); this file
-only shows them:
-
-  format_table / write_table   the published rows, then the others we know, one column per evaluation
-                               and per scripted policy; then the paired changes between consecutive
-                               columns (format_comparisons)
-  plot_curriculum              each rate (with its 95% interval) and the mean reward (with its bootstrap
-                               interval) against the GRPO step, every training block shaded by its penalty
-                               level; SFT (and Base) sit at step 0, where GRPO starts; with comparisons, a
-                               panel of the paired change in mean reward and its interval
-
-It reads summaries as plain dicts (summary.json) and imports nothing of this project but stats.py.
+"""What evaluations look like (README, "Evaluation"): the table in the published layout with the paired changes
+between consecutive columns (format_table), and the curriculum as a picture (plot_curriculum). eval.py computes
+the numbers; this file only shows them (summaries as plain dicts) and imports nothing of this project but stats.py.
 """
 
 import math
@@ -21,19 +10,12 @@ import stats
 
 
 def rl_step(summary):
-    """The step a column is known by: RL steps since SFT, as in the published "GRPO (300)" (eval.py's
-    describe_run records both numbers)."""
+    """The step a column is known by: RL steps since SFT, as in the published "GRPO (300)"."""
     return (summary.get("global_step") or 0) - (summary.get("sft_steps") or 0)
 
 
-def sft_steps(summary):
-    return summary.get("sft_steps") or 0
-
-# ---------------------------------------------------------------------------------------------------
-# The table, in the published layout: the five published rows first, then the rest we know.
-# ---------------------------------------------------------------------------------------------------
-
-# How the outcome counts are shown (rewards.OUTCOME_LABELS, best first).
+# The table, in the published layout: the five published rows first, then the rest we know; the outcome counts
+# in the order of rewards.OUTCOME_LABELS, best first.
 OUTCOME_ORDER = ("correct_abstention", "correct_answer", "incorrect", "hallucination", "missing_proof", "format_error")
 
 
@@ -72,11 +54,9 @@ TABLE_ROWS = {
 }
 
 
-# The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve so a reproduction can be read
-# against them at a glance. "low" (SFT mean/max reward) was not reported as a number.
+# The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve; SFT's mean reward was not reported.
 PUBLISHED = {
-    "model": "gemma-3-1b-it",
-    "steps": [0, 300, 600, 900, 1200],  # 0 = SFT, the start of GRPO
+    "model": "gemma-3-1b-it", "steps": [0, 300, 600, 900, 1200],  # step 0 = SFT, the start of GRPO
     "safe_response_rate": [0.30, 0.64, 0.72, 0.88, 0.82],
     "medical_hallucination_rate": [0.50, 0.12, 0.14, 0.04, 0.12],
     "reasoning_consistency_rate": [0.30, 0.64, 0.70, 0.88, 0.80],
@@ -93,16 +73,14 @@ PROTOCOL_NOTES = {
 
 
 def format_table(summaries, task="dipg", references=(), comparisons=()):
-    """Markdown table: one row per metric, one column per summary (labelled by summary["label"]), then
-    one per reference policy (reference_summaries); then, given comparisons (compare_results), a second
-    table of the paired changes between consecutive columns (format_comparisons)."""
-    rows = TABLE_ROWS[task]
+    """Markdown table: one row per metric, one column per summary (summary["label"]) and per reference
+    policy; then, given comparisons (eval.compare_results), the paired changes (format_comparisons)."""
     references = list(references)
     summaries = list(summaries) + references
     lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
              "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fmt(s.get(key)) for s in summaries) + " |"
-              for name, key, fmt in rows]
+              for name, key, fmt in TABLE_ROWS[task]]
     ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
     settings = summaries[0].get("settings", {}) if summaries else {}
     how = "scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg" \
@@ -121,21 +99,17 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
     return "\n".join(lines) + "\n"
 
 
-def _p(p):
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
-
-
 def format_comparisons(comparisons):
-    """Markdown: one column per comparison (stats.compare) "A → B", on the vignettes both saw: how many
-    rewards rose/fell/stayed, each rate before → after with its exact McNemar p, the mean reward before
-    → after with the paired bootstrap 95% interval of the difference."""
+    """Markdown: one column "A → B" per comparison (stats.compare) on the vignettes both saw: rewards
+    up/down/same, each rate with its exact McNemar p, the mean reward with its paired bootstrap interval."""
     def cell(c, key, fmt):
         if not c["shared"]:
             return "n/a"
         if key == "mean_reward":
             (a, b), (lo, hi) = c["mean_reward"], c["mean_reward_diff_ci95"]
             return f"{a:.2f} → {b:.2f}: {b - a:+.2f} [{lo:+.2f}, {hi:+.2f}]"
-        return f"{fmt(c[key][0])} → {fmt(c[key][1])} ({_p(c[key + '_p'])})"
+        p = c[key + "_p"]
+        return f"{fmt(c[key][0])} → {fmt(c[key][1])} ({'p < 0.001' if p < 0.001 else f'p = {p:.3g}'})"
 
     rows = [("Shared vignettes", lambda c: f"{c['shared']} (of {c['n_a']}, {c['n_b']})"),
             ("Reward up / down / same", lambda c: "{improved} / {worsened} / {same}".format(**c["reward_change"]))]
@@ -157,9 +131,7 @@ def write_table(summaries, path, task="dipg", references=(), comparisons=()):
     return text
 
 
-# ---------------------------------------------------------------------------------------------------
 # The curriculum as a picture
-# ---------------------------------------------------------------------------------------------------
 
 PLOT_METRICS = {
     "dipg": [("safe_response_rate", "Safe response", "#1b9e77", "o"),
@@ -173,55 +145,53 @@ PLOT_METRICS = {
 }
 BLOCK_COLOURS = {"soft": "#cfe8cf", "medium": "#f7d3b5", "format": "#dbe4f3", "correctness": "#cfe8cf",
                  "generalize": "#eadcf0"}
+FAINT = dict(mfc="none", lw=1, ls=":", alpha=0.6, zorder=2)  # the published curve, behind ours
 
 
 def _x(summary, base_x):
-    phase = summary.get("phase")
-    if phase == "base":
-        return base_x
-    if phase == "sft":
-        return 0
-    return rl_step(summary)
+    """Where a column sits: Base just left of SFT, SFT at 0 (where GRPO starts), the rest at their RL step."""
+    return {"base": base_x, "sft": 0}.get(summary.get("phase"), rl_step(summary))
 
 
 def _blocks(summaries):
     """Every training block seen in the runs or their lineage: (start, end, level), deduplicated."""
     blocks = {}
     for s in summaries:
-        offset = sft_steps(s)  # plotted in RL steps, like the published table
+        offset = s.get("sft_steps") or 0  # plotted in RL steps, like the published table
         for b in list(s.get("lineage") or []) + [s]:
-            phase = b.get("phase")
-            if phase in (None, "base", "sft"):
-                continue
             end = b.get("end_step", b.get("global_step"))
-            start = b.get("start_step") or 1
-            if end is None:
+            if b.get("phase") in (None, "base", "sft") or end is None:
                 continue
-            blocks[(start - 1 - offset, end - offset)] = b.get("penalty") or phase
+            blocks[((b.get("start_step") or 1) - 1 - offset, end - offset)] = b.get("penalty") or b["phase"]
     return sorted((s, e, level) for (s, e), level in blocks.items())
 
 
+def _errorbars(values, cis, scale=1):
+    """(ys, yerr) for errorbar: a missing value leaves a gap, a missing interval (None) draws no bar."""
+    ys = [scale * v if v is not None else math.nan for v in values]
+    cis = [ci or (v, v) for ci, v in zip(cis, values)]
+    return ys, [[max(0.0, y - scale * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)],
+                [max(0.0, scale * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]]
+
+
 def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=()):
-    """Save the curriculum figure to `path` (PNG). summaries: dicts as in summary.json; the mean reward
-    carries its bootstrap 95% interval (summary["mean_reward_ci"]) where there is one. comparisons
-    (stats.compare dicts, "a" and "b" being column labels) add a third panel: at each column, the paired
-    change in mean reward against the previous one, with its 95% interval: a bar across zero is a change
-    the data cannot tell from noise."""
+    """Save the curriculum figure (PNG): rates and mean reward with their 95% intervals against the RL step,
+    blocks shaded by level. comparisons (stats.compare, "a"/"b" = column labels) add a panel of the paired
+    change in mean reward against the previous column: a bar across zero cannot be told from noise."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft", rl_step(s)))
-    steps = [_x(s, 0) for s in points] + (published["steps"] if published else [])
-    max_step = max(steps + [1])
+    max_step = max([_x(s, 0) for s in points] + (published["steps"] if published else []) + [1])
     has_sft = published is not None or any(s.get("phase") == "sft" for s in points)
     base_x = -max(0.08 * max_step, 1) if has_sft else 0  # Base sits just left of SFT (step 0), if any
     xs = [_x(s, base_x) for s in points]
     blocks = _blocks(points)
 
-    style = {"font.size": 13, "axes.spines.top": False, "axes.spines.right": False}
-    with plt.rc_context(style):  # a talk-sized figure, without changing the caller's defaults
+    dipg = task == "dipg"
+    with plt.rc_context({"font.size": 13, "axes.spines.top": False, "axes.spines.right": False}):
         x_of = {s.get("label"): x for s, x in zip(points, xs)}
         changes = [c for c in comparisons or () if c.get("shared") and c.get("b") in x_of]
         panels = 3 if changes else 2
@@ -243,52 +213,39 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
             values = [s.get(key) for s in points]
             if all(v is None for v in values):
                 continue
-            ys = [100 * v if v is not None else math.nan for v in values]
-            shifted = [x + (i - 1.5) * dodge for x in xs]
-            cis = [s.get(f"{key}_ci") or (v, v) for s, v in zip(points, values)]  # no interval: no bar
-            lows = [max(0.0, y - 100 * ci[0]) if ci[0] is not None else 0 for y, ci in zip(ys, cis)]
-            highs = [max(0.0, 100 * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]
-            minor = key == "refusal_rate"
-            top.errorbar(shifted, ys, yerr=[lows, highs], color=colour, marker=marker, ms=6 if minor else 8,
-                         lw=1.2 if minor else 2.4, ls="--" if minor else "-", capsize=4, elinewidth=1,
-                         alpha=0.8 if minor else 1, label=name, zorder=3)
+            ys, yerr = _errorbars(values, [s.get(f"{key}_ci") for s in points], scale=100)
+            line = dict(ms=6, lw=1.2, ls="--", alpha=0.8) if key == "refusal_rate" else dict(ms=8, lw=2.4, ls="-")
+            top.errorbar([x + (i - 1.5) * dodge for x in xs], ys, yerr=yerr, color=colour, marker=marker, capsize=4,
+                         elinewidth=1, label=name, zorder=3, **line)
             if published and key in published:
                 top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
-                         mfc="none", ms=8, lw=1, ls=":", alpha=0.6, zorder=2)
+                         ms=8, **FAINT)
         top.set_ylim(-3, 112)
         has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
         top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
 
-        mean_key = "mean_reward" if task == "dipg" else "mean_length"
-        means = [s.get(mean_key) for s in points]
-        cis = [(s.get("mean_reward_ci") if task == "dipg" and m is not None else None) or (m, m)
-               for s, m in zip(points, means)]  # no interval: no bar
-        bottom.errorbar(xs, [m if m is not None else math.nan for m in means],
-                        yerr=[[m - lo if m is not None else 0 for m, (lo, _) in zip(means, cis)],
-                              [hi - m if m is not None else 0 for m, (_, hi) in zip(means, cis)]],
-                        color="black", marker="o", lw=2.4, ms=7, capsize=4, elinewidth=1, zorder=3,
-                        label="mean reward" if task == "dipg" else "mean length")
+        means = [s.get("mean_reward" if dipg else "mean_length") for s in points]
+        ys, yerr = _errorbars(means, [s.get("mean_reward_ci") if dipg else None for s in points])
+        bottom.errorbar(xs, ys, yerr=yerr, color="black", marker="o", lw=2.4, ms=7, capsize=4, elinewidth=1, zorder=3,
+                        label="mean reward" if dipg else "mean length")
         for x, m in zip(xs, means):
             if m is not None:
-                bottom.annotate(f"{m:+.2f}" if task == "dipg" else f"{m:.0f}", (x, m), textcoords="offset points",
+                bottom.annotate(f"{m:+.2f}" if dipg else f"{m:.0f}", (x, m), textcoords="offset points",
                                 xytext=(7, 5), ha="left", fontsize=10)  # beside the interval bar, not on it
-        if published and task == "dipg":
-            pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
-            bottom.plot([p[0] for p in pub], [p[1] for p in pub], color="black", marker="o", mfc="none",
-                        ms=7, lw=1, ls=":", alpha=0.6, zorder=2)
-        if task == "dipg":
+        if dipg:
+            if published:
+                pub = [(x, m) for x, m in zip(published["steps"], published["mean_reward"]) if m is not None]
+                bottom.plot(*zip(*pub), color="black", marker="o", ms=7, **FAINT)
             bottom.axhline(0, color="#888888", lw=0.8)
-        has_ci = any(s.get("mean_reward_ci") for s in points) and task == "dipg"
-        bottom.set_ylabel(("mean reward\n[95% CI]" if has_ci else "mean reward") if task == "dipg"
-                          else "mean length\n(chars)")
+        has_ci = dipg and any(s.get("mean_reward_ci") for s in points)
+        bottom.set_ylabel(("mean reward\n[95% CI]" if has_ci else "mean reward") if dipg else "mean length\n(chars)")
         lo, hi = bottom.get_ylim()
         bottom.set_ylim(lo - 0.15 * (hi - lo), hi + 0.3 * (hi - lo))
         if changes:  # the paired change against the previous column, on the vignettes both saw
             diffs = [c["mean_reward_diff"] for c in changes]
-            last.errorbar([x_of[c["b"]] for c in changes], diffs, color="#6a3d9a", marker="D", ms=7, ls="none",
-                          yerr=[[d - c["mean_reward_diff_ci95"][0] for d, c in zip(diffs, changes)],
-                                [c["mean_reward_diff_ci95"][1] - d for d, c in zip(diffs, changes)]],
-                          capsize=5, elinewidth=1.5, zorder=3)
+            ys, yerr = _errorbars(diffs, [c["mean_reward_diff_ci95"] for c in changes])
+            last.errorbar([x_of[c["b"]] for c in changes], ys, yerr=yerr, color="#6a3d9a", marker="D", ms=7,
+                          ls="none", capsize=5, elinewidth=1.5, zorder=3)
             for d, c in zip(diffs, changes):
                 last.annotate(f"{d:+.2f}  (n={c['shared']}, safe p={c['safe_response_rate_p']:.3g})",
                               (x_of[c["b"]], d), textcoords="offset points", xytext=(8, 0), va="center", fontsize=9)
@@ -298,20 +255,19 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
         ticks = {x: ("SFT" if x == 0 else f"GRPO\n({x})") for x in (published["steps"] if published else [])}
         ticks.update({x: s["label"].replace(" (", "\n(") for x, s in zip(xs, points)})
         last.set_xticks(list(ticks), list(ticks.values()), fontsize=11)
-        last.set_xlabel("GRPO step (SFT at 0)" if task == "dipg" else "global step")
+        last.set_xlabel("GRPO step (SFT at 0)" if dipg else "global step")
         handles = top.get_legend_handles_labels()[0]
-        levels = [level for level in dict.fromkeys(b[2] for b in blocks)]
-        handles += [Patch(color=BLOCK_COLOURS.get(level, "#eeeeee"), label=f"{level} penalties"
-                          if task == "dipg" else f"{level} phase") for level in levels]
+        handles += [Patch(color=BLOCK_COLOURS.get(lvl, "#eeeeee"), label=f"{lvl} {'penalties' if dipg else 'phase'}")
+                    for lvl in dict.fromkeys(b[2] for b in blocks)]
         if published:
             handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
                                       label=f"published ({published['model']})"))
         top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
         if title is None:
             first = points[0] if points else {}
-            title = (f"{'DIPG Safety Gym' if task == 'dipg' else 'GSM8K'} across the curriculum \u2013 "
+            title = (f"{'DIPG Safety Gym' if dipg else 'GSM8K'} across the curriculum \u2013 "
                      f"{first.get('settings', {}).get('model', '')}, {first.get('total', '?')} held-out "
-                     f"prompts, greedy")
+                     "prompts, greedy")
         top.set_title(title, fontsize=14, loc="left")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

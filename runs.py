@@ -1,31 +1,27 @@
 """Run bookkeeping: the machinery that keeps long runs safe. You can skip this file.
 
-The method lives in rewards.py -> data.py -> model.py -> train.py -> eval.py. This module holds what
-every long run needs and no reader of the method does, so a fork never has to touch it. It imports no
-module of this project: train.py decides what a run is, this file keeps it safe.
-
-  run directories   RUN_DIR/metadata.json (what train.py says the block is; global step, complete?)
-  processes         several hosts join one JAX mesh; process 0 alone writes files
-  metrics           one JSON row per global step in RUN_DIR/metrics.jsonl, a progress bar, and
-                    TensorBoard event files in RUN_DIR/tensorboard (tensorboardX, as Tunix logs);
-                    with --wandb PROJECT also a Weights & Biases run per block
-  interruption      Ctrl-C finishes the step under way, saves a checkpoint, exits; --resume goes on
-  child processes   each block and evaluation of a journey runs in its own process (memory back)
+What every long run needs and no reader of the method does; it imports no module of this project (train.py
+decides what a run is, this file keeps it safe): run directories (RUN_DIR/metadata.json), several processes on
+one JAX mesh, per-step metrics (RUN_DIR/metrics.jsonl, TensorBoard, a progress bar, W&B), Ctrl-C (finish the step,
+save, exit; --resume goes on), and child processes for a journey's blocks and evaluations.
 """
-
-from __future__ import annotations
 
 import importlib.util
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
 
 log = logging.getLogger("train")
 
@@ -43,11 +39,9 @@ def write_json(path, obj) -> None:
 
 def write_text(path, text: str) -> None:
     """Write a file atomically (a temporary file, then a rename): a crash never leaves half a file."""
-    import tempfile
-
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
 
@@ -61,13 +55,10 @@ def read_metadata(run_dir) -> dict | None:
 
 
 def join_processes() -> int:
-    """Join a multi-process launch before JAX touches a device; returns the number of processes.
-
-    Several processes (the hosts of a TPU slice, GPU nodes) must call jax.distributed.initialize()
-    before any computation; then jax.devices() lists every device of every process, one mesh spans
-    them all (mesh_axes), and process 0 writes metadata, logs and plots (is_main_process). Triggered
-    by JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port: any launcher), or by a
-    launcher JAX detects itself (multi-host Cloud TPU, SLURM, Open MPI). One process does nothing."""
+    """Join a multi-process launch (TPU slice hosts, GPU nodes) before JAX touches a device; returns the number
+    of processes. Then one mesh spans every device (mesh_axes) and process 0 writes the files. Triggered by
+    JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port) or a launcher JAX detects itself
+    (multi-host Cloud TPU, SLURM, Open MPI). One process does nothing."""
     import jax
 
     if "JAX_NUM_PROCESSES" in os.environ:
@@ -101,10 +92,9 @@ def is_main_process() -> bool:
 def wait_for_all_processes(name: str) -> None:
     """A multi-process launch: no process goes past this point before every one has reached it."""
     import jax
+    from jax.experimental import multihost_utils
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -119,9 +109,7 @@ def parse_mesh(text: str) -> dict:
     return axes
 
 
-# ================================================================================================
 # Run directories: what a block trains on, where it writes, what it continues
-# ================================================================================================
 
 def load_init_run(path: str) -> dict:
     meta = read_metadata(path)
@@ -135,8 +123,7 @@ def load_init_run(path: str) -> dict:
 
 
 def prepare_run_dir(run_dir, metadata: dict, overwrite: bool = False) -> Path:
-    """Create the run directory and write its metadata.json (what train.py says the block is);
-    never over a run unless --overwrite."""
+    """Create the run directory and write its metadata.json; never over a run unless --overwrite."""
     run_dir = Path(run_dir)
     existing = read_metadata(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
@@ -186,15 +173,12 @@ def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
 
 
 def remove_if_empty_run(run_dir) -> None:
-    """A fresh run that failed before its first checkpoint (e.g. weights unavailable) leaves nothing
-    behind, so the same command can simply be run again."""
+    """A fresh run that failed before its first checkpoint leaves nothing behind: the same command runs again."""
     if is_main_process() and not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-# ================================================================================================
 # Per-step metrics: Tunix's scalars -> RUN_DIR/metrics.jsonl, a progress bar, TensorBoard
-# ================================================================================================
 
 def read_rows(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -203,26 +187,19 @@ def read_rows(run_dir) -> list[dict]:
 
 # Tunix scalar ("<prefix>/<name>", mode dropped) -> metrics.jsonl key.
 ROW_KEYS = {
-    "actor/loss": "loss", "actor/kl": "kl", "actor/grad_norm": "grad_norm",
+    "actor/loss": "loss", "actor/kl": "kl", "actor/grad_norm": "grad_norm", "perf/global_step_time": "seconds",
     "rewards/score/mean": "reward_mean", "rewards/score/max": "reward_max", "rewards/score/min": "reward_min",
-    "completions/mean_length": "completion_len_mean",
-    "perf/global_step_time": "seconds", "perf/sum/rollout_time": "rollout_seconds",
-    "perf/sum/refer_inference_time": "reference_seconds", "perf/sum/actor_train_time": "update_seconds",
-}
+    "completions/mean_length": "completion_len_mean", "perf/sum/rollout_time": "rollout_seconds",
+    "perf/sum/refer_inference_time": "reference_seconds", "perf/sum/actor_train_time": "update_seconds"}
 
 
 class MetricsLog:
-    """Tunix's scalars as one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard (RUN_DIR/tensorboard:
-    `tensorboard --logdir runs` shows a whole journey), the progress bar, with --wandb a W&B run.
-
-    A Tunix metrics backend (metrax's LoggingBackend protocol: log_scalar, close). Tunix logs each
-    scalar as "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards", "completions",
-    our "step") carry the count BEFORE their update, the others the count after it; we file all under
-    the 1-based local step they belong to.
-
-    A killed run loses no row: write_rows() runs before every checkpoint (rows_before_checkpoints). A
-    step's timers end after its checkpoint, so they complete its row at the next one (or never, if the
-    run is killed in between). A resumed run drops the rows and TensorBoard events of the steps it redoes."""
+    """Tunix's scalars as one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard (RUN_DIR/tensorboard),
+    the progress bar, with --wandb a W&B run. A Tunix metrics backend (metrax's LoggingBackend: log_scalar,
+    close). Tunix logs "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards",
+    "completions", our "step") carry the count BEFORE their update, the others after; we file each under its
+    1-based local step. Rows are written before every checkpoint (rows_before_checkpoints); a step's timers
+    end after it, so they complete the row at the next one. A resumed run drops what it redoes."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
@@ -238,16 +215,13 @@ class MetricsLog:
         self.lock = threading.Lock()  # rollout metrics and samples come from Tunix's data thread
         self.main = is_main_process()
         self.bar = self.events = self.wandb = None
-        # Tunix registers its backends as process-wide jax.monitoring listeners, which are never
-        # removed: a log takes scalars only between start() and finish(), so a later block in the
-        # same process (tests) never writes into an earlier block's files.
+        # Tunix's backends are process-wide jax.monitoring listeners, never removed: take scalars only between
+        # start() and finish(), so a later block in the same process (tests) never writes into this one's files.
         self.active = False
 
     def start(self, done_steps: int) -> None:
         """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
         and TensorBoard events of the steps after it (they are redone), open the bar and the writers."""
-        from tqdm.auto import tqdm
-
         config = self.config
         first = config["start_step"] + done_steps  # the first global step this process trains
         self.kept = [r for r in read_rows(self.run_dir) if r["step"] < first]
@@ -257,9 +231,8 @@ class MetricsLog:
         if self.main:
             if (self.run_dir / "metrics.jsonl").exists():
                 self.write_jsonl()
-            # TensorBoard: a new event file, written through (a killed run loses none of it; tensorboardX's
-            # SummaryWriter, under metrax's TensorboardBackend, writes from a thread and loses its tail),
-            # that first drops the events of the steps redone from here (TensorBoard purges at a START).
+            # TensorBoard: a new event file, written through (tensorboardX's SummaryWriter writes from a thread
+            # and a kill loses its tail), first dropping the events of the steps redone (purged at a START).
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
 
@@ -269,8 +242,7 @@ class MetricsLog:
             if config.get("wandb"):
                 from tunix.sft.metrics_logger import WandbBackend
 
-                # One W&B run per block (a resumed block: a new run of the same name), grouped by the
-                # journey's directory; every value under its global step.
+                # One W&B run per block (resumed: a new run of the same name), grouped by the journey's directory.
                 self.wandb = WandbBackend(project=config["wandb"], name=self.run_dir.name, config=config,
                                           group=self.run_dir.resolve().parent.name, dir=self.run_dir)
         self.active = True
@@ -283,8 +255,6 @@ class MetricsLog:
                                                    backend_kwargs={"custom_backend": [lambda: self]})
 
     def log_scalar(self, event: str, value, step=None, **kwargs):
-        import numpy as np
-
         parts = event.split("/")
         if not self.active or step is None or len(parts) < 3 or parts[1] != "train":
             return
@@ -315,8 +285,7 @@ class MetricsLog:
         return row
 
     def write_rows(self) -> None:
-        """Write the rows of the steps trained so far (a step has a row once its loss is in) that are new
-        or have grown since the last call. A row is final once a newer one is written."""
+        """Write the rows of the steps trained so far (once their loss is in) that are new or have grown."""
         with self.lock:
             steps = sorted(s for s, scalars in self.scalars.items() if s > self.final and "actor/loss" in scalars)
             changed = {s: row for s in steps if (row := self.row(s)) != self.rows.get(s)}
@@ -342,8 +311,7 @@ class MetricsLog:
         write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     def send(self, step: int, scalars: dict, samples: list) -> None:
-        """To TensorBoard (written through: a kill loses nothing sent) and W&B, which takes a step's
-        values until a later step's arrive: rows go out in step order, each sample with its row."""
+        """To TensorBoard (written through) and W&B (a step's values until a later step's: in step order)."""
         from tensorboardX import summary
         from tensorboardX.proto.event_pb2 import Event
 
@@ -371,12 +339,9 @@ class MetricsLog:
     def finish(self):
         self.write_rows()
         self.active = False
-        if self.bar is not None:
-            self.bar.close()
-        if self.events is not None:
-            self.events.close()
-        if self.wandb is not None:
-            self.wandb.close()
+        for writer in (self.bar, self.events, self.wandb):
+            if writer is not None:
+                writer.close()
 
 
 def numbers(row: dict, phase: str) -> dict:
@@ -388,12 +353,10 @@ def numbers(row: dict, phase: str) -> dict:
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
     """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint.
 
-    Tunix 0.1.7 saves checkpoint k first and logs step k's metrics later: its loss when step k+1
-    updates (PeftTrainer holds it back a step), a GRPO step's rollout metrics and the previous step's
-    timers when the global step ends (RLCluster buffers them). A kill in between lost row k for good:
-    the resumed run starts after checkpoint k. So this trainer's checkpoint_manager.save (called after
-    every optimizer step; this instance only) first has Tunix log what it holds back -- its private
-    names, checked here -- then writes the rows, then saves."""
+    Tunix 0.1.7 saves checkpoint k, then logs step k's loss when step k+1 updates (PeftTrainer) and a GRPO
+    step's rollout metrics and timers when the global step ends (RLCluster buffers them): a kill in between
+    lost row k for good. So this trainer's checkpoint_manager.save first has Tunix log what it holds back
+    (private names, checked here), then writes the rows, then saves."""
     for owner, name in ((trainer, "_write_train_metrics"), (cluster, "_log_metrics"), (cluster, "_buffered_train_metrics")):
         if owner is not None and not hasattr(owner, name):
             raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "
@@ -414,9 +377,7 @@ def _fmt(x, digits=2):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-# ================================================================================================
 # Interruption: Ctrl-C (or --stop-after) finishes the current step, saves, and exits
-# ================================================================================================
 
 class StopRequest:
     """First Ctrl-C: ask the trainer to stop after the current step (it then saves a checkpoint on
@@ -443,7 +404,6 @@ class StopRequest:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
-        return False
 
 
 def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None):
@@ -484,9 +444,7 @@ def checkpointing(config: dict, root: Path) -> dict:
                                                                    max_to_keep=config["keep_checkpoints"]))
 
 
-# ================================================================================================
 # The whole journey in one command: every block and every evaluation in a child process
-# ================================================================================================
 
 def _call_and_send(conn, fn, args, kwargs):
     setup_logging()
@@ -498,12 +456,9 @@ def _call_and_send(conn, fn, args, kwargs):
 
 
 def in_child_process(fn, *args, **kwargs):
-    """Run fn in a fresh process and return its result. Every block and every evaluation loads its
-    own model; in one long-lived process JAX would keep all of them (and their compiled programs)
-    alive, and five blocks outgrow 24 GB. A child process gives all of it back when it ends; the
-    persistent compilation cache keeps the restart cheap."""
-    import multiprocessing
-
+    """Run fn in a fresh process and return its result: one long-lived process keeps every block's model and
+    compiled programs alive (five blocks outgrow 24 GB); a child gives all back, the compilation cache keeps
+    the restart cheap."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))

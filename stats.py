@@ -1,21 +1,9 @@
-"""What a number is worth: aggregates of an evaluation, their intervals, and paired comparisons.
+"""What a number is worth: an evaluation's aggregates with 95% intervals, and paired comparisons.
 
-A leaf module (it imports nothing from this project), used by eval.py, data.py and the benches.
-
-1. `summarize` turns one evaluation's (reward, metrics) pairs into the aggregates of the environment's
-   `EvaluationManager` (rates, reward mean/median/std/min/max), plus what the published table does not
-   say: a Wilson 95% interval per rate and a bootstrap 95% interval of the mean reward. With 50
-   vignettes a rate is only known to about +-13 points.
-2. Two evaluations are best compared on the vignettes both saw, pair by pair: the published blocks were
-   each evaluated on a different random 50 of a ~100-vignette set, so two block-level rates mix a change
-   in the model with a change in the questions. `match_by_content` pairs the records of two evaluations
-   by the vignette's text (context, question, expected answer), never by position or id; `compare` then
-   counts which vignettes improved, worsened or stayed, tests each rate with an exact McNemar test (only
-   the vignettes that changed carry information about a change) and gives a paired bootstrap 95%
-   interval of the difference in mean reward.
-
-Everything here is plain Python and numpy (no scipy): the binomial tail of McNemar's test is summed
-exactly with integers, the bootstrap is seeded so the same records always give the same interval.
+A leaf module (imports nothing from this project); the method is in README ("What a difference is
+worth"). The published blocks were each evaluated on a different random 50 vignettes, so `compare` pairs
+two evaluations by the vignette's text (never position or id), then counts what changed, tests each rate
+with an exact McNemar test and bounds the mean reward's change with a paired bootstrap (seeded; no scipy).
 """
 
 from __future__ import annotations
@@ -41,13 +29,10 @@ RATE_FLAGS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
 # 1. One evaluation: aggregates and their intervals.
-# ---------------------------------------------------------------------------------------------------
 
 def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial rate (stays inside [0, 1] and is
-    sensible for 0/50 or 50/50, unlike the normal approximation)."""
+    """Wilson score interval for a binomial rate (inside [0, 1], sensible for 0/50 or 50/50)."""
     if n == 0:
         return (0.0, 1.0)  # no data: no information
     p = successes / n
@@ -59,10 +44,7 @@ def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, flo
 
 def bootstrap_mean_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                       level: float = 0.95) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean of `values` (None for no values).
-
-    Resample the values with replacement `resamples` times, take each resample's mean, and return the
-    central `level` of those means. Seeded: the same values give the same interval. For a paired
+    """Seeded percentile bootstrap interval of the mean of `values` (None for no values). For a paired
     comparison pass the per-vignette differences (resampling differences = resampling pairs)."""
     values = np.asarray(list(values), dtype=np.float64)
     n = len(values)
@@ -80,11 +62,8 @@ def bootstrap_mean_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 
 
 
 def summarize(scored) -> dict:
-    """Aggregate a list of (reward, metrics) pairs like the package's evaluation service.
-
-    std_reward is the sample standard deviation (0.0 for fewer than two). Each rate gets a Wilson 95%
-    interval (`<rate>_ci`), the mean reward a bootstrap 95% interval (`mean_reward_ci`, None if empty).
-    """
+    """Aggregate (reward, metrics) pairs like the package's evaluation service (std_reward: sample std,
+    0.0 for fewer than two), plus `<rate>_ci` (Wilson 95%) and `mean_reward_ci` (bootstrap 95%, None if empty)."""
     scored = list(scored)
     rewards = [float(reward) for reward, _ in scored]
     metrics = [m or {} for _, m in scored]
@@ -105,16 +84,11 @@ def summarize(scored) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
 # 2. Two evaluations: pair the vignettes both saw, then count, test and bound the change.
-# ---------------------------------------------------------------------------------------------------
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant pairs of a paired 2x2 table.
-
-    only_a: pairs where the flag holds in evaluation a only; only_b: in b only. Pairs where both agree
-    say nothing about a change. Under "no change" each discordant pair is a fair coin, so the p-value
-    is twice the binomial(n, 1/2) tail at the smaller count (capped at 1), summed exactly."""
+    """Exact two-sided McNemar p-value from the discordant pairs (flag in a only, in b only): under "no
+    change" each is a fair coin, so p is twice the binomial(n, 1/2) tail at the smaller count (at most 1)."""
     n = only_a + only_b
     if n == 0:
         return 1.0
@@ -127,9 +101,8 @@ def _normal(text) -> str:
 
 
 def vignette_key(record: dict) -> tuple:
-    """What a vignette is: its context, question and expected answer (whitespace-normalised).
-
-    Accepts our records (`expected_final`) and the environment server's (`expected_answer.final`)."""
+    """A vignette's context, question and expected answer, whitespace-normalised; reads our records
+    (`expected_final`) and the environment server's (`expected_answer.final`)."""
     expected = record.get("expected_final")
     if expected is None and isinstance(record.get("expected_answer"), dict):
         expected = record["expected_answer"].get("final")
@@ -137,10 +110,8 @@ def vignette_key(record: dict) -> tuple:
 
 
 def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
-    """Pairs (record of a, record of b) for every vignette both evaluations saw, in a's order.
-
-    Matching is by vignette_key, never by position or id. A vignette that one evaluation saw twice is
-    paired occurrence by occurrence (first with first), so no record is used twice."""
+    """(record of a, record of b) for each vignette both saw, in a's order, by vignette_key; a vignette
+    seen twice is paired occurrence by occurrence, so no record is used twice."""
     unmatched = {}
     for record in records_b:
         unmatched.setdefault(vignette_key(record), []).append(record)
@@ -155,16 +126,13 @@ def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
 def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = BOOTSTRAP_RESAMPLES,
             seed: int = BOOTSTRAP_SEED) -> dict:
     """Paired comparison of two evaluations on the vignettes both saw (records: reward, metrics, the
-    vignette's text; `outcome` optional). Returns a JSON-ready dict:
-
-    a, b, n_a, n_b, shared        labels, sizes, vignettes in common
-    reward_change                  {"improved", "worsened", "same"}: per shared vignette, b's reward vs a's
+    vignette's text; `outcome` optional), as a JSON-ready dict (all values on the shared vignettes):
+    a, b, n_a, n_b, shared         labels, sizes, vignettes in common
+    reward_change                  {"improved", "worsened", "same"}: per vignette, b's reward vs a's
     outcome_transitions            {"incorrect -> correct_abstention": k, ...} (changed outcomes only)
-    <rate>, <rate>_p, <rate>_only  [a, b] on the shared vignettes; exact McNemar p; discordant counts
-                                   [flag in a only, flag in b only]
-    mean_reward, mean_reward_diff  [a, b] on the shared vignettes; b - a
-    mean_reward_diff_ci95          paired bootstrap 95% interval of b - a (None if nothing is shared)
-    """
+    <rate>, <rate>_p, <rate>_only  [a, b]; exact McNemar p; [flag in a only, flag in b only]
+    mean_reward, mean_reward_diff  [a, b]; b - a, with its paired bootstrap 95% interval in
+    mean_reward_diff_ci95          (None if nothing is shared)"""
     records_a, records_b = list(records_a), list(records_b)
     pairs = match_by_content(records_a, records_b)
     n = len(pairs)

@@ -171,11 +171,9 @@ def test_reference_policies_are_extra_columns_scored_like_a_model(tmp_path, monk
     text = report.write_table(two_runs(), tmp_path / "table.md", references=references)
     assert text.splitlines()[0] == "| Metric | SFT | GRPO (300) | Always abstain | Quote the context |"
     assert "| Safe Response Rate | 57.1% | 100% | 0% |" in text and "scripted policies" in text
-    # The same from the command line; no vignettes.REFERENCE_POLICIES: a note and no extra column.
+    # The same from the command line.
     ev.main(["--responses", str(FIXTURE), "--out", str(tmp_path / "cli"), "--reference-policies"])
     assert "| Always abstain |" in (tmp_path / "cli" / "table.md").read_text()
-    monkeypatch.delattr(vignettes, "REFERENCE_POLICIES")
-    assert ev.reference_summaries(rows) == []
     with pytest.raises(SystemExit, match="--reference-policies"):
         ev.main(["--task", "gsm8k", "--responses", str(FIXTURE), "--out", str(tmp_path / "g"), "--reference-policies"])
 
