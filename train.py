@@ -54,7 +54,10 @@ COMMON = dict(
     model="gemma-3-1b-it",
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
     # The adapters' dtype. "base": the base weights' dtype, as qwix makes them (the published run: bfloat16
-    # base weights, so bfloat16 adapters); "float32": full-precision adapters over any base.
+    # base weights, so bfloat16 adapters); "float32": float32 adapters (the optimizer's master weights)
+    # over any base. The model computes in the base weights' dtype either way. A bfloat16 entry w moves
+    # only under a step of about |w| / 2^9 or more: at 3e-6 the he-uniform lora_a hardly moves, lora_b
+    # (from zero) does; what that does to training: PRESETS below, README "Adapter precision".
     lora_dtype="base",
     adam_b1=0.9, adam_b2=0.999,      # optax's defaults, which the published optax.adamw calls used
     # The order of the training rows: grain's shuffle with the published seed (data.prompt_order).
@@ -121,13 +124,20 @@ CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("publish
 
 # --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
 # preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
+# Adapter precision: every preset keeps the published "base" (bfloat16 adapters on an accelerator;
+# on a CPU, float32 anyway). Measured (bench_lora_precision.py: tiny computing in bf16, 20 GRPO steps,
+# seeds 0 and 1; README "Adapter precision"): bf16 adapters change 0.8% of lora_a's entries at 3e-6
+# and 1.3% at 2e-5, float32 ones all, yet the policy moved as far (KL to the start per token, bf16 vs
+# float32 adapters: 7.0e-7 vs 6.4e-7 and 6.0e-7 vs 6.2e-7 at 3e-6, 3.2e-6 vs 2.8e-6 after 100 steps;
+# 2.7e-5 vs 3.8e-5 and 3.2e-5 vs 2.7e-5 at 2e-5): it moves through lora_b, which starts at zero where
+# bfloat16 is finest and moves as far in both. No measured gain, so the published precision stays.
 PRESETS = {
     # The published journey: gemma-3-1b-it, published steps and settings, evaluated as published.
     "paper": {"schedule": "sft,soft,medium,soft,soft", "grpo": {}, "sft": {},
               "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 8}},
     # The same journey on the embedded 270M, sized for one accelerator (bf16 by --dtype auto).
-    "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m"},
-            "sft": {"model": "gemma-3-270m"},
+    "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m", "lora_dtype": "base"},
+            "sft": {"model": "gemma-3-270m", "lora_dtype": "base"},
             "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 25}},
     # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft
     # block shows GRPO groups whose rewards differ. What differs from the published settings, and why
