@@ -1,19 +1,11 @@
-"""The GRPO block: model -> data -> reward -> cluster -> learner -> train, with Tunix.
+"""The GRPO block: model -> data -> reward -> cluster -> learner -> train, with Tunix (README section 4).
 
-One block of the published curriculum (REFERENCE.md section 3; its settings: train.py's GRPO dict,
-passed in as the block's flat configuration). Each step takes ONE prompt, samples G completions,
-scores each with the DIPG Safety Gym reward (rewards.py) at the block's penalty level, and moves the
-LoRA policy towards the completions that beat their group's mean, with a KL leash to the weights the
-block started from. Tunix does the mechanics: RLCluster (actor, reference, rollout on one mesh) and
-GRPOLearner (advantages, clipped surrogate + KL, optimizer steps, checkpoints); grpo_loss.py computes
-its log-probs without full-vocabulary logits. Seed 002's GSM8K phases run through the same block with
-their own rows and rewards (gsm8k.py).
-
-    build(config, run_dir)   everything handed to Tunix, built but not trained (tests read it)
-    run(config, run_dir)     train the block; returns the last global step done
-
-The pieces come first, in the order the block uses them: the policy and its frozen reference, the
-rows, the optimizer (shared with sft.py), the rewards and what a step did.
+Each step takes ONE prompt, samples G completions, scores each with the DIPG Safety Gym reward at the
+block's penalty level, and moves the LoRA policy towards the completions that beat their group's mean,
+with a KL leash to the weights the block started from. Tunix does the mechanics (RLCluster, GRPOLearner);
+grpo_loss.py computes the log-probs without full-vocabulary logits. The settings are train.py's GRPO dict,
+as the block's flat configuration. Seed 002's GSM8K phases run through the same block (gsm8k.py).
+The pieces come first, in the order `build` uses them; sft.py shares the policy and the optimizer.
 """
 
 from __future__ import annotations
@@ -29,9 +21,7 @@ import runs
 
 log = logging.getLogger("train")
 
-# ------------------------------------------------------------------------------------------------
-# The pieces: policy, reference, rows, optimizer, rewards
-# ------------------------------------------------------------------------------------------------
+# ---- The pieces: policy, reference, rows, optimizer, rewards ----
 
 def load_policy(config: dict):
     """(policy with LoRA, tokenizer, mesh). From --init-from: that run's LoRA weights restored."""
@@ -94,10 +84,9 @@ def make_optimizer(config: dict):
         return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                            optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
-    # Adam's betas stay Python numbers, as in the published optax.adamw call: inject_hyperparams casts
-    # what it injects to the parameters' dtype, and in bfloat16 b2 = 0.999 is 1.0: Adam's second moment
-    # stays 0, its bias correction divides 0 by 0, and every bfloat16 adapter is NaN after one step.
-    # So kept, bfloat16 adapters take the published chain's steps (test_lora_precision.py).
+    # Adam's betas stay Python numbers, as in the published optax.adamw call: inject_hyperparams casts what
+    # it injects to the parameters' dtype, and in bfloat16 b2 = 0.999 is 1.0 (then every bfloat16 adapter
+    # is NaN after one step: 0/0 in the bias correction; test_lora_precision.py).
     optimizer = optax.inject_hyperparams(clipped_adamw, static_args=("b1", "b2"))(
         learning_rate=schedule, b1=config["adam_b1"], b2=config["adam_b2"], weight_decay=config["weight_decay"],
         max_grad_norm=config["max_grad_norm"])
@@ -141,10 +130,7 @@ def step_metrics(config: dict, metrics_log, current_step):
     return metrics
 
 
-
-# ------------------------------------------------------------------------------------------------
-# The block
-# ------------------------------------------------------------------------------------------------
+# ---- The block ----
 
 def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
     """Everything a GRPO block (or GSM8K phase) hands to Tunix, built from its configuration.

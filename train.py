@@ -45,19 +45,14 @@ import sft
 
 log = logging.getLogger("train")
 
-# ================================================================================================
-# 1. Configuration: the published settings. Every one is a flag (--max-steps, --beta, ...).
-# ================================================================================================
+# ==== 1. Configuration: the published settings. Every one is a flag (--max-steps, --beta, ...). ====
 
 # Settings of every block, SFT and GRPO alike.
 COMMON = dict(
     model="gemma-3-1b-it",
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
-    # The adapters' dtype. "base": the base weights' dtype, as qwix makes them (the published run: bfloat16
-    # base weights, so bfloat16 adapters); "float32": float32 adapters (the optimizer's master weights)
-    # over any base. The model computes in the base weights' dtype either way. A bfloat16 entry w moves
-    # only under a step of about |w| / 2^9 or more: at 3e-6 the he-uniform lora_a hardly moves, lora_b
-    # (from zero) does; what that does to training: PRESETS below, README "Adapter precision".
+    # The adapters' dtype: "base" = the base weights' (what qwix makes; published: bfloat16), or "float32".
+    # The model computes in the base weights' dtype either way (README "Adapter precision").
     lora_dtype="base",
     adam_b1=0.9, adam_b2=0.999,      # optax's defaults, which the published optax.adamw calls used
     # The order of the training rows: grain's shuffle with the published seed (data.prompt_order).
@@ -91,10 +86,9 @@ GRPO = dict(
     num_iterations=1,          # mu
     beta=0.08,                 # KL coefficient
     epsilon=0.2,               # clip range
-    # The loss of Tunix 0.1.3, which ran the published blocks. Our Tunix (0.1.7) defaults to
-    # kl_loss_mode="kl" (logp - ref: its gradient never pulls towards the reference) and to a
-    # sequence-mean-token-mean aggregation; 0.1.3 had only the low-variance estimator k3 =
-    # exp(ref - logp) - (ref - logp) - 1 and averaged over every completion token of the batch.
+    # The loss of Tunix 0.1.3, which ran the published blocks: k3 = exp(ref - logp) - (ref - logp) - 1, averaged
+    # over every completion token. Tunix 0.1.7 defaults to "kl" (logp - ref: its gradient never pulls towards
+    # the reference) and to a sequence-mean-token-mean aggregation.
     kl_loss_mode="low_var_kl", loss_agg_mode="token-mean",
     max_prompt_length=1024, max_tokens_to_generate=512,
     kv_cache_size=2048,        # rollout KV cache (evaluation: eval.py)
@@ -124,13 +118,8 @@ CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("publish
 
 # --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
 # preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
-# Adapter precision: every preset keeps the published "base" (bfloat16 adapters on an accelerator;
-# on a CPU, float32 anyway). Measured (bench_lora_precision.py: tiny computing in bf16, 20 GRPO steps,
-# seeds 0 and 1; README "Adapter precision"): bf16 adapters change 0.8% of lora_a's entries at 3e-6
-# and 1.3% at 2e-5, float32 ones all, yet the policy moved as far (KL to the start per token, bf16 vs
-# float32 adapters: 7.0e-7 vs 6.4e-7 and 6.0e-7 vs 6.2e-7 at 3e-6, 3.2e-6 vs 2.8e-6 after 100 steps;
-# 2.7e-5 vs 3.8e-5 and 3.2e-5 vs 2.7e-5 at 2e-5): it moves through lora_b, which starts at zero where
-# bfloat16 is finest and moves as far in both. No measured gain, so the published precision stays.
+# Every preset keeps the published adapter precision ("base"): bfloat16 adapters barely move lora_a at
+# 3e-6, yet the policy moved as far as with float32 ones, through lora_b (README "Adapter precision").
 PRESETS = {
     # The published journey: gemma-3-1b-it, published steps and settings, evaluated as published.
     "paper": {"schedule": "sft,soft,medium,soft,soft", "grpo": {}, "sft": {},
@@ -139,16 +128,11 @@ PRESETS = {
     "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m", "lora_dtype": "base"},
             "sft": {"model": "gemma-3-270m", "lora_dtype": "base"},
             "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 25}},
-    # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft
-    # block shows GRPO groups whose rewards differ. What differs from the published settings, and why
-    # (README, "CPU quickstart"): SFT 12 steps at 2e-4 (a few LoRA steps must move further than 300 at
-    # 2e-5; 10 steps did not yet give one grounded proof) on the vignettes that fit 768 tokens, 2 per
-    # step as micro batches of 1 (micro batch 2 also fits, but took longer and gave a worse table here);
-    # GRPO 2 steps with G=2 (G=4 peaked at 17 GB here), prompts cut to 768 tokens, 160 new tokens; 6 eval
-    # vignettes x 256 tokens (a complete answer: golds are 116-287 tokens), the same 6 for every column
-    # (the "clean" protocol: with 6 vignettes, a new random draw per column would compare different
-    # questions). The SFT evaluation shows the format, so no samples after SFT. Both blocks without
-    # remat: XLA:CPU drops its barriers, so here it saves no memory and only costs time.
+    # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft block
+    # shows GRPO groups whose rewards differ. Why each value differs from the published one (all measured
+    # here): README "The whole journey"; in short, 12 SFT steps at 2e-4 are the fewest that ground a proof,
+    # G=4 peaked at 17 GB, 256 tokens hold a whole answer, 6 vignettes need the same rows in every column
+    # (the clean protocol), and XLA:CPU drops remat's barriers (no memory saved, only time).
     "cpu": {"schedule": "sft,soft",
             "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
                     "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
@@ -160,9 +144,7 @@ PRESETS = {
 }
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
 
-# ================================================================================================
-# 2. The command line: every setting above is a flag; left unset, it takes the phase's default.
-# ================================================================================================
+# ==== 2. The command line: every setting above is a flag; left unset, it takes the phase's default. ====
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="SFT and GRPO blocks of the DIPG penalty-annealing curriculum "
@@ -333,8 +315,7 @@ def default_out(config: dict) -> Path:
 
 
 def resolve_dtype(dtype: str) -> str:
-    """--dtype auto: bfloat16 on accelerators (the published TPU run computed in bf16), float32 on CPU
-    (bfloat16 matrix products are slow there)."""
+    """--dtype auto: bfloat16 on accelerators (as the published TPU run), float32 on CPU (bf16 is slow there)."""
     if dtype != "auto":
         return dtype
     import jax
@@ -342,8 +323,7 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-# JAX for each machine, pinned to requirements.txt's jax (README "Set up"; each line resolved with pip's
-# resolver together with requirements.txt on 2026-11-28). requirements.txt alone installs the CPU build.
+# JAX for each machine, pinned to requirements.txt's (resolved together with it; README "Set up").
 INSTALL = {"NVIDIA GPU, CUDA 12": "pip install -r requirements.txt 'jax[cuda12]==0.10.2'",
            "CUDA 13": "pip install -r requirements.txt 'jax[cuda13]==0.10.2'",
            "TPU": "pip install -r requirements.txt 'jax[tpu]==0.10.2'"}
@@ -372,9 +352,7 @@ def describe_device(config: dict) -> dict:
             "mesh_fits": axes["fsdp"] * axes["tp"] <= jax.device_count(), "jax": jax.__version__}
 
 
-# ================================================================================================
-# 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration
-# ================================================================================================
+# ==== 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration ====
 
 def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
     """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next."""
@@ -414,9 +392,7 @@ def start_block(args, parser, run_dir: Path | None = None):
     return config, runs.prepare_run_dir(run_dir, run_metadata(config, run_dir, init_meta), overwrite=args.overwrite)
 
 
-# ================================================================================================
-# 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py)
-# ================================================================================================
+# ==== 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py) ====
 
 def run_journey(args, parser) -> int:
     """Train each block of the schedule from the previous one, evaluate it, and keep OUT/table.md and
@@ -503,9 +479,7 @@ def run_journey(args, parser) -> int:
     return 0
 
 
-# ================================================================================================
-# The command line
-# ================================================================================================
+# ==== The command line ====
 
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
@@ -520,18 +494,16 @@ def main(argv=None) -> int:
         return run_journey(args, parser)
     if args.resume:
         run_dir, config = runs.reopen_run_dir(args.out, args.phase, parser)
-        if args.print_config or args.check_device:  # the saved run's; nothing trains
-            print(json.dumps(describe_device(config) if args.check_device else config))
-            return 0
-        check_device(config, None, args.allow_cpu)
     elif args.print_config or args.check_device:
-        config, _ = start_block(argparse.Namespace(**{**vars(args), "print_config": True,
-                                                      "phase": "grpo" if args.phase == "curriculum" else args.phase}),
-                                parser)
+        phase = "grpo" if args.phase == "curriculum" else args.phase
+        config, run_dir = start_block(argparse.Namespace(**{**vars(args), "print_config": True, "phase": phase}), parser)
+    else:
+        config, run_dir = start_block(args, parser)  # checks the device before preparing the run directory
+    if args.print_config or args.check_device:  # what would run (a resumed run: its saved configuration)
         print(json.dumps(describe_device(config) if args.check_device else config))
         return 0
-    else:
-        config, run_dir = start_block(args, parser)  # checks the device first
+    if args.resume:
+        check_device(config, None, args.allow_cpu)
     log.info("%s block: global steps %d-%d into %s; model %s; data %s", config["phase"], config["start_step"],
              config["end_step"], run_dir, config["model"], dataset_id(config["phase"], config["dataset"]))
     try:
