@@ -1,37 +1,13 @@
-"""How fast, and in how much memory, does a GRPO step run here? Times the REAL training code.
+"""How fast, in how much memory, and how far do GRPO steps run here? Drives the real training code (train.main).
 
     python bench_grpo.py --model tiny                                   # published lengths, 3 steps
     python bench_grpo.py --model gemma-3-1b-it --random-weights         # real size, no weights needed
     python bench_grpo.py --model tiny -- --logps-chunk-size 0 --remat none   # anything after -- goes to train.py
+    python bench_grpo.py --loss-memory                                  # XLA's plan for the loss, per --remat
+    python bench_grpo.py --lora-precision --steps 20 --lr 3e-6 --lr 2e-5   # how far steps move bf16/fp32 adapters
 
-It runs ``train.py --phase grpo`` in this process (published settings unless told otherwise: G=4,
-1,024-token prompts, 512 new tokens, KV cache 2,048; --steps 3) into a temporary run directory,
-reads the rows train.py writes to metrics.jsonl (seconds, rollout/reference/update seconds, tokens
-per second) and adds what they lack:
-
-* peak memory: on an accelerator the device's ``peak_bytes_in_use``; on CPU the process's peak
-  resident set (``ru_maxrss``: everything, model loading included);
-* compile time: the first step's seconds minus the median of the later steps;
-* the bandwidth floor of the rollout: a decode step reads every weight once, so
-  max_tokens_to_generate x weight bytes / memory bandwidth is the least a rollout can take
-  (--bandwidth, default 3.35e12 B/s on GPU (H100), 18e9 B/s on CPU (REFERENCE.md section 6)),
-  and the same per decode step beside the measured one (decode_step_ms: the rollout's seconds
-  over max_tokens_to_generate, which assumes every completion runs to the limit);
-* --profile DIR: a JAX profiler trace of the run, to see where a rollout's time goes.
-
---loss-memory instead runs nothing: it compiles the policy loss and its LoRA gradient (the largest
-program of a step) at the given lengths for each --remat setting and prints XLA's planned buffers.
-On CPU it compiles in a child process that keeps JAX's remat barriers (XLA:CPU otherwise drops them
-before scheduling, GPU and TPU compilers after), so the figures show what remat saves; they still
-overstate an accelerator's (XLA:CPU computes bfloat16 matmuls in float32 copies).
-
---random-weights: weights with the model's names and shapes, drawn from a seeded normal (std
-1/sqrt(width), norms 0), written once as a Hugging Face-format directory under the model cache and
-loaded through train.py's own --model-path. Random weights never emit <end_of_turn>, so every
-completion runs to the token limit: the worst case. `tiny` is always random.
-
-Prints one JSON record (and writes it to --out if given). Steps of random weights get rewards
-but learn nothing useful: this measures time and memory only.
+README section 8 ("Memory and speed") explains the timing and --loss-memory, "Adapter precision" --lora-precision;
+figures: BENCHMARKS.md. Random weights never emit <end_of_turn>: every completion runs to the limit (the worst case).
 """
 
 from __future__ import annotations
@@ -48,42 +24,37 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import gemma3_270m
 import model as M
 import runs
 
 DEFAULT_BANDWIDTH = {"gpu": 3.35e12, "cpu": 18e9}  # bytes/s: H100 HBM3; this 2-core machine (REFERENCE section 6)
+# XLA:CPU drops JAX's remat barriers before scheduling (GPU and TPU compilers after): keep them for --loss-memory.
+KEEP_REMAT_BARRIERS = "--xla_disable_hlo_passes=cse_barrier_expander"
 
-
-# ----------------------------------------------------------------------------------------------
-# Random weights with the real names and shapes
-# ----------------------------------------------------------------------------------------------
 
 def hf_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Gemma 3 tensor names -> shapes for a Tunix ModelConfig (the layout model.py's
-    GGUF converter writes and Tunix's safetensors loader reads; [out, in] matrices)."""
+    """Hugging Face Gemma 3 tensor names -> [out, in] shapes for a Tunix ModelConfig (as model.py's loader reads)."""
     d, h, q, kv = config.embed_dim, config.hidden_dim, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"model.embed_tokens.weight": (config.num_embed, d), "model.norm.weight": (d,)}
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "self_attn.q_norm.weight": (config.head_dim,), p + "self_attn.k_norm.weight": (config.head_dim,),
-            p + "mlp.gate_proj.weight": (h, d), p + "mlp.up_proj.weight": (h, d), p + "mlp.down_proj.weight": (d, h),
-            **{p + f"{norm}.weight": (d,) for norm in ("input_layernorm", "post_attention_layernorm",
-                                                       "pre_feedforward_layernorm", "post_feedforward_layernorm")},
-        })
-    return shapes
+    layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+             "self_attn.o_proj": (d, q), "self_attn.q_norm": (config.head_dim,), "self_attn.k_norm": (config.head_dim,),
+             "mlp.gate_proj": (h, d), "mlp.up_proj": (h, d), "mlp.down_proj": (d, h),
+             **{norm: (d,) for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                        "post_feedforward_layernorm")}}
+    return {"model.embed_tokens.weight": (config.num_embed, d), "model.norm.weight": (d,),
+            **{f"model.layers.{i}.{k}.weight": s for i in range(config.num_layers) for k, s in layer.items()}}
 
 
 def random_weights_dir(name: str, seed: int = 0) -> Path:
-    """A Hugging Face-format directory of seeded random weights for ``name`` (one safetensors file
-    per layer, so writing it never holds more than the embedding in memory), made once and cached."""
+    """A cached Hugging Face-format directory of seeded random weights for ``name``, for --model-path (one
+    safetensors file per layer: writing it never holds more than the embedding in memory)."""
     from safetensors.numpy import save_file
 
     config = M.TUNIX_CONFIGS[name]()
@@ -91,130 +62,202 @@ def random_weights_dir(name: str, seed: int = 0) -> Path:
     if (target / "config.json").exists():  # written last: the directory is complete
         return target
     target.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    std = config.embed_dim ** -0.5
-    files: dict[str, dict] = {}  # file name -> its tensors; the embedding and norm, then one per layer
+    rng, std = np.random.default_rng(seed), config.embed_dim ** -0.5
+    files: dict[str, dict] = {}  # file -> {tensor: shape}: the embedding and final norm, then one file per layer
     for tensor, shape in hf_shapes(config).items():
+        files.setdefault("layer" + tensor.split(".")[2] if ".layers." in tensor else "embed", {})[tensor] = shape
+    for part, shapes in files.items():
         # Matrices ~ N(0, 1/width) so logits have clear winners; Gemma norms scale by (1 + w): w = 0.
-        value = rng.standard_normal(shape, dtype=np.float32) * std if len(shape) == 2 else np.zeros(shape, np.float32)
-        files.setdefault("layer" + tensor.split(".")[2] if ".layers." in tensor else "embed", {})[tensor] = value
-        if len(files) > 1:  # a new file began: the previous one is complete
-            done, tensors = next(iter(files.items()))
-            save_file(tensors, str(target / f"model-{done}.safetensors"), metadata={"format": "pt"})
-            del files[done]
-    for done, tensors in files.items():
-        save_file(tensors, str(target / f"model-{done}.safetensors"), metadata={"format": "pt"})
+        tensors = {t: rng.standard_normal(s, dtype=np.float32) * std if len(s) == 2 else np.zeros(s, np.float32)
+                   for t, s in shapes.items()}
+        save_file(tensors, str(target / f"model-{part}.safetensors"), metadata={"format": "pt"})
     # Every Gemma 3 size shares one tokenizer: the embedded 270M's.
     (target / "tokenizer.model").write_bytes((gemma3_270m.ensure_gemma3_270m() / "tokenizer.model").read_bytes())
     runs.write_json(target / "config.json", {
         "model_type": "gemma3_text", "num_hidden_layers": config.num_layers, "hidden_size": config.embed_dim,
-        "intermediate_size": config.hidden_dim, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim, "vocab_size": config.num_embed,
-        "random_weights_seed": seed})
+        "intermediate_size": config.hidden_dim, "num_attention_heads": config.num_heads, "num_key_value_heads":
+        config.num_kv_heads, "head_dim": config.head_dim, "vocab_size": config.num_embed, "random_weights_seed": seed})
     return target
 
 
-def weight_bytes(name: str, dtype: str, lora_rank: int) -> int:
-    """Bytes a decode step reads: every base weight plus the LoRA adapters, in the run's dtype."""
-    config = M.tiny_config() if name == "tiny" else M.TUNIX_CONFIGS[name]()
-    base = sum(int(np.prod(s)) for s in hf_shapes(config).values())
-    # LoRA on q, kv, attention output, gate, up, down: rank x (in + out) each.
-    d, h, q, kv = config.embed_dim, config.hidden_dim, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    lora = config.num_layers * lora_rank * ((d + q) + (d + 2 * kv) + (q + d) + 2 * (d + h) + (h + d))
-    return (base + lora) * jax.numpy.dtype(dtype).itemsize
+def train_rows(train_args: list[str], run_dir: Path) -> list[dict]:
+    """train.py in this process into run_dir (our --out last: it wins); the rows of its metrics.jsonl."""
+    import train  # here, not at the top: --help stays fast
+
+    train.main([*train_args, "--out", str(run_dir)])
+    return runs.read_rows(run_dir)
 
 
-# ----------------------------------------------------------------------------------------------
-# The measurement
-# ----------------------------------------------------------------------------------------------
-
-def peak_memory() -> dict:
-    """Peak device memory on an accelerator, peak resident memory of this process on CPU."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        stats = device.memory_stats() or {}
-        return {"peak_device_bytes": stats.get("peak_bytes_in_use"), "device_bytes_limit": stats.get("bytes_limit")}
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Per-phase medians over the steps after the first (the first one compiles)."""
-    later = rows[1:] or rows
+def timing(args, train_args: list[str]) -> dict:
+    """Medians over the steps after the first (which compiles), peak memory (on CPU the process's peak resident set,
+    model loading included) and the rollout's floor: a decode step reads every weight once."""
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
+        start = time.time()
+        with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
+            rows = train_rows(train_args, Path(tmp) / "run")
+        wall = time.time() - start
+        config = runs.read_metadata(Path(tmp) / "run")["config"]
+    later, device = rows[1:] or rows, jax.devices()[0]
     median = lambda key: statistics.median(r[key] for r in later) if all(r.get(key) is not None for r in later) else None
-    out = {key: median(key) for key in ("seconds", "rollout_seconds", "reference_seconds", "update_seconds",
-                                        "tokens_per_second", "completion_len_mean")}
-    out["first_step_seconds"] = rows[0]["seconds"]
-    out["compile_seconds"] = rows[0]["seconds"] - out["seconds"] if len(rows) > 1 else None
-    return out
+    medians = {key: median(key) for key in ("seconds", "rollout_seconds", "reference_seconds", "update_seconds",
+                                            "tokens_per_second", "completion_len_mean")}
+    if device.platform == "cpu":
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    else:
+        stats = device.memory_stats() or {}
+        peak = {"peak_device_bytes": stats.get("peak_bytes_in_use"), "device_bytes_limit": stats.get("bytes_limit")}
+    model = M.tiny_config() if args.model == "tiny" else M.TUNIX_CONFIGS[args.model]()
+    d, h, q, kv = model.embed_dim, model.hidden_dim, model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    # Every base weight plus LoRA on q, kv, attention output, gate, up, down (rank x (in + out) each), in run dtype.
+    lora = model.num_layers * config["lora_rank"] * ((d + q) + (d + 2 * kv) + (q + d) + 2 * (d + h) + (h + d))
+    wbytes = (sum(int(np.prod(s)) for s in hf_shapes(model).values()) + lora) * jnp.dtype(config["dtype"]).itemsize
+    bandwidth = args.bandwidth or DEFAULT_BANDWIDTH.get(device.platform, DEFAULT_BANDWIDTH["gpu"])
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {device.device_kind}",
+        "load_average_at_start": os.getloadavg()[0],
+        "model": args.model, "weights": "random" if args.random_weights or args.model == "tiny" else "real",
+        "dtype": config["dtype"], "train_args": train_args, "steps": len(rows), "wall_seconds": round(wall, 1),
+        **medians, "first_step_seconds": rows[0]["seconds"],
+        "compile_seconds": rows[0]["seconds"] - medians["seconds"] if len(rows) > 1 else None,
+        **peak, "weight_bytes": wbytes, "bandwidth_bytes_per_s": bandwidth,
+        "rollout_floor_seconds": args.max_tokens_to_generate * wbytes / bandwidth}
+    # Per decode step (the G completions advance together; exact when all run to the limit, as random weights do).
+    if record["rollout_seconds"] is not None:
+        record["decode_step_ms"] = 1000 * record["rollout_seconds"] / args.max_tokens_to_generate
+        record["decode_step_floor_ms"] = 1000 * wbytes / bandwidth
+    return record
 
 
-# ----------------------------------------------------------------------------------------------
-# --loss-memory: what XLA plans for the policy loss and its gradient, without running a step
-# ----------------------------------------------------------------------------------------------
-
-KEEP_REMAT_BARRIERS = "--xla_disable_hlo_passes=cse_barrier_expander"
-
-
-def loss_memory(name: str, model_path, dtype: str, remat: str, generations: int, prompt_length: int,
-                completion_length: int) -> dict:
-    """XLA's buffers (GiB) for grpo_loss.grpo_loss and its LoRA gradient at the published loss
-    settings (train.phase_defaults("grpo")) and these lengths: compiled for this machine, not run."""
-    import jax.numpy as jnp
-    from flax import nnx
+def loss_memory(args, model_path) -> dict:
+    """XLA's buffers (GiB) for grpo_loss.grpo_loss and its LoRA gradient at the published loss settings, per --remat:
+    compiled for this machine, not run. On CPU they overstate an accelerator's (bf16 matmuls in fp32 copies)."""
     from tunix.rl.grpo import grpo_learner
 
     import grpo_loss
     import train
 
-    c = train.phase_defaults("grpo")
-    base = M.load(name, model_path=model_path, dtype=dtype)[0]
-    graphdef, lora, rest = nnx.split(M.apply_lora(base, rank=c["lora_rank"], alpha=c["lora_alpha"]), nnx.LoRAParam, ...)
-    prompt = jnp.ones((generations, prompt_length), jnp.int32)
-    completion = jnp.ones((generations, completion_length), jnp.int32)
+    c, dtype = train.phase_defaults("grpo"), train.resolve_dtype(args.dtype)
+    g, p, t = lengths = (args.num_generations, args.max_prompt_length, args.max_tokens_to_generate)
+    prompt, completion = jnp.ones((g, p), jnp.int32), jnp.ones((g, t), jnp.int32)
     example = grpo_learner.TrainExample(
         prompt_ids=prompt, prompt_mask=prompt > 0, completion_ids=completion, completion_mask=completion,
-        advantages=jnp.ones(generations), ref_per_token_logps=jnp.zeros(completion.shape), old_per_token_logps=None)
-    algo = grpo_learner.GRPOConfig(num_generations=generations, beta=c["beta"], epsilon=c["epsilon"],
+        advantages=jnp.ones(g), ref_per_token_logps=jnp.zeros(completion.shape), old_per_token_logps=None)
+    algo = grpo_learner.GRPOConfig(num_generations=g, beta=c["beta"], epsilon=c["epsilon"],
                                    kl_loss_mode=c["kl_loss_mode"], loss_agg_mode=c["loss_agg_mode"])
     algo.temperature = c["temperature"]  # GRPOLearner sets it from the rollout config
-
-    def step(lora, rest):
-        loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat)[0]
-        return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx.merge(graphdef, lora, rest))
-
-    plan = jax.jit(step).lower(lora, rest).compile().memory_analysis()
     gib = lambda n: round(n / 2 ** 30, 3)
-    return {"arguments_gib": gib(plan.argument_size_in_bytes), "temp_gib": gib(plan.temp_size_in_bytes),
-            "total_gib": gib(plan.argument_size_in_bytes + plan.output_size_in_bytes + plan.temp_size_in_bytes
-                             - plan.alias_size_in_bytes)}
+
+    def plan(remat: str) -> dict:  # a freshly loaded model per setting
+        base = M.load(args.model, model_path=model_path, dtype=dtype)[0]
+        policy = M.apply_lora(base, rank=c["lora_rank"], alpha=c["lora_alpha"])
+        graphdef, lora, rest = nnx.split(policy, nnx.LoRAParam, ...)
+
+        def step(lora, rest):
+            loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat)[0]
+            return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx.merge(graphdef, lora, rest))
+
+        x = jax.jit(step).lower(lora, rest).compile().memory_analysis()
+        return {"arguments_gib": gib(x.argument_size_in_bytes), "temp_gib": gib(x.temp_size_in_bytes), "total_gib":
+                gib(x.argument_size_in_bytes + x.output_size_in_bytes + x.temp_size_in_bytes - x.alias_size_in_bytes)}
+
+    return {"model": args.model, "dtype": dtype, "generations, prompt, completion": lengths,
+            "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            **{f"remat={r}": plan(r) for r in ("none", "block", "decoder")}}
+
+
+def lora_precision(args, train_args: list[str], model_path) -> list[dict]:
+    """Per --lr, a run with bf16 adapters (--lora-dtype base, as published) and one with float32 ones, same seed:
+    the share of lora_a / lora_b entries changed from the seeded init, the mean |change|, and KL(policy || start)."""
+    from tunix.sft import utils
+
+    import data
+    import grpo
+    import train
+
+    def latin_share(prompts, completions, **_):  # the reward: the random tiny model's all get the same DIPG one
+        return [sum(ch.isascii() and ch.isalpha() for ch in str(c)) / max(len(str(c)), 1) for c in completions]
+
+    def logprobs(model, tokens, float32: bool = False) -> np.ndarray:  # float32: cast the weights first, in place
+        if float32:
+            nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, nnx.Param)))
+        mask = jnp.ones_like(tokens, dtype=bool)
+        logits, _ = model(tokens, positions=utils.build_positions_from_mask(mask), cache=None,
+                          attention_mask=utils.make_causal_attn_mask(mask))
+        return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+
+    adapters = lambda m: {jax.tree_util.keystr(path): np.asarray(x, dtype=np.float32)
+                          for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(m, nnx.LoRAParam))}
+    kl = lambda logp, start: float(np.mean(np.sum(np.exp(logp) * (logp - start), axis=-1)))  # mean over positions
+    # The start both adapter dtypes share: the seeded init and its policy (lora_b = 0: the base model).
+    dtype, rank = train.resolve_dtype(args.dtype), args.lora_rank
+    base, tokenizer, _ = M.load(args.model, model_path=model_path, dtype=dtype, seed=args.seed)
+    start_model = M.apply_lora(base, rank=rank, alpha=float(rank), seed=args.seed)
+    gold = [data.to_sft_example(r) for r in data.load_dipg("builtin", "train", n=4)]  # the last 128 tokens
+    tokens = jnp.array([([tokenizer.bos_id()] + tokenizer.encode(r["prompt"] + r["completion"]))[-128:] for r in gold])
+    start = adapters(start_model)
+    start_logp = {"compute": logprobs(start_model, tokens), "float32": logprobs(start_model, tokens, float32=True)}
+    records = []
+    with tempfile.TemporaryDirectory(prefix="lora_precision_") as tmp:
+        for lr in args.lr or [3e-6, 2e-5]:
+            for lora_dtype in ("base", "float32"):
+                run_dir = Path(tmp) / f"{lora_dtype}_{lr:g}"
+                # Constant learning rate: every step is a step at the published peak, where a block spends most.
+                run_args = [*train_args, "--allow-cpu", "--n-prompts", "8", "--warmup-ratio", "0", "--lr-end-ratio",
+                            "1", "--lora-dtype", lora_dtype, "--learning-rate", str(lr), "--lr-init", str(lr),
+                            "--lora-rank", str(rank), "--lora-alpha", str(float(rank)), "--seed", str(args.seed),
+                            "--save-every", str(args.steps)]
+                with mock.patch.object(grpo, "reward_functions", lambda config: [latin_share]):
+                    rows = train_rows(run_args, run_dir)
+                trained, _, meta = M.load_run(run_dir, dtype=dtype)
+                after = adapters(trained)
+                r = {"learning_rate": lr, "lora_dtype": lora_dtype, "steps": len(rows),
+                     "adapter_dtype": str(next(iter(jax.tree.leaves(nnx.state(trained, nnx.LoRAParam)))).dtype),
+                     "checkpoint_step": meta["checkpoint_step"]}
+                for kind in ("lora_a", "lora_b"):
+                    delta = np.concatenate([(after[k] - start[k]).ravel() for k in after if kind in k])
+                    r.update({f"{kind}_changed": float(np.mean(delta != 0)),
+                              f"{kind}_mean_abs_change": float(np.mean(np.abs(delta)))})
+                # In the compute dtype any change of the weights also re-rounds the activations: a noise floor.
+                r["kl_bf16_forward"] = kl(logprobs(trained, tokens), start_logp["compute"])
+                r["kl_to_start_per_token"] = kl(logprobs(trained, tokens, float32=True), start_logp["float32"])
+                print(json.dumps(r), flush=True)
+                records.append(r)
+    print("\n| lr | --lora-dtype | lora_a changed | lora_a mean abs change | lora_b changed | "
+          "lora_b mean abs change | KL to start per token | same, bf16 forward |\n|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['learning_rate']:g} | {r['lora_dtype']} ({r['adapter_dtype']}) | {r['lora_a_changed']:.1%} | "
+              f"{r['lora_a_mean_abs_change']:.2e} | {r['lora_b_changed']:.1%} | {r['lora_b_mean_abs_change']:.2e} | "
+              f"{r['kl_to_start_per_token']:.2e} | {r['kl_bf16_forward']:.2e} |")
+    return records
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    train_extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, train_extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- are passed to train.py unchanged.")
     p.add_argument("--model", default="tiny", choices=M.MODEL_NAMES)
-    p.add_argument("--random-weights", action="store_true",
-                   help="seeded random weights of the model's real size (no download); tiny is always random")
-    p.add_argument("--steps", type=int, default=3, help="GRPO steps to time (the first one compiles)")
+    p.add_argument("--random-weights", action="store_true", help="seeded, of the real size; tiny is always random")
+    p.add_argument("--steps", type=int, default=3, help="GRPO steps (the first one compiles; default %(default)s)")
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-prompt-length", type=int, default=1024)
     p.add_argument("--max-tokens-to-generate", type=int, default=512)
     p.add_argument("--kv-cache-size", type=int, default=2048)
-    p.add_argument("--bandwidth", type=float,
-                   help="memory bandwidth in bytes/s for the floor (default: 3.35e12 on GPU, 18e9 on CPU)")
-    p.add_argument("--profile", metavar="DIR",
-                   help="also record a JAX profiler trace of the whole run into DIR (open it with TensorBoard's "
-                        "profile plugin or ui.perfetto.dev); use --steps 2 to keep it small")
-    p.add_argument("--loss-memory", action="store_true",
-                   help="run nothing: print XLA's planned buffers for the policy loss and its gradient, per --remat")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="as train.py's (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    p.add_argument("--out", help="also write the JSON record to this file")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="as train.py's")
+    p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: 3.35e12 GPU, 18e9 CPU)")
+    p.add_argument("--profile", metavar="DIR", help="also record a JAX profiler trace into DIR (try --steps 2)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--loss-memory", action="store_true", help="run nothing: XLA's plan for the loss, per --remat")
+    mode.add_argument("--lora-precision", action="store_true", help="bf16 vs fp32 adapters (bf16, 20 steps, G=2, 128+16)")
+    p.add_argument("--lr", type=float, action="append", help="--lora-precision's, repeatable (default 3e-6, 2e-5)")
+    p.add_argument("--lora-rank", type=int, default=64, help="--lora-precision's (default %(default)s, published)")
+    p.add_argument("--seed", type=int, default=0, help="--lora-precision's (default %(default)s)")
+    p.add_argument("--out", help="also write the JSON record(s) to this file")
+    if "--lora-precision" in argv:
+        p.set_defaults(steps=20, num_generations=2, max_prompt_length=128, max_tokens_to_generate=16,
+                       kv_cache_size=256, dtype="bfloat16")
     args = p.parse_args(argv)
-    if args.steps < 2:
+    if args.steps < 2 and not args.lora_precision:
         p.error("--steps must be >= 2 (the first step compiles; the others are timed)")
     model_path = random_weights_dir(args.model) if args.random_weights and args.model != "tiny" else None
 
@@ -222,59 +265,20 @@ def main(argv=None) -> int:
         if jax.devices()[0].platform == "cpu" and KEEP_REMAT_BARRIERS not in os.environ.get("XLA_FLAGS", ""):
             env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {KEEP_REMAT_BARRIERS}".strip())
             return subprocess.run([sys.executable, __file__, *argv], env=env).returncode
-        import train
-
-        dtype = train.resolve_dtype(args.dtype)
-        lengths = (args.num_generations, args.max_prompt_length, args.max_tokens_to_generate)
-        record = {"model": args.model, "dtype": dtype, "generations, prompt, completion": lengths,
-                  "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                  **{f"remat={r}": loss_memory(args.model, model_path, dtype, r, *lengths)
-                     for r in ("none", "block", "decoder")}}
-        print(json.dumps(record, indent=2))
-        if args.out:
-            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-        return 0
-
-    import train  # after argument parsing: --help stays fast
-
-    model_args = ["--model", args.model] + (["--model-path", str(model_path)] if model_path else [])
-    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
-        run_dir = Path(tmp) / "run"
-        train_args = ["--phase", "grpo", *model_args, "--dtype", args.dtype, "--steps", str(args.steps), "--sample-every", "0",
-                      "--num-generations", str(args.num_generations),
-                      "--max-prompt-length", str(args.max_prompt_length),
-                      "--max-tokens-to-generate", str(args.max_tokens_to_generate),
-                      "--kv-cache-size", str(args.kv_cache_size),
-                      "--save-every", str(10 ** 6), *train_extra, "--out", str(run_dir)]  # ours last: it wins
-        start = time.time()
-        # --profile: the first step compiles; the later ones are the profile.
-        with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
-            train.main(train_args)
-        wall = time.time() - start
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        config = json.loads((run_dir / "metadata.json").read_text())["config"]
-
-    platform_name = jax.devices()[0].platform
-    bandwidth = args.bandwidth or DEFAULT_BANDWIDTH.get(platform_name, DEFAULT_BANDWIDTH["gpu"])
-    wbytes = weight_bytes(args.model, config["dtype"], config["lora_rank"])
-    record = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
-        "load_average_at_start": os.getloadavg()[0],
-        "model": args.model, "weights": "random" if args.random_weights or args.model == "tiny" else "real",
-        "dtype": config["dtype"], "train_args": train_args[:-2],  # without the temporary --out
-        "steps": len(rows), "wall_seconds": round(wall, 1),
-        **summarize(rows), **peak_memory(),
-        "weight_bytes": wbytes, "bandwidth_bytes_per_s": bandwidth,
-        # The rollout can be no faster than reading every weight once per decode step.
-        "rollout_floor_seconds": args.max_tokens_to_generate * wbytes / bandwidth,
-    }
-    # Per decode step (the G completions advance together; exact when every completion runs to the
-    # limit, as with random weights): measured against the floor of reading the weights once.
-    if record["rollout_seconds"] is not None:
-        record["decode_step_ms"] = 1000 * record["rollout_seconds"] / args.max_tokens_to_generate
-        record["decode_step_floor_ms"] = 1000 * wbytes / bandwidth
+        record = loss_memory(args, model_path)
+    else:
+        model_args = ["--model", args.model] + (["--model-path", str(model_path)] if model_path else [])
+        train_args = ["--phase", "grpo", *model_args, "--dtype", args.dtype, "--steps", str(args.steps),
+                      "--sample-every", "0", "--num-generations", str(args.num_generations), "--max-prompt-length",
+                      str(args.max_prompt_length), "--max-tokens-to-generate", str(args.max_tokens_to_generate),
+                      "--kv-cache-size", str(args.kv_cache_size)]
+        if args.lora_precision:
+            record = lora_precision(args, [*train_args, *train_extra], model_path)
+        else:
+            record = timing(args, [*train_args, "--save-every", str(10 ** 6), *train_extra])
     text = json.dumps(record, indent=2, default=str)
-    print(text)
+    if not args.lora_precision:  # it printed each run's record and a table
+        print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

@@ -1,23 +1,10 @@
 """One command for a short GPU window: what it must tell us, under one wall-clock budget, into one JSON file.
 
-    python3 device_check.py --out /tmp/device_check --budget 540 --report "$OUT"   # the GPU window (README section 8)
+    python3 device_check.py --out /tmp/device_check --budget 540 --report "$OUT"   # the GPU window
     python device_check.py --model tiny --preset cpu --out /tmp/dc ...             # this CPU, tiny sizes (test_device.py)
 
-In order, each part in its own process (each has the device to itself and its own peak, and an out-of-memory
-error ends only its part), all within --budget seconds:
-
-1. device: `train.py --check-device` (backend, devices, JAX). A JAX that sees only a CPU stops here unless
-   --model tiny: a GPU window must not be spent on a CPU.
-2. grpo_bfloat16: bench_grpo.py at the published GRPO settings (G=4, 1,024 + 512 tokens, KV cache 2,048) at
-   gemma-3-1b-it size with random weights (they never emit EOS, so every completion runs to 512 tokens: the
-   worst case), in bfloat16: the first step (compilation included), the median later step, peak device memory.
-3. grpo_float32: the same in float32: does it fit? Running out of memory is a result, recorded, not an error.
-4. journey: `train.py --phase curriculum --preset gpu` (the embedded 270M) under `timeout -s INT` for the time
-   left: at the deadline it gets Ctrl-C, finishes its step, saves and stops.
-
-OUT/summary.json gathers everything measured, each figure beside its target (TARGETS); the journey's table.md
-and curriculum.png are copied beside it. Nothing done is lost: the same command again (the next call of the
-same window) skips the finished parts and resumes the journey, adding to its total time.
+The parts, each in its own process, and OUT/summary.json: README "One command for a GPU window". The same command
+again skips the parts done and resumes the journey.
 """
 
 from __future__ import annotations
@@ -37,9 +24,8 @@ from pathlib import Path
 import runs
 
 HERE = Path(__file__).resolve().parent
-GB = 1e9
-# Issue 23's targets, for the published settings on one H100/H200: the GRPO step at gemma-3-1b-it size, and the
-# whole `gpu` journey on the 270M (SFT 300 + four 300-step blocks + five evaluations), compilation included.
+# Issue 23's targets on one H100/H200: the GRPO step at gemma-3-1b-it size, published settings, and the whole `gpu`
+# journey on the 270M (SFT 300 + four 300-step blocks + five evaluations), compilation included.
 TARGETS = {"grpo_bfloat16": {"median_step_seconds": 0.7, "first_step_seconds": 45, "peak_device_gb": 16},
            "grpo_float32": {"peak_device_gb": 80},
            "journey": {"seconds": 600}}
@@ -50,9 +36,8 @@ REPORT_FILES = ("summary.json", "table.md", "curriculum.png", "grpo_bfloat16.log
 
 
 def run_logged(cmd: list[str], log: Path, seconds: float, grace: float) -> tuple[int, float]:
-    """Run cmd under `timeout -s INT -k grace seconds`: Ctrl-C at the deadline (the training code then saves
-    and stops), a hard kill `grace` seconds later. Output is appended to log. Returns (exit code, seconds);
-    124 means the deadline stopped it."""
+    """cmd, its output appended to log, under `timeout`: Ctrl-C at the deadline (training then saves and stops), a
+    hard kill `grace` seconds later. -> (exit code: 124 when the deadline stopped it, seconds)."""
     start = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}   # at most {seconds:.0f} s\n")
@@ -63,7 +48,7 @@ def run_logged(cmd: list[str], log: Path, seconds: float, grace: float) -> tuple
 
 
 def last_error(log: Path) -> str | None:
-    """The last line of a failed part's log that names an error (an out-of-memory one first)."""
+    """The last line of a log that names an error (an out-of-memory one first), else its last line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     for needles in (OUT_OF_MEMORY, ("Error", "error")):
         found = [line for line in lines if any(n in line for n in needles)]
@@ -72,24 +57,11 @@ def last_error(log: Path) -> str | None:
     return lines[-1][:500] if lines else None
 
 
-def against_targets(measured: dict, targets: dict) -> dict:
-    """Each target beside what was measured: met is False for a run out of memory, None where nothing was
-    measured (e.g. no device peak on a CPU, a journey not finished yet)."""
-    met = lambda key, target: (False if measured.get("fits") is False else
-                               None if measured.get(key) is None else measured[key] <= target)
-    return {key: {"measured": measured.get(key), "target": target, "met": met(key, target)}
-            for key, target in targets.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Parts 2 and 3: the published GRPO step, timed by bench_grpo.py
-# ----------------------------------------------------------------------------------------------
-
 def grpo_part(dtype: str, args, seconds: float) -> dict:
-    """bench_grpo.py in `dtype`; its record, or what stopped it. A finished record (out of memory included) is
-    kept in OUT/grpo_<dtype>.json and not measured again; a run the deadline stopped is tried again next time."""
-    name, out = f"grpo_{dtype}", Path(args.out)
-    record_path = out / f"{name}.json"
+    """bench_grpo.py in `dtype`. A finished record (out of memory included) is kept in OUT/grpo_<dtype>.json and not
+    measured again; a run the deadline stopped before it measured is tried again next time."""
+    out = Path(args.out)
+    record_path, log = out / f"grpo_{dtype}.json", out / f"grpo_{dtype}.log"
     if record_path.exists():
         return json.loads(record_path.read_text())
     if seconds < MIN_SECONDS:
@@ -99,51 +71,27 @@ def grpo_part(dtype: str, args, seconds: float) -> dict:
     bench = shlex.split(args.bench_args)
     if args.model == "tiny":  # a test on any machine: bfloat16 on a CPU is refused without it
         bench += ([] if "--" in bench else ["--"]) + ["--allow-cpu"]
-    code, wall = run_logged(cmd + bench, out / f"{name}.log", seconds, args.grace)
-    if record_path.exists():  # bench_grpo writes it last: it measured (fewer steps if the deadline stopped it)
+    code, wall = run_logged(cmd + bench, log, seconds, args.grace)
+    if record_path.exists():  # bench_grpo writes it last: it measured
         bench_record = json.loads(record_path.read_text())
         peak = bench_record.get("peak_device_bytes")
         record = {"fits": True, "wall_seconds": wall, "median_step_seconds": bench_record["seconds"],
                   "first_step_seconds": bench_record["first_step_seconds"],
-                  "peak_device_gb": None if peak is None else round(peak / GB, 2),
+                  "peak_device_gb": None if peak is None else round(peak / 1e9, 2),
                   "stopped_by_deadline": code == 124, "bench": bench_record}
     else:
-        error = last_error(out / f"{name}.log")
-        if code != 124 and error and any(n in error for n in OUT_OF_MEMORY):
-            record = {"fits": False, "wall_seconds": wall, "error": error}
-        else:  # stopped by the deadline, or failed otherwise: nothing to keep, the next run tries again
+        error = last_error(log)
+        if code == 124 or not error or not any(n in error for n in OUT_OF_MEMORY):  # nothing to keep: try again
             return {"fits": None, "wall_seconds": wall, "exit_code": code, "error": error,
                     "stopped_by_deadline": code == 124}
+        record = {"fits": False, "wall_seconds": wall, "error": error}
     runs.write_json(record_path, record)
     return record
 
 
-# ----------------------------------------------------------------------------------------------
-# Part 4: the journey, resumable
-# ----------------------------------------------------------------------------------------------
-
-def journey_progress(root: Path) -> dict:
-    """How far the journey got: each block's steps and step seconds (metrics.jsonl), each evaluation's seconds."""
-    blocks = []
-    for meta_path in root.glob("*/metadata.json"):
-        meta, rows = runs.read_metadata(meta_path.parent), runs.read_rows(meta_path.parent)
-        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
-        blocks.append({"run": meta_path.parent.name, "steps_done": meta["global_step"] - meta["start_step"] + 1,
-                       "steps": meta["max_steps"], "complete": meta["complete"],
-                       "step_seconds_total": round(sum(seconds), 1),
-                       "median_step_seconds": round(statistics.median(seconds), 3) if seconds else None,
-                       "start_step": meta["start_step"]})
-    evaluations = {}
-    for summary_path in sorted((root / "eval").glob("*/summary.json")):
-        s = json.loads(summary_path.read_text())
-        evaluations[summary_path.parent.name] = {k: s.get(k) for k in ("load_seconds", "generation_seconds", "total",
-                                                                       "mean_reward")}
-    return {"blocks": sorted(blocks, key=lambda b: b.pop("start_step")), "evaluations": evaluations}
-
-
 def journey_part(args, seconds: float) -> dict:
-    """train.py's journey under the deadline. Each call's time is added to OUT/journey.json, so its total
-    counts every call that worked on it (each resume reloads the model and recompiles what the cache lacks)."""
+    """train.py's journey under the deadline, resumed by each call; each call's time is added to OUT/journey.json
+    (each resume reloads the model and recompiles what the cache lacks). Then each block's and evaluation's times."""
     out = Path(args.out)
     history_path = out / "journey.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {"calls": [], "complete": False}
@@ -162,43 +110,31 @@ def journey_part(args, seconds: float) -> dict:
     for name in ("table.md", "curriculum.png"):  # the latest, after every evaluation so far
         if (out / "journey" / name).exists():
             shutil.copy(out / "journey" / name, out / name)
+    blocks = []
+    for meta_path in (out / "journey").glob("*/metadata.json"):
+        meta, rows = runs.read_metadata(meta_path.parent), runs.read_rows(meta_path.parent)
+        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
+        blocks.append({"run": meta_path.parent.name, "steps_done": meta["global_step"] - meta["start_step"] + 1,
+                       "steps": meta["max_steps"], "complete": meta["complete"],
+                       "step_seconds_total": round(sum(seconds), 1),
+                       "median_step_seconds": round(statistics.median(seconds), 3) if seconds else None,
+                       "start_step": meta["start_step"]})
+    evaluations = {path.parent.name: {k: json.loads(path.read_text()).get(k) for k in
+                                      ("load_seconds", "generation_seconds", "total", "mean_reward")}
+                   for path in sorted((out / "journey" / "eval").glob("*/summary.json"))}
     total = round(sum(c["seconds"] for c in history["calls"]), 1)
     return {**history, "seconds": total if history["complete"] else None, "seconds_so_far": total,
-            **journey_progress(out / "journey")}
-
-
-# ----------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------
-
-def describe_device(model: str) -> dict:
-    """train.py --check-device in a child process: this process never starts JAX, so it holds no device memory."""
-    proc = subprocess.run([sys.executable, "train.py", "--phase", "grpo", "--model", model, "--check-device"],
-                          capture_output=True, text=True, cwd=HERE, check=False)
-    if proc.returncode != 0:
-        sys.exit(f"error: train.py --check-device failed; is JAX installed? {proc.stderr.strip()[-1500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def commit() -> str | None:
-    """The checkout's commit; None where the code came without git (a GPU machine gets a copy of the files)."""
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE, check=False)
-    except OSError:  # no git there
-        return None
-    return proc.stdout.strip() or None
+            "blocks": sorted(blocks, key=lambda b: b.pop("start_step")), "evaluations": evaluations}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["device_check.py", *argv])
-    journey_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, journey_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- go to the journey's train.py (e.g. --schedule sft,soft).")
     p.add_argument("--out", required=True, help="working directory: parts done, logs, the journey, summary.json")
-    p.add_argument("--budget", type=float, default=540,
-                   help="wall-clock seconds for this call, everything included (default %(default)s: a 10-minute call)")
+    p.add_argument("--budget", type=float, default=540, help="wall-clock seconds, all included (%(default)s)")
     p.add_argument("--parts", default=",".join(PARTS), help="which parts, in order (default %(default)s)")
     p.add_argument("--model", default="gemma-3-1b-it", choices=("gemma-3-1b-it", "gemma-3-270m", "tiny"),
                    help="the GRPO step's model; tiny (also in the journey, on any machine) is the test")
@@ -206,8 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="GRPO steps per dtype; the first compiles (default %(default)s)")
     p.add_argument("--bench-seconds", type=float, default=200, help="at most this long per GRPO part (default %(default)s)")
     p.add_argument("--bench-args", default="", help="more bench_grpo.py flags, one string: --bench-args=\"--max-prompt-length 64\"")
-    p.add_argument("--grace", type=float, default=30,
-                   help="seconds between a part's Ctrl-C and its hard kill (default %(default)s): time to save")
+    p.add_argument("--grace", type=float, default=30, help="seconds from Ctrl-C to hard kill (%(default)s)")
     p.add_argument("--report", metavar="DIR", help="also copy summary.json, table.md, curriculum.png and the logs here")
     args = p.parse_args(argv)
     args.journey_args = journey_args
@@ -216,12 +151,15 @@ def main(argv=None) -> int:
         p.error(f"--parts {args.parts!r}: choose from {','.join(PARTS)}")
     if shutil.which("timeout") is None:
         p.error("needs coreutils' timeout on PATH")
-    start = time.time()
-    left = lambda: start + args.budget - time.time()
-    out = Path(args.out)
+    start, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    device = describe_device(args.model)
+    # train.py --check-device in a child process: this one never starts JAX, so it holds no device memory.
+    proc = subprocess.run([sys.executable, "train.py", "--phase", "grpo", "--model", args.model, "--check-device"],
+                          capture_output=True, text=True, cwd=HERE, check=False)
+    if proc.returncode != 0:
+        sys.exit(f"error: train.py --check-device failed; is JAX installed? {proc.stderr.strip()[-1500:]}")
+    device = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"device: {json.dumps(device)}", flush=True)
     if device["backend"] == "cpu" and args.model != "tiny":
         import train  # its install lines; train imports no JAX
@@ -233,21 +171,25 @@ def main(argv=None) -> int:
     results = {}
     for part in parts:
         # Inside the budget: the part, then `grace` for its hard kill, then a few seconds for the summary.
-        seconds = left() - args.grace - 5
+        seconds = start + args.budget - time.time() - args.grace - 5
         print(f"{part}: at most {max(seconds, 0):.0f} s", flush=True)
         if part == "journey":
             results[part] = journey_part(args, seconds)
         else:
             results[part] = grpo_part(part.removeprefix("grpo_"), args, min(args.bench_seconds, seconds))
 
+    # The checkout's commit; none where the code came without git (a GPU machine gets a copy of the files).
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    # Each target beside what was measured: met is False for a run out of memory, None where nothing was measured
+    # (no device peak on a CPU, a journey not finished yet). They apply to the published sizes on an H100/H200 only.
+    met = lambda m, key, target: False if m.get("fits") is False else None if m.get(key) is None else m[key] <= target
     summary = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": commit(), "device": device,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git and git.stdout.strip() or None, "device": device,
         "host": f"{platform.machine()}, {os.cpu_count()} CPU cores", "model": args.model, "preset": args.preset,
-        "budget_seconds": args.budget, "wall_seconds": round(time.time() - start, 1),
-        "command": command,
-        **results,
-        # Targets apply to the published sizes on an H100/H200 only: with --model tiny they show the format.
-        "targets": {part: against_targets(results.get(part) or {}, targets) for part, targets in TARGETS.items()},
+        "budget_seconds": args.budget, "wall_seconds": round(time.time() - start, 1), "command": command, **results,
+        "targets": {part: {key: {"measured": (results.get(part) or {}).get(key), "target": target,
+                                 "met": met(results.get(part) or {}, key, target)} for key, target in targets.items()}
+                    for part, targets in TARGETS.items()},
     }
     runs.write_json(out / "summary.json", summary)
     if args.report:
