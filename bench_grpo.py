@@ -222,12 +222,6 @@ def lora_precision(args, train_args: list[str], model_path) -> list[dict]:
                 r["kl_to_start_per_token"] = kl(logprobs(trained, tokens, float32=True), start_logp["float32"])
                 print(json.dumps(r), flush=True)
                 records.append(r)
-    print("\n| lr | --lora-dtype | lora_a changed | lora_a mean abs change | lora_b changed | "
-          "lora_b mean abs change | KL to start per token | same, bf16 forward |\n|---|---|---|---|---|---|---|---|")
-    for r in records:
-        print(f"| {r['learning_rate']:g} | {r['lora_dtype']} ({r['adapter_dtype']}) | {r['lora_a_changed']:.1%} | "
-              f"{r['lora_a_mean_abs_change']:.2e} | {r['lora_b_changed']:.1%} | {r['lora_b_mean_abs_change']:.2e} | "
-              f"{r['kl_to_start_per_token']:.2e} | {r['kl_bf16_forward']:.2e} |")
     return records
 
 
@@ -277,7 +271,7 @@ def main(argv=None) -> int:
         else:
             record = timing(args, [*train_args, "--save-every", str(10 ** 6), *train_extra])
     text = json.dumps(record, indent=2, default=str)
-    if not args.lora_precision:  # it printed each run's record and a table
+    if not args.lora_precision:  # it printed each run's record as it came
         print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -3,9 +3,8 @@
 A row is one chat exchange, {"messages": [user, assistant]}, in this layout:
     user:      <context>...</context>\n\n<question>...</question>
     assistant: <think>...</think><proof>...</proof><answer>...</answer>   (the gold response)
-The reward needs the context (the <proof> is quoted from it) and the whole gold (its <answer>, its
-abstention phrases). Rows come from vignettes.py (generated, NOT the published data: the loaders log
-which runs), the hub or a file. CLI: `python data.py dipg --out rows.jsonl`; `python data.py stats`.
+The reward needs the context (the <proof> quotes it) and the whole gold (its <answer>, its abstention phrases).
+Rows come from vignettes.py (generated, NOT the published data: the loaders log which), the hub or a file.
 """
 
 import argparse
@@ -50,8 +49,7 @@ Format:
 
 
 def load_system_prompt(path: str | None) -> str:
-    """--system-prompt FILE: the instructions, read exactly as written (training and evaluation alike);
-    None: ours above. The author's own wording is in their scripts/train_grpo_tpu.py (REFERENCE section 1)."""
+    """--system-prompt FILE, read exactly as written (training and evaluation alike); None: ours above."""
     if path is None:
         return SYSTEM_PROMPT
     try:
@@ -235,15 +233,13 @@ def training_examples(kind: str, source: str, n: int | None, seed: int, system_p
     "completion"}. Builtin rows are generated with `seed`; other sources are read as they are."""
     system_prompt = load_system_prompt(system_prompt_file)
     example = to_sft_example if kind == "sft" else to_grpo_example
-    rows = load_dipg(source, "train", n=n, seed=seed if source == "builtin" else DEFAULT_SEED)
-    return [example(row, system_prompt) for row in rows]
+    return [example(row, system_prompt) for row in load_dipg(source, "train", n=n, seed=seed)]
 
 
 def prompt_order(rows: list[dict], batch_size: int, shuffle_seed: int, start: int = 0):
-    """The rows' training order, built as the published pipeline did (REFERENCE section 3):
-    grain.MapDataset.source(rows).shuffle(seed=42).repeat(100).batch(1), each epoch shuffled anew; batches
-    are dicts of numpy arrays, as Tunix wants. `start` skips the rows earlier blocks trained on (whole
-    batches), as Tunix 0.1.3 fast-forwarded a restored run."""
+    """The rows' training order as the published pipeline built it (REFERENCE section 3): grain's
+    source(rows).shuffle(seed=42).repeat(100).batch(1), each epoch shuffled anew, batches of numpy arrays. `start`
+    skips the rows earlier blocks trained on (whole batches), as Tunix 0.1.3 fast-forwarded a restored run."""
     import grain
 
     if start % batch_size:
@@ -298,14 +294,23 @@ def example_id(answer) -> str:
 
 
 # 6. CLI: write rows to a file you can read (and load back: the format follows the --out suffix).
-def check_out(out: str | None, overwrite: bool) -> bool:
-    """--out of a rows-writing command: given, a known suffix, not over a file without --overwrite."""
+def save_rows(load, out: str | None, overwrite: bool, what: str) -> int:
+    """A rows-writing command's end (gsm8k.py's too) -> exit code: 1 when --out is missing, of an unknown suffix or
+    over a file without --overwrite; 2 when load() raises DataError or ValueError; else load()'s rows written."""
     problem = ("needs --out FILE (.jsonl, .json or .parquet)" if out is None else
                f"--out {out} must end in .jsonl, .json or .parquet" if Path(out).suffix not in LOCAL_SUFFIXES else
                f"{out} already exists; pass --overwrite to replace it" if Path(out).exists() and not overwrite else None)
     if problem:
         print(f"{Path(sys.argv[0]).name}: {problem}", file=sys.stderr)
-    return problem is None
+        return 1
+    try:
+        rows = load()
+    except ValueError as e:  # DataError is one
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        return 2
+    write_rows(rows, out)
+    print(f"wrote {len(rows)} {what} rows to {out}")
+    return 0
 
 
 def write_rows(rows: list[dict], out: str) -> None:
@@ -320,10 +325,6 @@ def write_rows(rows: list[dict], out: str) -> None:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
-_QUOTE_LINE = re.compile(r'^- "(.*)"$', re.M)
-
-
 def _spread(values) -> str:
     values = sorted(values)
     return f"min {values[0]}, median {values[len(values) // 2]}, max {values[-1]}" if values else "none"
@@ -331,7 +332,7 @@ def _spread(values) -> str:
 
 def plan_opening(gold: str, words: int = 4) -> str:
     """The first words of a gold's plan, after the step number: how varied the plans are."""
-    think = _THINK.search(gold)
+    think = re.search(r"<think>(.*?)</think>", gold, re.S)
     return " ".join(re.sub(r"^\s*1\.\s*", "", think.group(1) if think else "").split()[:words])
 
 
@@ -352,7 +353,7 @@ def dipg_stats(rows: list[dict], tokenizer=None) -> list[str]:
     answers = [rewards.GOLD_ANSWER.search(r["expected_final"]) for r in rows]
     out.append(f"answer words: {_spread([len(a.group(1).split()) if a else 0 for a in answers])}")
     out.append(f"context lines: {_spread([len(r['context'].splitlines()) for r in rows])}")
-    quotes = [len(_QUOTE_LINE.findall(r["expected_final"])) for r in rows]
+    quotes = [len(re.findall(r'^- "(.*)"$', r["expected_final"], re.M)) for r in rows]
     out.append(f"proof quotes per row: {_spread(quotes)} (mean {sum(quotes) / n:.2f})")
     openings = collections.Counter(plan_opening(r["expected_final"]) for r in rows)
     out.append(f"distinct plan openings (first 4 words): {len(openings)}; most common: "
@@ -396,21 +397,15 @@ def main(argv=None) -> int:
         print(f"DIPG {args.source} {split}, seed {args.seed}")
         print("\n".join(dipg_stats(rows, tokenizer)))
         return 0
-    if not check_out(args.out, args.overwrite):
-        return 1
     split = args.split or "train"
-    try:
+
+    def load():  # builtin rows in the chosen layout; other sources as the published row format
         if args.source == "builtin":
-            rows = make_dipg(split, n=args.n, seed=args.seed, layout=args.layout)
-        else:
-            rows = [{"messages": r["messages"], "id": r["id"], **{k: r[k] for k in ("kind", "family") if k in r}}
-                    for r in load_dipg(args.source, split, n=args.n, seed=args.seed)]
-    except (DataError, ValueError) as e:
-        print(f"data.py: {e}", file=sys.stderr)
-        return 2
-    write_rows(rows, args.out)
-    print(f"wrote {len(rows)} dipg rows to {args.out}")
-    return 0
+            return make_dipg(split, n=args.n, seed=args.seed, layout=args.layout)
+        return [{"messages": r["messages"], "id": r["id"], **{k: r[k] for k in ("kind", "family") if k in r}}
+                for r in load_dipg(args.source, split, n=args.n, seed=args.seed)]
+
+    return save_rows(load, args.out, args.overwrite, "dipg")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,10 @@
-"""The GSM8K curriculum (seed 002; README, "The GSM8K curriculum"): Gemma 3 + LoRA + GRPO in three phases.
+"""The GSM8K curriculum (seed 002, README "The GSM8K curriculum"): Gemma 3 + LoRA + GRPO in three phases, each with
+its PHASE_REWARDS: format (a 20-30% slice of GSM8K), correctness (all of it), generalize (GSM8K 50%, code, QA 25% each).
 
 RL teaches behaviour, not skills (REFERENCE.md §5): the model first learns the output contract
-<reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right.
-
-    phase          data                         rewards (PHASE_REWARDS)
-    1 format       a 20-30% slice of GSM8K      punish_refusal, strict_format_gate, light_length_penalty
-    2 correctness  full GSM8K                   punish_refusal, strict_format_gate, check_answer_strict, penalize_length
-    3 generalize   GSM8K 50%, code 25%, QA 25%  the phase-2 list, unchanged
-
-Never change the dataset and the rewards at the same time (check_phase_rule); a phase ends when its behaviour
-is stable (exit_criteria). train.py runs the phases, eval.py --task gsm8k reports their metrics.
+<reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right. Never change the dataset and the
+rewards at the same time (check_phase_rule); a phase ends when its behaviour is stable (exit_criteria). train.py runs
+the phases, eval.py --task gsm8k reports their metrics.
 """
 
 import argparse
@@ -25,8 +20,8 @@ from itertools import islice
 from pathlib import Path
 
 import runs
-from data import DEFAULT_SEED, DataError, is_local, load_table
-from rewards import as_list, as_text, repeat_to  # the DIPG reward's rules for reading Tunix's batches
+from data import DEFAULT_SEED, DataError, is_local, load_table, save_rows
+from rewards import as_text, repeat_to  # the DIPG reward's rules for reading Tunix's batches
 from vignettes import split_counts
 
 logger = logging.getLogger(__name__)
@@ -83,9 +78,8 @@ def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
 
 @functools.lru_cache(maxsize=4)
 def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
-    """A builtin GSM split. Test and train use different seeds, and train drops any question that is in
-    test, so the two never share a problem. Repeated questions within a split are dropped, and so are
-    the few items with a negative answer (a template bug: a negative age)."""
+    """A builtin GSM split: test and train from different seeds, train without test's questions (never a shared
+    problem), and no repeated question or negative answer (a template bug: a negative age)."""
     def clean(items, exclude=frozenset()):
         seen, kept = set(exclude), []
         for e in items:
@@ -140,9 +134,7 @@ MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "lett
 def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, mix: dict) -> list[dict]:
     """Block `block` of the stream: n items in exact proportions. Block b takes the b-th run of GSM rows
     and of each task's entries, so consecutive blocks never repeat an item (until GSM wraps around)."""
-    if not mix or set(mix) - set(MIXED_DOMAINS) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
-        raise ValueError(f"bad mix {mix!r}: give non-negative weights for domains among {list(MIXED_DOMAINS)}")
-    counts = split_counts(n, mix)
+    counts = split_counts(n, mix, MIXED_DOMAINS)
     k = counts.get("gsm8k", 0)
     items = [dict(gsm[(block * k + j) % len(gsm)], domain="gsm8k", task=gsm_task, entry=None) for j in range(k)]
     for domain in ("code", "qa"):
@@ -200,20 +192,12 @@ _GSM8K_REFUSALS = [
     "unable to answer", "unable to determine", "cannot answer", "can't answer", "cannot be determined",
     "not enough information"]
 _NO_TAGS = r"(?:(?!</?(?:reasoning|answer)\b).)"
-_STRICT_FORMAT = re.compile(
+_STRICT_FORMAT = re.compile(  # a sampler's leftover end-of-turn markers are not "extra text"
     rf"\s*<reasoning>(?P<reasoning>{_NO_TAGS}*?)</reasoning>\s*"
-    rf"<answer>(?P<answer>{_NO_TAGS}*?)</answer>\s*", re.DOTALL)
+    rf"<answer>(?P<answer>{_NO_TAGS}*?)</answer>(?:\s*(?:<end_of_turn>|<eos>))*\s*", re.DOTALL)
 _ANSWER_BLOCK = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?")
 _WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")  # letters or digits, with inner hyphens: "mother-in-law"
-
-
-def _strip_end_tokens(text: str) -> str:
-    # A sampler may leave Gemma's end-of-turn marker in the decoded text; it is not "extra text".
-    text = text.rstrip()
-    while text.endswith(("<end_of_turn>", "<eos>")):
-        text = text[:-len("<end_of_turn>") if text.endswith("<end_of_turn>") else -len("<eos>")].rstrip()
-    return text
 
 
 def extract_answer(text) -> str | None:
@@ -226,7 +210,7 @@ def extract_answer(text) -> str | None:
 def _passes_gate(text: str, gold) -> bool:
     """The contract, with real content: some working (a letter or digit, so the template's "..." is
     not working) and an answer that attempts the task (`is_attempt`)."""
-    match = _STRICT_FORMAT.fullmatch(_strip_end_tokens(text))
+    match = _STRICT_FORMAT.fullmatch(text)
     return bool(match and any(c.isalnum() for c in match["reasoning"])
                 and is_attempt(match["answer"].strip(), gold))
 
@@ -304,11 +288,7 @@ def _texts(completions) -> list[str]:
 def _pairs(completions, answer, name: str) -> list[tuple]:
     """(text, gold) per completion of a Tunix batch: golds come one per completion, or one per group of G."""
     texts = _texts(completions)
-    golds = repeat_to(answer, len(texts))
-    if golds is None:
-        raise ValueError(f"{name}: cannot pair {len(as_list(answer))} gold answers with {len(texts)} completions; "
-                         "pass the batch's 'answer' column (one per prompt or one per completion)")
-    return list(zip(texts, golds))
+    return list(zip(texts, repeat_to(answer, len(texts), name, "gold answers")))
 
 
 def punish_refusal(prompts, completions, answer=None, **kwargs) -> list[float]:
@@ -347,6 +327,7 @@ PHASE_REWARDS = {
     "correctness": [punish_refusal, strict_format_gate, check_answer_strict, penalize_length],
 }
 PHASE_REWARDS["generalize"] = PHASE_REWARDS["correctness"]  # same list, by the seed's rule
+PHASES = tuple(PHASE_REWARDS)  # in their order
 
 
 # 4. Per-phase metrics: what the seed says to track (train.py logs them per step, eval.py per checkpoint).
@@ -397,13 +378,11 @@ def print_next_steps(config: dict, run_dir: Path) -> None:
     nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
     if nxt and ok:
         print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
-    elif config["phase"] == "format" or not ok:
+    elif not ok:
         print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
 
 
 # 6. What train.py needs: each phase's training rows, and the rule between phases.
-
-PHASES = ("format", "correctness", "generalize")
 
 
 def training_rows(phase: str, dataset: str, seed: int, n: int | None, slice_start=0.0, slice_end=1.0) -> list[dict]:
@@ -440,8 +419,6 @@ def check_phase_rule(old: dict, new: dict, force: bool) -> None:
 # 7. Command line: write GSM8K or mixed-domain rows to a file you can read.
 
 def main(argv=None) -> int:
-    from data import check_out, write_rows
-
     parser = argparse.ArgumentParser(description="Write GSM8K or mixed-domain (phase 3) rows to a file to inspect.")
     parser.add_argument("dataset", choices=["gsm8k", "mixed"])
     parser.add_argument("--source", default="builtin", help="builtin, hub (openai/gsm8k), a hub id or a local .jsonl")
@@ -453,17 +430,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s")
     logger.setLevel(logging.INFO)
-    if not check_out(args.out, args.overwrite):
-        return 1
-    try:
-        rows = (load_gsm8k(args.source, args.split, n=args.n, seed=args.seed) if args.dataset == "gsm8k"
-                else load_mixed(args.n or 100, seed=args.seed, gsm_source=args.source))
-    except (DataError, ValueError) as e:
-        print(f"gsm8k.py: {e}", file=sys.stderr)
-        return 2
-    write_rows(rows, args.out)
-    print(f"wrote {len(rows)} {args.dataset} rows to {args.out}")
-    return 0
+    return save_rows(lambda: (load_gsm8k(args.source, args.split, n=args.n, seed=args.seed) if args.dataset == "gsm8k"
+                              else load_mixed(args.n or 100, seed=args.seed, gsm_source=args.source)),
+                     args.out, args.overwrite, args.dataset)
 
 
 if __name__ == "__main__":

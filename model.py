@@ -242,7 +242,7 @@ def is_lora(model) -> bool:
 # Prefill needs each prompt's last logits only, but Tunix 0.1.7's Gemma 3 computes [batch, prompt, 262,144]
 # float32, most of the prefill's work. Its Sampler asks for less from a model that accepts
 # `decode_only_last_token` (later Tunix Gemma 3s do): ours gets it here, the one override of a Tunix class.
-# The full logits become dead code XLA removes (test_prefill_unembeds_the_last_token_only; README §8).
+# The full logits become dead code XLA removes (test_prefill_unembeds_the_last_token_only; README section 3).
 _tunix_gemma3_call = gemma3_lib.Gemma3.__call__
 
 

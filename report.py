@@ -1,7 +1,6 @@
 """What evaluations look like (README, "Evaluation"): the table in the published layout with the paired changes
-between consecutive columns (format_table), and the curriculum as a picture (plot_curriculum). eval.py computes
-the numbers; this file only shows them (summaries as plain dicts) and imports nothing of this project but stats.py.
-"""
+between columns (format_table), and the curriculum as a picture (plot_curriculum). eval.py computes the numbers
+(summaries as plain dicts); this file only shows them, and imports nothing of this project but stats.py."""
 
 import math
 from pathlib import Path
@@ -83,11 +82,11 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
               for name, key, fmt in TABLE_ROWS[task]]
     ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
     settings = summaries[0].get("settings", {}) if summaries else {}
-    how = "scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg" \
-        else "GSM8K KPIs of gsm8k.phase_metrics"
+    how = ("scored with rewards.EVAL_CONFIG (the environment's evaluation path)" if task == "dipg"
+           else "GSM8K KPIs of gsm8k.phase_metrics")
     if settings.get("max_new_tokens"):
-        how = f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, " \
-              f"{settings.get('dataset')}; " + how
+        how = (f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, "
+               f"{settings.get('dataset')}; {how}")
     lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
     if settings.get("protocol"):  # which prompt and which rows (eval.py's PROTOCOLS; ids in each summary.json)
         lines.append(PROTOCOL_NOTES[settings["protocol"]])

@@ -1,9 +1,7 @@
-"""Run bookkeeping: the machinery that keeps long runs safe. You can skip this file.
-
-What every long run needs and no reader of the method does; it imports no module of this project (train.py
-decides what a run is, this file keeps it safe): run directories (RUN_DIR/metadata.json), several processes on
-one JAX mesh, per-step metrics (RUN_DIR/metrics.jsonl, TensorBoard, a progress bar, W&B), Ctrl-C (finish the step,
-save, exit; --resume goes on), and child processes for a journey's blocks and evaluations.
+"""Run bookkeeping, which keeps long runs safe and which a reader of the method can skip (it imports no module of this
+project): run directories (RUN_DIR/metadata.json), several processes on one JAX mesh, per-step metrics (metrics.jsonl,
+TensorBoard, a progress bar, W&B), Ctrl-C (finish the step, save, exit; --resume goes on), child processes for a
+journey's blocks and evaluations.
 """
 
 import importlib.util
@@ -55,10 +53,9 @@ def read_metadata(run_dir) -> dict | None:
 
 
 def join_processes() -> int:
-    """Join a multi-process launch (TPU slice hosts, GPU nodes) before JAX touches a device; returns the number
-    of processes. Then one mesh spans every device (mesh_axes) and process 0 writes the files. Triggered by
-    JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port) or a launcher JAX detects itself
-    (multi-host Cloud TPU, SLURM, Open MPI). One process does nothing."""
+    """Join a multi-process launch (TPU slice hosts, GPU nodes) before JAX touches a device; -> the process count.
+    Triggered by JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port) or a launcher JAX detects
+    itself (multi-host Cloud TPU, SLURM, Open MPI); one mesh then spans every device and process 0 writes files."""
     import jax
 
     if "JAX_NUM_PROCESSES" in os.environ:
@@ -194,12 +191,11 @@ ROW_KEYS = {
 
 
 class MetricsLog:
-    """Tunix's scalars as one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard (RUN_DIR/tensorboard),
-    the progress bar, with --wandb a W&B run. A Tunix metrics backend (metrax's LoggingBackend: log_scalar,
-    close). Tunix logs "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards",
-    "completions", our "step") carry the count BEFORE their update, the others after; we file each under its
-    1-based local step. Rows are written before every checkpoint (rows_before_checkpoints); a step's timers
-    end after it, so they complete the row at the next one. A resumed run drops what it redoes."""
+    """A Tunix metrics backend (log_scalar, close) writing one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard
+    (RUN_DIR/tensorboard), the progress bar, with --wandb a W&B run. Tunix logs "<prefix>/<mode>/<name>" with its own
+    count: rollout-side metrics ("rewards", "completions", our "step") carry the count BEFORE their update, the others
+    after; we file each under its 1-based local step. Rows are written before every checkpoint
+    (rows_before_checkpoints); a step's timers complete its row at the next one. A resume drops what it redoes."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
@@ -291,10 +287,11 @@ class MetricsLog:
             changed = {s: row for s in steps if (row := self.row(s)) != self.rows.get(s)}
             if not changed or not self.main:
                 return
-            phase = self.config["phase"]
+            tags = lambda r: {f"{self.config['phase']}/{k}": v for k, v in r.items()  # a row's numbers, tagged
+                              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             for s, row in changed.items():  # what TensorBoard and W&B have not been sent for the step
-                sent = numbers(self.rows.get(s, {}), phase)
-                self.send(row["step"], {t: v for t, v in numbers(row, phase).items() if t not in sent},
+                sent = tags(self.rows.get(s, {}))
+                self.send(row["step"], {t: v for t, v in tags(row).items() if t not in sent},
                           self.samples.pop(s, []))
             new = [s for s in changed if s not in self.rows]
             self.rows.update(changed)
@@ -302,8 +299,9 @@ class MetricsLog:
             self.write_jsonl()
             if new:
                 last = self.rows[new[-1]]
-                self.bar.set_postfix({k: _fmt(last[k], d) for k, d in (("loss", 3), ("reward_mean", 2), ("kl", 4),
-                                                                       ("seconds", 1)) if k in last}, refresh=False)
+                self.bar.set_postfix({k: "-" if last[k] is None or math.isnan(last[k]) else f"{last[k]:.{d}f}"
+                                      for k, d in (("loss", 3), ("reward_mean", 2), ("kl", 4), ("seconds", 1))
+                                      if k in last}, refresh=False)
                 self.bar.update(len(new))
 
     def write_jsonl(self) -> None:  # the rows before this process's first step, then its own
@@ -344,19 +342,11 @@ class MetricsLog:
                 writer.close()
 
 
-def numbers(row: dict, phase: str) -> dict:
-    """A row's numbers under their TensorBoard and W&B tags, "<phase>/<key>"."""
-    return {f"{phase}/{k}": v for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
-
-
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
-    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint.
-
-    Tunix 0.1.7 saves checkpoint k, then logs step k's loss when step k+1 updates (PeftTrainer) and a GRPO
-    step's rollout metrics and timers when the global step ends (RLCluster buffers them): a kill in between
-    lost row k for good. So this trainer's checkpoint_manager.save first has Tunix log what it holds back
-    (private names, checked here), then writes the rows, then saves."""
+    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint. Tunix 0.1.7 saves
+    checkpoint k, then logs step k's loss when step k+1 updates (PeftTrainer) and a GRPO step's rollout metrics and
+    timers when the global step ends (RLCluster buffers them): a kill in between lost row k for good. So this
+    trainer's checkpoint_manager.save has Tunix log what it holds back (private names, checked here) first."""
     for owner, name in ((trainer, "_write_train_metrics"), (cluster, "_log_metrics"), (cluster, "_buffered_train_metrics")):
         if owner is not None and not hasattr(owner, name):
             raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "
@@ -371,10 +361,6 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
         return save(step, *args, **kwargs)
 
     trainer.checkpoint_manager.save = save_after_rows
-
-
-def _fmt(x, digits=2):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 # Interruption: Ctrl-C (or --stop-after) finishes the current step, saves, and exits
@@ -456,9 +442,8 @@ def _call_and_send(conn, fn, args, kwargs):
 
 
 def in_child_process(fn, *args, **kwargs):
-    """Run fn in a fresh process and return its result: one long-lived process keeps every block's model and
-    compiled programs alive (five blocks outgrow 24 GB); a child gives all back, the compilation cache keeps
-    the restart cheap."""
+    """fn's result, run in a fresh process: one long-lived process keeps every block's model and compiled programs
+    (five blocks outgrow 24 GB); a child gives all back, and the compilation cache keeps the restart cheap."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))
