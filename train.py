@@ -99,11 +99,9 @@ GRPO = dict(
     stop_tokens=["<eos>"],
 )
 
-# The published SFT. The sources disagree (REFERENCE section 3): the report says 300 steps at a
-# constant 2e-5; the notebook's SFT cell runs 600 steps with warmup 25 from 0 then cosine to 10%, but
-# the checkpoint the GRPO blocks loaded is named `manual_final_step_50`, so that cell as written is not
-# what produced it. We follow the report, whose SFT column the table shows; --sft-schedule notebook
-# runs the cell's schedule.
+# The published SFT. The sources disagree (REFERENCE section 3): the report says 300 steps at a constant 2e-5;
+# the notebook's cell runs 600 steps, warmup 25 then cosine to 10%, but the checkpoint the GRPO blocks loaded is
+# named `manual_final_step_50`: not that cell as written. We follow the report (--sft-schedule notebook: the cell).
 SFT = dict(
     max_steps=300, learning_rate=2e-5, sft_schedule="constant", weight_decay=0.01, max_grad_norm=1.0,
     batch_size=2,                    # micro batch
@@ -203,8 +201,7 @@ def phase_defaults(phase: str) -> dict:
 
 
 def dataset_id(phase: str, dataset: str) -> str:
-    """Which data a block trains on. The format phase's slice is part of GSM8K, so format and
-    correctness share a dataset (seed 002 changes only the rewards between them)."""
+    """Which data a block trains on (format's slice is GSM8K's: seed 002 changes only the rewards there)."""
     kind = {"sft": "dipg/train", "grpo": "dipg/train", "generalize": "mixed(gsm8k,code,qa)"}.get(phase, "gsm8k/train")
     return f"{dataset}:{kind}"
 
@@ -232,9 +229,8 @@ def lr_schedule(config: dict, steps_before: int) -> dict:
 
 
 def resolve_config(args, parser, init_meta: dict | None = None) -> dict:
-    """The flat configuration of one block: flags over the published defaults of its phase, chained to
-    the run it starts from (init_meta: that run's metadata.json). A block started --init-from keeps the
-    model and LoRA shape of that run (its LoRA weights must fit)."""
+    """One block's flat configuration: flags over the published defaults of its phase, chained to the run it
+    starts from (init_meta: its metadata.json), whose model and LoRA shape it keeps (the weights must fit)."""
     phase = args.phase
     if args.penalty and phase != "grpo":
         parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
@@ -377,8 +373,8 @@ def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
 
 
 def start_block(args, parser, run_dir: Path | None = None):
-    """Resolve a new block's configuration, check the phase rule, and prepare its run directory
-    (None when --print-config asked only to see it). Returns (config, run_dir)."""
+    """A new block's (config, run_dir): configuration resolved, phase rule checked, run directory prepared
+    (None for --print-config)."""
     init_meta = runs.load_init_run(args.init_from) if args.init_from else None
     config = resolve_config(args, parser, init_meta)
     if init_meta is not None:
@@ -396,8 +392,7 @@ def start_block(args, parser, run_dir: Path | None = None):
 
 def run_journey(args, parser) -> int:
     """Train each block of the schedule from the previous one, evaluate it, and keep OUT/table.md and
-    OUT/curriculum.png up to date (one table and plot per evaluation protocol). Finished blocks and
-    evaluations are skipped, so rerunning the same command after an interruption resumes the journey."""
+    OUT/curriculum.png up to date; finished blocks and evaluations are skipped, so the same command resumes."""
     import eval as evaluation
 
     preset = PRESETS[args.preset]
@@ -410,8 +405,7 @@ def run_journey(args, parser) -> int:
         parser.error(f"--eval-protocol {args.eval_protocol}: choose from {', '.join(evaluation.PROTOCOLS)}")
     root = Path(args.out or "runs")
 
-    def block_args(block: str, init_from):
-        """The user's flags, then the preset's, then the published defaults (in resolve_config)."""
+    def block_args(block: str, init_from):  # the user's flags, then the preset's, then the published defaults
         b = argparse.Namespace(**vars(args))
         b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
         b.init_from = str(init_from) if init_from else None
@@ -439,9 +433,7 @@ def run_journey(args, parser) -> int:
     references = {p: evaluation.reference_summaries(evaluation.load_eval_rows(
         "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) for p in protocols}
 
-    def evaluate(run, **base_model):
-        """Evaluate `run` under every protocol (in a child process), then redraw each one's table and plot
-        (the first protocol: OUT/eval/, table.md, curriculum.png; another: OUT/eval_<protocol>/, ...)."""
+    def evaluate(run, **base_model):  # under every protocol (the first: OUT/eval/, table.md; another: *_<protocol>)
         for p in protocols:
             tag = "" if p == protocols[0] else f"_{p}"
             out_dir = root / f"eval{tag}" / evaluation.result_dir_name(run)
@@ -473,8 +465,7 @@ def run_journey(args, parser) -> int:
                 return 1
         evaluate(str(run_dir))
         init_from = run_dir
-    for p in protocols:
-        tag = "" if p == protocols[0] else f"_{p}"
+    for tag in [""] + [f"_{p}" for p in protocols[1:]]:
         print(f"\n{(root / f'table{tag}.md').read_text()}\nwrote {root / f'table{tag}.md'} and {root / f'curriculum{tag}.png'}")
     return 0
 
