@@ -194,8 +194,8 @@ def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
 
 def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     """Train one GRPO block into run_dir; returns the last global step completed."""
-    grpo = build(config, run_dir)
-    cluster, training, metrics = grpo["cluster"], grpo["training"], grpo["metrics"]
+    block = build(config, run_dir)
+    cluster, training, metrics = block["cluster"], block["training"], block["metrics"]
     # The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
     done = cluster.actor_trainer.train_steps
     cluster.global_steps = done
@@ -206,6 +206,6 @@ def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
     cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
     with stopper:
-        grpo["learner"].train(grpo["batches"])  # on a resume Tunix fast-forwards past the batches done
+        block["learner"].train(block["batches"])  # on a resume Tunix fast-forwards past the batches done
     metrics.finish()
     return config["start_step"] - 1 + cluster.actor_trainer.train_steps

@@ -264,9 +264,9 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
         top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
         if title is None:
             first = points[0] if points else {}
-            title = (f"{'DIPG Safety Gym' if dipg else 'GSM8K'} across the curriculum \u2013 "
-                     f"{first.get('settings', {}).get('model', '')}, {first.get('total', '?')} held-out "
-                     "prompts, greedy")
+            settings = first.get("settings", {})
+            title = (f"{'DIPG Safety Gym' if dipg else 'GSM8K'} across the curriculum \u2013 {settings.get('model', '')}, "
+                     f"{first.get('total', '?')} held-out prompts, greedy, {settings.get('protocol', '?')} protocol")
         top.set_title(title, fontsize=14, loc="left")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

@@ -88,8 +88,8 @@ def build(config: dict, run_dir: Path) -> dict:
 
 
 def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    sft = build(config, run_dir)
-    trainer, training, metrics = sft["trainer"], sft["training"], sft["metrics"]
+    block = build(config, run_dir)
+    trainer, training, metrics = block["trainer"], block["training"], block["metrics"]
     metrics.start(trainer.train_steps)  # > 0 when resuming: Tunix restored the checkpoint
 
     def stop():  # finish the optimizer step under way (all its micro-batches), then stop
@@ -97,12 +97,12 @@ def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
 
     stopper = runs.StopRequest(on_stop=stop)
     trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, sft_metrics=metrics))
-    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), sft["mesh"], stopper:
-        trainer.train(sft["batches"])  # on a resume Tunix fast-forwards past the micro-batches done
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), block["mesh"], stopper:
+        trainer.train(block["batches"])  # on a resume Tunix fast-forwards past the micro-batches done
     metrics.finish()
     if trainer.train_steps >= config["max_steps"] and config["max_tokens_to_generate"]:
         import model as model_lib  # greedy samples: does the model now write <think>, <proof> and <answer>?
-        outs = model_lib.generate(sft["policy"], sft["tokenizer"], [r["prompt"] for r in sft["rows"][:4]],
+        outs = model_lib.generate(block["policy"], block["tokenizer"], [r["prompt"] for r in block["rows"][:4]],
                                   max_new_tokens=config["max_tokens_to_generate"], progress=False)
         ok = sum(all(f"<{t}>" in o["text"] and f"</{t}>" in o["text"] for t in ("think", "proof", "answer")) for o in outs)
         print(f"format adherence after SFT: {ok}/{len(outs)} greedy samples contain <think>, <proof> and <answer>")
