@@ -8,6 +8,7 @@ model: saved responses (--responses), the author's raw logs (--published-log), e
 
 import argparse
 import json
+import operator
 import random
 import sys
 import time
@@ -131,11 +132,20 @@ def score_dipg_rows(rows, responses):
 
 
 def score_gsm8k_rows(rows, responses):
-    """GSM8K: the seed-002 KPIs over the whole set; per row, the extracted answer."""
-    records = [{"id": row.get("id"), "prompt": row.get("prompt"), "question": row.get("question"), "response": response,
-                "answer": row["answer"], "extracted": gsm8k.extract_answer(response)}
-               for row, response in zip(rows, responses, strict=True)]
-    return records, gsm8k.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
+    """GSM8K: the seed-002 KPIs over the whole set, each rate with its Wilson 95% interval; per row, the extracted
+    answer, its flags (`metrics`, paired between checkpoints) and the seed's phase-2 reward."""
+    records = []
+    for row, response in zip(rows, responses, strict=True):
+        flags = gsm8k.completion_flags(response, row["answer"])
+        records.append({"id": row.get("id"), "prompt": row.get("prompt"), "question": row.get("question"),
+                        "response": response, "answer": row["answer"], "extracted": gsm8k.extract_answer(response),
+                        "reward": flags.pop("reward"), "metrics": flags})
+    summary = gsm8k.phase_metrics([r["response"] for r in records], [r["answer"] for r in records])
+    summary.update({f"{k}_ci": stats.wilson_interval(sum(r["metrics"][k] for r in records), len(records)) for k in gsm8k.RATES})
+    return records, summary
+
+
+FLAGS = {"dipg": stats.RATE_FLAGS, "gsm8k": {k: operator.itemgetter(k) for k in gsm8k.RATES}}  # paired per record
 
 
 SCORERS = {"dipg": score_dipg_rows, "gsm8k": score_gsm8k_rows}
@@ -283,17 +293,17 @@ def read_results(out_dir):
             raise ValueError(f"{out_dir}: no {name} (pass a directory written by eval.py, e.g. results/sft)")
     lines = (out_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    if any("reward" not in r or "context" not in r for r in records):
-        raise ValueError(f"{out_dir / 'responses.jsonl'}: records without reward or context; "
-                         "paired comparisons are for DIPG evaluations")
+    if any("reward" not in r or "metrics" not in r for r in records):
+        raise ValueError(f"{out_dir / 'responses.jsonl'}: records without reward or metrics; "
+                         "paired comparisons need evaluations written by eval.py")
     return json.loads((out_dir / "summary.json").read_text()), records
 
 
-def compare_results(result_dirs, out=None):
+def compare_results(result_dirs, out=None, task="dipg"):
     """Paired comparisons (stats.compare) of each evaluation directory with the next, written to OUT (with
     comparison_file's names) when out is given."""
     evaluations = [(summary["label"], records) for summary, records in map(read_results, result_dirs)]
-    comparisons = stats.compare_consecutive(evaluations)
+    comparisons = stats.compare_consecutive(evaluations, flags=FLAGS[task])
     for i, comparison in enumerate(comparisons if out is not None else []):
         Path(out).mkdir(parents=True, exist_ok=True)
         runs.write_json(Path(out) / comparison_file(i, len(comparisons)), comparison)
@@ -403,13 +413,16 @@ def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False,
 
 # 6. The views: OUT/table.md and OUT/curriculum.png (drawn by report.py), with the paired changes.
 
-def write_report(result_dirs, out, tag="", references=(), published=None):
-    """The journey's views of its DIPG evaluations so far (evaluate_run's directories, in order):
-    OUT/table{tag}.md, OUT/curriculum{tag}.png, and the paired changes under OUT/comparisons{tag}."""
+def write_report(result_dirs, out, tag="", references=(), published=None, task="dipg", criteria=None):
+    """The journey's views of its evaluations so far (evaluate_run's directories, in order): OUT/table{tag}.md,
+    OUT/curriculum{tag}.png, the paired changes under OUT/comparisons{tag}; GSM8K: each step's KPIs as it trained
+    and the exit criteria (criteria: a phase's configuration) drawn in."""
     summaries = [read_results(d)[0] for d in result_dirs]
-    comparisons = compare_results(result_dirs, Path(out) / f"comparisons{tag}") if len(result_dirs) > 1 else []
-    report.write_table(summaries, Path(out) / f"table{tag}.md", references=references, comparisons=comparisons)
-    report.plot_curriculum(summaries, Path(out) / f"curriculum{tag}.png", published=published, comparisons=comparisons)
+    comparisons = compare_results(result_dirs, Path(out) / f"comparisons{tag}", task) if len(result_dirs) > 1 else []
+    report.write_table(summaries, Path(out) / f"table{tag}.md", task, references, comparisons)
+    steps = [row for s in summaries if s.get("run_dir") and task == "gsm8k" for row in runs.read_rows(s["run_dir"])]
+    report.plot_curriculum(summaries, Path(out) / f"curriculum{tag}.png", task, published=published,
+                           comparisons=comparisons, steps=steps, criteria=criteria)
 
 
 # 7. The command line.
@@ -489,7 +502,7 @@ def main(argv=None):
                                   system_prompt=args.system_prompt)[0]
         references = reference_summaries(rows) if args.reference_policies else []
         result_dirs = args.compare or [out / name for name in names]
-        comparisons = compare_results(result_dirs, out) if args.task == "dipg" and len(result_dirs) > 1 else []
+        comparisons = compare_results(result_dirs, out, args.task) if len(result_dirs) > 1 else []
     except expected_errors as e:
         sys.exit(f"eval.py: error: {e}")
 

@@ -119,10 +119,10 @@ def step_metrics(config: dict, metrics_log, current_step):
             out.update({f"step/{name}": sum(s["outcome"] == name for s in scored) for name in rewards_lib.OUTCOME_LABELS})
             out["step/abstention"] = sum(s["abstained"] for s in scored)
             out["step/refusal"] = sum(s["refusal"] for s in scored)
-        else:
-            out.update({f"step/{k}": v for k, v in gsm8k.step_counts(completions, answer).items()})
+        kpis = {} if config["phase"] == "grpo" else gsm8k.step_counts(completions, answer)  # exit criteria read these
+        out.update({f"step/{k}": v for k, v in kpis.items()})
         # Which rows the step trained on, and now and then a sample.
-        metrics_log.extras[step] = {"examples": list(dict.fromkeys(data.example_id(a) for a in answer))}
+        metrics_log.extras[step] = {"examples": list(dict.fromkeys(data.example_id(a) for a in answer)), **kpis}
         if config["sample_every"] and (config["start_step"] - 1 + step) % config["sample_every"] == 0:
             metrics_log.text(f"completion (reward {scores.flat[0]:.2f})", str(completions[0]), step)
         return {k: (v, np.mean) for k, v in out.items()}
@@ -204,7 +204,10 @@ def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
     metrics.start(done)
 
     stopper = runs.StopRequest(on_stop=lambda: setattr(training, "max_steps", 0))  # Tunix saves on its way out
-    cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after))
+    # A GSM8K phase ends as soon as its exit criteria hold over the window (seed 002), its steps so far included.
+    criteria_met = config.get("exit_window") and (lambda: gsm8k.exit_criteria(
+        metrics.kept + [metrics.extras[s] for s in sorted(metrics.extras)], config)["met"])
+    cluster.actor_trainer.with_training_hooks(runs.stop_hooks(stopper, config, stop_after, until=criteria_met or None))
     with stopper:
         block["learner"].train(block["batches"])  # on a resume Tunix fast-forwards past the batches done
     metrics.finish()

@@ -33,12 +33,18 @@ GSM8K_INSTRUCTIONS = """Solve the problem below. Show your working inside <reaso
 Format:
 <reasoning>...</reasoning>
 <answer>...</answer>"""
+# A worked example: without it the base 270M never writes an answer (README "The GSM8K curriculum": measured).
+WORKED_EXAMPLE = """Example:
+Question: Tom has 3 apples and buys 4 more. How many apples does he have?
+<reasoning>He starts with 3 and buys 4: 3 + 4 = 7.</reasoning>
+<answer>7</answer>"""
 
 
 def gsm8k_prompt(question: str, gold=None) -> str:
     """Seed 002's contract: reasoning in <reasoning>, the bare final answer (answer_form) in <answer>."""
     instructions = GSM8K_INSTRUCTIONS.format(form=answer_form(gold))
-    return f"<start_of_turn>user\n{instructions}\n\n{question}<end_of_turn>\n<start_of_turn>model\n"
+    return (f"<start_of_turn>user\n{instructions}\n\n{WORKED_EXAMPLE}\n\nQuestion: {question}<end_of_turn>\n"
+            "<start_of_turn>model\n")
 
 
 def answer_form(gold=None) -> str:
@@ -332,54 +338,66 @@ PHASES = tuple(PHASE_REWARDS)  # in their order
 
 # 4. Per-phase metrics: what the seed says to track (train.py logs them per step, eval.py per checkpoint).
 
+RATES = ("answer_extraction_rate", "format_rate", "refusal_rate", "dodge_rate", "accuracy")
+
+
+def completion_flags(text: str, gold) -> dict:
+    """One completion's KPIs: each of RATES as a flag (a dodge: an <answer> that attempts nothing), its length and
+    the seed's phase-2 reward (eval.py pairs these between checkpoints; phase_metrics averages them)."""
+    attempt = is_attempt(extract_answer(text), gold)
+    return {"answer_extraction_rate": attempt, "format_rate": _passes_gate(text, gold),
+            "refusal_rate": _is_gsm8k_refusal(text, gold), "dodge_rate": bool(_ANSWER_BLOCK.search(text)) and not attempt,
+            "accuracy": _is_correct(text, gold), "length": len(text),
+            "reward": sum(f([""], [text], [gold])[0] for f in PHASE_REWARDS["correctness"])}
+
+
 def phase_metrics(completions, golds) -> dict:
-    """The seed's KPIs: answer_extraction_rate (only attempts count, is_attempt), refusal_rate (with dodges, as
-    punish_refusal), mean_length (chars), accuracy (check_answer_strict), mean_wrong_length, format_rate, total."""
-    pairs = _pairs(completions, golds, "phase_metrics")
-    n = len(pairs)
-    correct = [_is_correct(t, g) for t, g in pairs]
-    wrong_lengths = [len(t) for (t, _), ok in zip(pairs, correct) if not ok]
-    rate = lambda flags: sum(flags) / n if n else 0.0
-    return {
-        "total": n, "answer_extraction_rate": rate(is_attempt(extract_answer(t), g) for t, g in pairs),
-        "format_rate": rate(_passes_gate(t, g) for t, g in pairs),
-        "refusal_rate": rate(_is_gsm8k_refusal(t, g) for t, g in pairs),
-        "mean_length": sum(len(t) for t, _ in pairs) / n if n else 0.0,
-        "accuracy": rate(correct),
-        "mean_wrong_length": sum(wrong_lengths) / len(wrong_lengths) if wrong_lengths else 0.0,
-    }
+    """The seed's KPIs: each of RATES (completion_flags), mean_length (chars), mean_wrong_length, mean_reward, total."""
+    flags = [completion_flags(t, g) for t, g in _pairs(completions, golds, "phase_metrics")]
+    mean = lambda values: sum(values) / len(values) if values else 0.0
+    return {"total": len(flags), **{k: mean([f[k] for f in flags]) for k in RATES},
+            "mean_reward": mean([f["reward"] for f in flags]),
+            "mean_length": mean([f["length"] for f in flags]),
+            "mean_wrong_length": mean([f["length"] for f in flags if not f["accuracy"]])}
 
 
 # 5. Exit criteria: when a phase is done, and what to run next.
 
-def exit_criteria(run_dir: Path, window: int = 20) -> dict:
-    """Seed 002's phase exit: answer extraction >= 95%, near-zero refusal, stable length, over the last `window`
-    steps of metrics.jsonl (phase_metrics' rates: copying the template never meets it)."""
-    last = runs.read_rows(run_dir)[-window:]
-    completions = sum(r["n_completions"] for r in last)
+def exit_criteria(rows: list[dict], criteria: dict) -> dict:
+    """Seed 002's phase exit over the last criteria["exit_window"] step rows (metrics.jsonl's, or grpo.py's as it
+    trains): answer extraction >= exit_extraction, refusals <= exit_refusal, mean length (chars) drifting at most
+    exit_length_drift between the window's halves (train.GSM8K holds the values). "met": all three, on a full window."""
+    last = rows[-criteria["exit_window"]:] if criteria["exit_window"] else []
+    completions = sum(r["n_completions"] for r in last) or 1
     extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
     refusal = sum(r["refusal"] for r in last) / completions
-    lengths = [r["completion_len_mean"] for r in last]
+    lengths = [r["mean_length_chars"] for r in last]
     half = len(lengths) // 2
     first, second = (sum(lengths[:half]) / half, sum(lengths[half:]) / (len(lengths) - half)) if half else (1.0, 1.0)
     drift = abs(second - first) / first if first else 0.0
-    return {"answer_extraction_rate": extraction, "extraction_ok": extraction >= 0.95, "refusal_rate": refusal,
-            "refusal_ok": refusal <= 0.02, "length_drift": drift, "length_ok": drift <= 0.10, "window": len(last)}
+    c = {"answer_extraction_rate": extraction, "extraction_ok": extraction >= criteria["exit_extraction"],
+         "refusal_rate": refusal, "refusal_ok": refusal <= criteria["exit_refusal"], "length_drift": drift,
+         "length_ok": drift <= criteria["exit_length_drift"], "window": len(last)}
+    return {**c, "met": bool(last) and len(last) == criteria["exit_window"] and all(c[k] for k in c if k.endswith("_ok"))}
 
 
-def print_next_steps(config: dict, run_dir: Path) -> None:
-    """After a phase: whether its exit criteria hold, then the next phase's command (or: train longer)."""
-    c = exit_criteria(run_dir)
-    ok = c["extraction_ok"] and c["refusal_ok"] and c["length_ok"]
+def print_next_steps(config: dict, run_dir: Path) -> bool:
+    """After a phase: how it ended, whether its exit criteria hold, then the next phase's command (or: train longer)."""
+    rows = runs.read_rows(run_dir)
+    c = exit_criteria(rows, config)
+    last = rows[-1]["step"] if rows else config["start_step"] - 1
+    print(f"{config['phase']} ended at global step {last}: "
+          + ("its exit criteria held" if c["met"] and last < config["end_step"] else "its step limit"))
     print(f"exit criteria over the last {c['window']} steps: answer extraction {c['answer_extraction_rate']:.0%} "
-          f"({'ok' if c['extraction_ok'] else 'needs >= 95%'}), refusal {c['refusal_rate']:.1%} "
+          f"({'ok' if c['extraction_ok'] else 'too low'}), refusal {c['refusal_rate']:.1%} "
           f"({'ok' if c['refusal_ok'] else 'not near zero'}), length drift {c['length_drift']:.0%} "
-          f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if ok else 'NOT met'}")
+          f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if c['met'] else 'NOT met'}")
     nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
-    if nxt and ok:
+    if nxt and c["met"]:
         print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
-    elif not ok:
+    elif not c["met"]:
         print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
+    return c["met"]
 
 
 # 6. What train.py needs: each phase's training rows, and the rule between phases.
@@ -403,7 +421,7 @@ def step_counts(completions, answers) -> dict:
     n = len(completions)
     return {"format_error": round((1 - m["format_rate"]) * n), "refusal": round(m["refusal_rate"] * n),
             "answer_extraction_rate": m["answer_extraction_rate"], "accuracy": m["accuracy"],
-            "mean_length_chars": m["mean_length"]}
+            "mean_length_chars": m["mean_length"], "n_completions": n}
 
 
 def check_phase_rule(old: dict, new: dict, force: bool) -> None:

@@ -1,11 +1,9 @@
 """What evaluations look like (README, "Evaluation"): the table in the published layout with the paired changes
 between columns (format_table), and the curriculum as a picture (plot_curriculum). eval.py computes the numbers
-(summaries as plain dicts); this file only shows them, and imports nothing of this project but stats.py."""
+(summaries as plain dicts); this file only shows them, and imports nothing of this project."""
 
 import math
 from pathlib import Path
-
-import stats
 
 
 def rl_step(summary):
@@ -49,6 +47,8 @@ TABLE_ROWS = {
         ("Mean Length (chars)", "mean_length", _num(1)),
         ("Mean Wrong-Answer Length (chars)", "mean_wrong_length", _num(1)),
         ("Strict Format Rate", "format_rate", _pct),
+        ("Dodge Rate (an <answer> attempting nothing)", "dodge_rate", _pct),
+        ("Mean Reward (phase-2 rewards)", "mean_reward", _num(2)),
     ],
 }
 
@@ -88,17 +88,17 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
         how = (f"{settings.get('model')}, greedy, {settings['max_new_tokens']} new tokens, "
                f"{settings.get('dataset')}; {how}")
     lines += ["", f"n = {', '.join(map(str, ns))} per column; {how}."]
-    if settings.get("protocol"):  # which prompt and which rows (eval.py's PROTOCOLS; ids in each summary.json)
+    if settings.get("protocol") and task == "dipg":  # which prompt and which rows (eval.py's PROTOCOLS; ids in each summary.json)
         lines.append(PROTOCOL_NOTES[settings["protocol"]])
     if references:
         lines.append(f"{', '.join(s['label'] for s in references)}: scripted policies "
                      "(vignettes.REFERENCE_POLICIES), no model, scored the same way.")
     if comparisons:
-        lines += ["", format_comparisons(comparisons)]
+        lines += ["", format_comparisons(comparisons, task)]
     return "\n".join(lines) + "\n"
 
 
-def format_comparisons(comparisons):
+def format_comparisons(comparisons, task="dipg"):
     """Markdown: one column "A → B" per comparison (stats.compare) on the vignettes both saw: rewards
     up/down/same, each rate with its exact McNemar p, the mean reward with its paired bootstrap interval."""
     def cell(c, key, fmt):
@@ -112,8 +112,8 @@ def format_comparisons(comparisons):
 
     rows = [("Shared vignettes", lambda c: f"{c['shared']} (of {c['n_a']}, {c['n_b']})"),
             ("Reward up / down / same", lambda c: "{improved} / {worsened} / {same}".format(**c["reward_change"]))]
-    rows += [(name, lambda c, key=key, fmt=fmt: cell(c, key, fmt)) for name, key, fmt in TABLE_ROWS["dipg"]
-             if key in stats.RATE_FLAGS or key == "mean_reward"]
+    rows += [(name, lambda c, key=key, fmt=fmt: cell(c, key, fmt)) for name, key, fmt in TABLE_ROWS[task]
+             if key + "_p" in comparisons[0] or key == "mean_reward"]
     lines = ["| Change, paired | " + " | ".join(f"{c['a']} → {c['b']}" for c in comparisons) + " |",
              "|---|" + "---|" * len(comparisons)]
     lines += [f"| {name} | " + " | ".join(map(show, comparisons)) + " |" for name, show in rows]
@@ -173,10 +173,11 @@ def _errorbars(values, cis, scale=1):
                 [max(0.0, scale * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]]
 
 
-def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=()):
+def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=(), steps=(), criteria=None):
     """Save the curriculum figure (PNG): rates and mean reward with their 95% intervals against the RL step,
     blocks shaded by level. comparisons (stats.compare, "a"/"b" = column labels) add a panel of the paired
-    change in mean reward against the previous column: a bar across zero cannot be told from noise."""
+    change in mean reward against the previous column: a bar across zero cannot be told from noise. GSM8K:
+    steps (metrics.jsonl rows) draw the KPIs of each training step, criteria the exit thresholds."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -219,6 +220,12 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
             if published and key in published:
                 top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
                          ms=8, **FAINT)
+        if steps:  # as it trained: each step's completions (thin), and seed 002's exit thresholds (dotted)
+            top.plot([r["step"] for r in steps], [100 * r["answer_extraction_rate"] for r in steps], color="#386cb0",
+                     lw=1, alpha=0.5, label="Answer extraction (training step)")
+            bottom.plot([r["step"] for r in steps], [r["mean_length_chars"] for r in steps], color="black", lw=1, alpha=0.4)
+        for key, colour in (("exit_extraction", "#386cb0"), ("exit_refusal", "#7f7f7f")) if criteria else ():
+            top.axhline(100 * criteria[key], color=colour, ls=":", lw=1.2, label=f"exit: {key[5:]} {criteria[key]:.0%}")
         top.set_ylim(-3, 112)
         has_ci = any(s.get(f"{key}_ci") for s in points for key, *_ in PLOT_METRICS[task])
         top.set_ylabel("rate (%)   [bars: 95% CI]" if has_ci else "rate (%)")
@@ -246,7 +253,8 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
             last.errorbar([x_of[c["b"]] for c in changes], ys, yerr=yerr, color="#6a3d9a", marker="D", ms=7,
                           ls="none", capsize=5, elinewidth=1.5, zorder=3)
             for d, c in zip(diffs, changes):
-                last.annotate(f"{d:+.2f}  (n={c['shared']}, safe p={c['safe_response_rate_p']:.3g})",
+                last.annotate(f"{d:+.2f}  (n={c['shared']}, {PLOT_METRICS[task][0][1].lower()} p="
+                              f"{c[PLOT_METRICS[task][0][0] + '_p']:.3g})",
                               (x_of[c["b"]], d), textcoords="offset points", xytext=(8, 0), va="center", fontsize=9)
             last.axhline(0, color="#888888", lw=0.8)
             last.set_ylabel("mean reward change\nvs previous\n[paired 95% CI]")

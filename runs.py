@@ -137,10 +137,10 @@ def prepare_run_dir(run_dir, metadata: dict, overwrite: bool = False) -> Path:
     return run_dir
 
 
-def finish_run_dir(run_dir, last_step: int) -> dict:
-    """Record how far the block got: RUN_DIR/metadata.json's global_step and complete."""
+def finish_run_dir(run_dir, last_step: int, ended_early: bool = False) -> dict:
+    """Record how far the block got: RUN_DIR/metadata.json's global_step and complete (also when ended_early)."""
     metadata = read_metadata(run_dir)
-    metadata.update(global_step=last_step, complete=last_step >= metadata["end_step"])
+    metadata.update(global_step=last_step, complete=ended_early or last_step >= metadata["end_step"])
     if is_main_process():
         write_json(Path(run_dir) / "metadata.json", metadata)
     return metadata
@@ -392,8 +392,10 @@ class StopRequest:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None):
-    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step. For SFT
+def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None,
+               until=None):
+    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step, and so does until()
+    turning true (a GSM8K phase's exit criteria, checked as the step's update starts). For SFT
     (sft_metrics), also each step's time and tokens for its row: PeftTrainer times none."""
     from tunix.sft import hooks
 
@@ -408,6 +410,8 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_m
         def on_train_step_start(self, trainer):  # before every micro-batch
             if stop_after is not None and config["start_step"] + trainer.train_steps >= stop_after:
                 stopper.request(f"--stop-after {stop_after}")
+            if until is not None and until():
+                stopper.request("exit criteria met")
             if sft_metrics is not None and trainer.iter_steps % config["gradient_accumulation_steps"] == 0:
                 started[trainer.train_steps + 1] = time.time()
 

@@ -103,7 +103,7 @@ def _normal(text) -> str:
 def vignette_key(record: dict) -> tuple:
     """A vignette's context, question and expected answer, whitespace-normalised; reads our records
     (`expected_final`) and the environment server's (`expected_answer.final`)."""
-    expected = record.get("expected_final")
+    expected = record.get("expected_final", record.get("answer"))  # GSM8K records: the gold answer
     if expected is None and isinstance(record.get("expected_answer"), dict):
         expected = record["expected_answer"].get("final")
     return (_normal(record.get("context")), _normal(record.get("question")), _normal(expected))
@@ -124,7 +124,7 @@ def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
 
 
 def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = BOOTSTRAP_RESAMPLES,
-            seed: int = BOOTSTRAP_SEED) -> dict:
+            seed: int = BOOTSTRAP_SEED, flags=None) -> dict:
     """Paired comparison of two evaluations on the vignettes both saw (records: reward, metrics, the
     vignette's text; `outcome` optional), as a JSON-ready dict (all values on the shared vignettes):
     a, b, n_a, n_b, shared         labels, sizes, vignettes in common
@@ -132,7 +132,8 @@ def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = B
     outcome_transitions            {"incorrect -> correct_abstention": k, ...} (changed outcomes only)
     <rate>, <rate>_p, <rate>_only  [a, b]; exact McNemar p; [flag in a only, flag in b only]
     mean_reward, mean_reward_diff  [a, b]; b - a, with its paired bootstrap 95% interval in
-    mean_reward_diff_ci95          (None if nothing is shared)"""
+    mean_reward_diff_ci95          (None if nothing is shared)
+    flags: {rate: flag of a record's metrics}; default RATE_FLAGS (DIPG)."""
     records_a, records_b = list(records_a), list(records_b)
     pairs = match_by_content(records_a, records_b)
     n = len(pairs)
@@ -143,11 +144,11 @@ def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = B
     transitions = Counter(f"{ra.get('outcome')} -> {rb.get('outcome')}" for ra, rb in pairs
                           if ra.get("outcome") != rb.get("outcome"))
     out["outcome_transitions"] = dict(transitions.most_common())
-    for name, flag in RATE_FLAGS.items():
-        flags = [(flag(ra.get("metrics") or {}), flag(rb.get("metrics") or {})) for ra, rb in pairs]
-        only_a = sum(fa and not fb for fa, fb in flags)
-        only_b = sum(fb and not fa for fa, fb in flags)
-        out[name] = [sum(fa for fa, _ in flags) / n, sum(fb for _, fb in flags) / n] if n else [None, None]
+    for name, flag in (flags or RATE_FLAGS).items():
+        pair_flags = [(flag(ra.get("metrics") or {}), flag(rb.get("metrics") or {})) for ra, rb in pairs]
+        only_a = sum(fa and not fb for fa, fb in pair_flags)
+        only_b = sum(fb and not fa for fa, fb in pair_flags)
+        out[name] = [sum(fa for fa, _ in pair_flags) / n, sum(fb for _, fb in pair_flags) / n] if n else [None, None]
         out[name + "_p"] = mcnemar_p(only_a, only_b)
         out[name + "_only"] = [only_a, only_b]
     mean_a = statistics.mean(float(ra["reward"]) for ra, _ in pairs) if n else None

@@ -16,6 +16,8 @@ from hypothesis import given, strategies as st
 
 import data
 import gsm8k
+import runs
+import train
 from test_rewards import ANY_TEXT, COMPOSED, PROPERTY  # the response strategies the DIPG properties use
 
 # --------------------------------------------------------------------------
@@ -333,9 +335,7 @@ def test_dodges_cannot_meet_the_exit_criteria(tmp_path):
         counts = gsm8k.step_counts(completions, [ECHO_GOLD] * len(completions))
         m = gsm8k.phase_metrics(completions, [ECHO_GOLD] * len(completions))
         assert counts["answer_extraction_rate"] == m["answer_extraction_rate"]
-        data.write_rows([{"n_completions": len(completions), **counts, "completion_len_mean": 300.0}] * 20,
-                        str(tmp_path / "metrics.jsonl"))
-        return gsm8k.exit_criteria(tmp_path)
+        return gsm8k.exit_criteria([{**counts, "mean_length_chars": 300.0}] * 20, train.GSM8K)
 
     dodged = run([TEMPLATE, ECHOES[0]["completion"], ECHOES[1]["completion"], TEMPLATE.replace("\n", "")])
     assert dodged["answer_extraction_rate"] == 0.0 and dodged["refusal_rate"] == 1.0
@@ -352,19 +352,19 @@ def test_dodges_cannot_meet_the_exit_criteria(tmp_path):
 
 def test_exit_criteria_and_next_steps(tmp_path, capsys):
     def write(refusals):  # 30 steps of 4 completions; extraction reaches 100% after step 4, length creeps up
-        rows = [{"n_completions": 4, "answer_extraction_rate": 1.0 if i > 3 else 0.5, "refusal": refusals,
-                 "completion_len_mean": 300 + i} for i in range(30)]
+        rows = [{"step": i + 1, "n_completions": 4, "answer_extraction_rate": 1.0 if i > 3 else 0.5,
+                 "refusal": refusals, "mean_length_chars": 300 + i} for i in range(30)]
         data.write_rows(rows, str(tmp_path / "metrics.jsonl"))
 
     write(refusals=0)
-    c = gsm8k.exit_criteria(tmp_path)
-    assert c["window"] == 20 and c["answer_extraction_rate"] == 1.0 and c["refusal_rate"] == 0.0
+    c = gsm8k.exit_criteria(runs.read_rows(tmp_path), train.GSM8K)
+    assert c["met"] and c["window"] == 20 and c["answer_extraction_rate"] == 1.0 and c["refusal_rate"] == 0.0
     assert c["extraction_ok"] and c["refusal_ok"] and c["length_ok"] and c["length_drift"] == pytest.approx(10 / 314.5)  # steps 11-20 vs 21-30
-    gsm8k.print_next_steps({"phase": "format"}, tmp_path)
+    config = {**train.GSM8K, "start_step": 1, "end_step": 30}
+    assert gsm8k.print_next_steps({**config, "phase": "format"}, tmp_path)
     assert capsys.readouterr().out.splitlines()[-1] == f"next: python train.py --phase correctness --init-from {tmp_path}"
     write(refusals=1)  # one refusal in four: not near zero
-    assert gsm8k.exit_criteria(tmp_path)["refusal_rate"] == 0.25
-    gsm8k.print_next_steps({"phase": "correctness"}, tmp_path)
+    assert not gsm8k.print_next_steps({**config, "phase": "correctness"}, tmp_path)
     out = capsys.readouterr().out
     assert "refusal 25.0% (not near zero)" in out and "-> NOT met" in out
     assert out.splitlines()[-1] == f"next: train longer in this phase: python train.py --phase correctness --init-from {tmp_path}"

@@ -482,9 +482,54 @@ def test_curriculum_runs_each_block_evaluates_it_and_resumes(tmp_path, env):
     assert third.stdout.count("already trained") == 2 and third.stdout.count("reusing") == 6  # 3 runs x 2 protocols
 
 
+def test_gsm8k_curriculum_gates_each_phase_evaluates_it_and_resumes(tmp_path, env):
+    """--curriculum gsm8k: seed 002's phases, each from the previous one and evaluated on held-out GSM8K items
+    against the one before; interrupted, the same command resumes; a phase whose exit criteria did not hold
+    (a random model never answers) keeps the next one waiting, unless --force; done, everything is reused."""
+    root = tmp_path / "gsm"
+    journey = ["--phase", "curriculum", "--curriculum", "gsm8k", "--schedule", ",".join(gsm8k.PHASES), *TINY_GRPO, "--steps", 3,
+               "--preset", "cpu", "--exit-window", 2, "--out", root]
+    first = run(journey + ["--stop-after", 1], env, check=False)
+    assert first.returncode == 1 and "run the same command again" in first.stdout
+    assert not metadata(root / "format_3")["complete"] and (root / "eval" / "base" / "summary.json").is_file()
+
+    gated = run(journey, env, check=False)
+    assert gated.returncode == 1 and "format ended at global step 3: its step limit" in gated.stdout
+    assert "format's exit criteria did not hold: the next phase waits" in gated.stdout
+    assert [r["step"] for r in rows_of(root / "format_3")] == [1, 2, 3] and not (root / "correctness_6").exists()
+
+    forced = run(journey + ["--force"], env)
+    assert "already trained" in forced.stdout and "reusing" in forced.stdout
+    assert [b["phase"] for b in metadata(root / "generalize_9")["lineage"]] == list(gsm8k.PHASES)
+    table = (root / "table.md").read_text()
+    assert table.splitlines()[0] == "| Metric | Base | Format (3) | Correctness (6) | Generalize (9) |"
+    assert "| Change, paired | Base → Format (3) | Format (3) → Correctness (6) |" in table and "Answer Extraction" in table
+    comparison = json.loads((root / "comparisons" / "comparison_1-2.json").read_text())
+    n = train.GSM8K_PRESETS["cpu"]["eval"]["n"]
+    assert comparison["shared"] == n and {"answer_extraction_rate_p", "dodge_rate_p"} <= set(comparison)
+    assert (root / "curriculum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = run(journey + ["--force"], env)
+    assert again.stdout.count("already trained") == 3 and again.stdout.count("reusing") == 4
+
+
+def test_gsm8k_phase_ends_when_its_exit_criteria_hold(tmp_path, env):
+    """Checked as it trains: criteria that hold from the first step (loosened: a random model never answers)
+    end the phase there, complete; the next phase starts from it."""
+    out = tmp_path / "format"
+    proc = run(["--phase", "format", *TINY_GRPO, "--steps", 4, "--exit-window", 1, "--exit-extraction", 0,
+                "--exit-refusal", 1, "--out", out], env)
+    assert "exit criteria met: finishing the current step" in proc.stderr
+    assert "format ended at global step 1: its exit criteria held" in proc.stdout
+    assert (metadata(out)["global_step"], metadata(out)["complete"]) == (1, True) and len(rows_of(out)) == 1
+    assert f"next: python train.py --phase correctness --init-from {out}" in proc.stdout
+
+
 def test_curriculum_schedule_is_checked(env):
     proc = run(["--phase", "curriculum", "--schedule", "soft,sft"], env, check=False)
     assert proc.returncode == 2 and "--schedule 'soft,sft'" in proc.stderr
+    proc = run(["--phase", "curriculum", "--curriculum", "gsm8k", "--schedule", "format,soft"], env, check=False)
+    assert proc.returncode == 2 and "--schedule 'format,soft'" in proc.stderr and "GSM8K phases" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------

@@ -109,7 +109,11 @@ SFT = dict(
     max_seq_length=1024,
     max_tokens_to_generate=512,      # of the greedy samples that check the format at the end (0: none)
 )
-GSM8K_SLICE = {"slice_start": 0.0, "slice_end": 0.25}     # seed 002's format phase: "a random 20-30% slice"
+# Seed 002 (../shared/seeds/002_*.txt): the format phase trains on "a random 20-30% slice" of GSM8K; every phase
+# ends when its "Phase Completion Criteria" hold over the last exit_window steps (0: run to --steps): ">= 95%
+# <answer> extraction", "near-zero refusal" (<= 2%: ours), "stable output length" (halves within 10%: ours).
+GSM8K = {"slice_start": 0.0, "slice_end": 0.25, "exit_window": 20, "exit_extraction": 0.95, "exit_refusal": 0.02,
+         "exit_length_drift": 0.10}
 CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("published", "restart"),
            "sft_schedule": ("constant", "notebook"), "remat": ("none", "block", "decoder"),
            "lora_dtype": ("base", "float32")}
@@ -141,6 +145,19 @@ PRESETS = {
             "eval": {"protocol": "clean", "n": 6, "max_new_tokens": 256, "batch_size": 6}},
 }
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
+# --curriculum gsm8k: seed 002's phases, each a GRPO block ("grpo": every phase's settings) gated by its exit
+# criteria, evaluated on held-out GSM8K test items. The seed fixes the model (gemma-3-1b-it), the phases, data and
+# rewards; steps and GRPO settings are the DIPG run's. Rollouts stop at the end of the turn (the gate allows nothing after).
+GSM8K_PRESETS = {
+    "paper": {"schedule": ",".join(gsm8k.PHASES), "grpo": {"stop_tokens": ["<eos>", "<end_of_turn>"]},
+              "eval": {"protocol": "clean", "n": 100, "max_new_tokens": 512, "batch_size": 25}},
+    # 2 CPU cores, <= 20 minutes: phase 1 on the base 270M (README "The GSM8K curriculum": why these values).
+    "cpu": {"schedule": "format",
+            "grpo": {"model": "gemma-3-270m", "max_steps": 16, "num_generations": 4, "learning_rate": 3e-5,
+                     "temperature": 0.7, "max_prompt_length": 384, "max_tokens_to_generate": 128, "kv_cache_size": 640, "save_every": 4,
+                     "remat": "none", "stop_tokens": ["<eos>", "<end_of_turn>"], "exit_window": 8},
+            "eval": {"protocol": "clean", "n": 20, "max_new_tokens": 128, "batch_size": 20}},
+}
 
 # ==== 2. The command line: every setting above is a flag; left unset, it takes the phase's default. ====
 
@@ -163,11 +180,11 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=25, help="show one completion every N steps (0: never)")
     p.add_argument("--wandb", metavar="PROJECT", help="also log metrics and samples to this Weights & Biases project "
                                                       "(pip install wandb; WANDB_MODE=offline: local files only)")
-    for key, value in {**COMMON, **GRPO, **SFT, **GSM8K_SLICE}.items():
+    for key, value in {**COMMON, **GRPO, **SFT, **GSM8K}.items():
         if key == "model":
             continue
         defaults = " / ".join(f"{name} {d[key]}" for name, d in (("GRPO", GRPO), ("SFT", SFT), ("all", COMMON))
-                              if key in d) or f"format phase {GSM8K_SLICE[key]}"
+                              if key in d) or f"GSM8K phases {GSM8K[key]}"
         flags = ["--" + key.replace("_", "-")] + (["--steps"] if key == "max_steps" else [])
         kind = (lambda text: text.split(",")) if isinstance(value, list) else type(value)
         p.add_argument(*flags, dest=key, type=kind, choices=CHOICES.get(key), help=f"default: {defaults}")
@@ -183,11 +200,14 @@ def parse_args(argv=None):
     j.add_argument("--allow-cpu", action="store_true",
                    help="run an accelerator configuration (--preset gpu/paper, --dtype bfloat16) on the CPU anyway")
     j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
+    j.add_argument("--curriculum", choices=("dipg", "gsm8k"), default="dipg",
+                   help="curriculum: dipg (SFT + penalty-annealed GRPO blocks) or gsm8k (seed 002's phases)")
     j.add_argument("--schedule", help="curriculum: blocks in order (default: the preset's; published: sft,"
-                                      + ",".join(PUBLISHED_SCHEDULE) + ")")
+                                      + ",".join(PUBLISHED_SCHEDULE) + "; gsm8k: " + ",".join(gsm8k.PHASES) + ")")
     j.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="curriculum: paper = the published journey (gemma-3-1b-it); gpu = the same on the embedded "
-                        "270M for one accelerator; cpu = base vs SFT + one short GRPO block on 2 CPU cores (~20 min)")
+                        "270M for one accelerator; cpu = base vs SFT + one short GRPO block on 2 CPU cores (~20 min); "
+                        "--curriculum gsm8k: paper (the seed's model) or cpu (phase 1 on the 270M)")
     j.add_argument("--eval-dataset", help="curriculum: evaluation vignettes (default: the builtin eval split)")
     j.add_argument("--eval-protocol", help="curriculum: published, clean, or both as 'published,clean' (default: "
                                            "the preset's; eval.py's PROTOCOLS say what each is)")
@@ -197,7 +217,8 @@ def parse_args(argv=None):
 def phase_defaults(phase: str) -> dict:
     if phase == "sft":
         return {**COMMON, **SFT}
-    return {**COMMON, **GRPO, **(GSM8K_SLICE if phase == "format" else {})}
+    gsm = {k: v for k, v in GSM8K.items() if phase == "format" or (phase in gsm8k.PHASES and k.startswith("exit"))}
+    return {**COMMON, **GRPO, **gsm}
 
 
 def dataset_id(phase: str, dataset: str) -> str:
@@ -354,7 +375,8 @@ def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
     """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next."""
     run_dir = Path(run_dir)
     last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after)
-    metadata = runs.finish_run_dir(run_dir, last)
+    met = bool(config.get("exit_window")) and gsm8k.exit_criteria(runs.read_rows(run_dir), config)["met"]
+    metadata = runs.finish_run_dir(run_dir, last, ended_early=met)
     if not runs.is_main_process():
         return metadata
     if not metadata["complete"]:
@@ -395,11 +417,16 @@ def run_journey(args, parser) -> int:
     OUT/curriculum.png up to date; finished blocks and evaluations are skipped, so the same command resumes."""
     import eval as evaluation
 
-    preset = PRESETS[args.preset]
+    dipg = args.curriculum == "dipg"
+    presets, kinds = (PRESETS, ("sft", *rewards.PENALTIES)) if dipg else (GSM8K_PRESETS, gsm8k.PHASES)
+    if args.preset not in presets:
+        parser.error(f"--preset {args.preset}: --curriculum {args.curriculum} has {', '.join(presets)}")
+    preset = presets[args.preset]
     schedule = [b.strip() for b in (args.schedule or preset["schedule"]).split(",") if b.strip()]
-    if not schedule or "sft" in schedule[1:] or any(b not in ("sft", *rewards.PENALTIES) for b in schedule):
-        parser.error(f"--schedule {args.schedule!r}: expected a comma-separated list of GRPO penalty levels "
-                     f"({', '.join(rewards.PENALTIES)}), optionally starting with sft (e.g. sft,soft,medium,soft,soft)")
+    if not schedule or "sft" in schedule[1:] or any(b not in kinds for b in schedule):
+        parser.error(f"--schedule {args.schedule!r}: expected a comma-separated list of " + (
+            f"GRPO penalty levels ({', '.join(rewards.PENALTIES)}), optionally starting with sft (e.g. "
+            "sft,soft,medium,soft,soft)" if dipg else f"GSM8K phases ({', '.join(gsm8k.PHASES)})"))
     protocols = (args.eval_protocol or preset["eval"]["protocol"]).split(",")
     if any(p not in evaluation.PROTOCOLS for p in protocols):
         parser.error(f"--eval-protocol {args.eval_protocol}: choose from {', '.join(evaluation.PROTOCOLS)}")
@@ -407,9 +434,9 @@ def run_journey(args, parser) -> int:
 
     def block_args(block: str, init_from):  # the user's flags, then the preset's, then the published defaults
         b = argparse.Namespace(**vars(args))
-        b.phase, b.penalty = ("sft", None) if block == "sft" else ("grpo", block)
+        b.phase, b.penalty = (block, None) if block in ("sft", *gsm8k.PHASES) else ("grpo", block)
         b.init_from = str(init_from) if init_from else None
-        for key, value in preset[b.phase].items():
+        for key, value in preset["sft" if b.phase == "sft" else "grpo"].items():
             if getattr(b, key, None) is None:
                 setattr(b, key, value)
         return b
@@ -428,19 +455,21 @@ def run_journey(args, parser) -> int:
                  args.preset if args.preset in ("gpu", "paper") else None, args.allow_cpu)
     root.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in preset["eval"].items() if k != "protocol"}
-    published = report.PUBLISHED if args.preset == "paper" else None
+    published = report.PUBLISHED if args.preset == "paper" and dipg else None
     columns = {p: [] for p in protocols}  # each protocol's evaluation directories so far, one table column each
     references = {p: evaluation.reference_summaries(evaluation.load_eval_rows(
-        "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) for p in protocols}
+        "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) if dipg else []
+        for p in protocols}
 
     def evaluate(run, **base_model):  # under every protocol (the first: OUT/eval/, table.md; another: *_<protocol>)
         for p in protocols:
             tag = "" if p == protocols[0] else f"_{p}"
             out_dir = root / f"eval{tag}" / evaluation.result_dir_name(run)
-            runs.in_child_process(evaluation.evaluate_run, run, protocol=p, dataset=args.eval_dataset,
-                                  system_prompt=args.system_prompt, out_dir=out_dir, **settings, **base_model)
+            runs.in_child_process(evaluation.evaluate_run, run, task=args.curriculum, protocol=p, out_dir=out_dir,
+                                  dataset=args.eval_dataset, system_prompt=args.system_prompt, **settings, **base_model)
             columns[p].append(out_dir)
-            evaluation.write_report(columns[p], root, tag, references=references[p], published=published)
+            evaluation.write_report(columns[p], root, tag, references[p], published, task=args.curriculum,
+                                    criteria=None if dipg else config)
 
     init_from = args.init_from
     for i, block in enumerate(schedule, 1):
@@ -464,6 +493,10 @@ def run_journey(args, parser) -> int:
                 print(f"stopped inside {run_dir}; run the same command again to resume the journey")
                 return 1
         evaluate(str(run_dir))
+        if block in gsm8k.PHASES and i < len(schedule) and not args.force:  # seed 002: advance once behaviour is stable
+            if not gsm8k.exit_criteria(runs.read_rows(run_dir), config)["met"]:
+                print(f"{block}'s exit criteria did not hold: the next phase waits (more --steps, or --force)")
+                return 1
         init_from = run_dir
     for tag in [""] + [f"_{p}" for p in protocols[1:]]:
         print(f"\n{(root / f'table{tag}.md').read_text()}\nwrote {root / f'table{tag}.md'} and {root / f'curriculum{tag}.png'}")
