@@ -132,7 +132,7 @@ def iterable_slice(dataset, start_frac: float, end_frac: float):
 
 # Phase 3 mixes domains. Code and QA come from reasoning-gym tasks with short exact answers, so the phase-2
 # exact-match reward applies unchanged: "bf" asks for a Brainf*ck program's output (codeio runs arbitrary code
-# and has JSON answers: left out). Each item keeps its reasoning-gym entry, for that task's scorer (rg_score).
+# and has JSON answers: left out). Each item keeps its reasoning-gym entry, for that task's own scorer.
 MIXED_DOMAINS = {"gsm8k": 0.5, "code": 0.25, "qa": 0.25}
 MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "letter_counting", "number_sequence"]}
 
@@ -165,15 +165,6 @@ def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: 
     task = "gsm_symbolic" if gsm_source == "builtin" else "gsm8k"
     for b in range(sys.maxsize):
         yield from _mixed_block(block, seed, b, gsm, task, mix or MIXED_DOMAINS)
-
-
-def rg_score(item: dict, answer: str | None) -> float:
-    """reasoning-gym's own score (0..1) for a mixed-stream item; exact match for GSM8K items."""
-    if item.get("entry") is None:
-        return float(answer is not None and answer.strip().replace(",", "") == item["answer"])
-    import reasoning_gym
-
-    return float(reasoning_gym.get_score_answer_fn(item["task"])(answer, item["entry"]))
 
 
 # 3. Rewards: Tunix's fn(prompts, completions, answer, **kwargs) -> list[float], summed per completion, each logged
@@ -384,19 +375,16 @@ def exit_criteria(rows: list[dict], criteria: dict) -> dict:
 def print_next_steps(config: dict, run_dir: Path) -> bool:
     """After a phase: how it ended, whether its exit criteria hold, then the next phase's command (or: train longer)."""
     rows = runs.read_rows(run_dir)
-    c = exit_criteria(rows, config)
-    last = rows[-1]["step"] if rows else config["start_step"] - 1
+    c, last = exit_criteria(rows, config), rows[-1]["step"] if rows else config["start_step"] - 1
     print(f"{config['phase']} ended at global step {last}: "
           + ("its exit criteria held" if c["met"] and last < config["end_step"] else "its step limit"))
     print(f"exit criteria over the last {c['window']} steps: answer extraction {c['answer_extraction_rate']:.0%} "
           f"({'ok' if c['extraction_ok'] else 'too low'}), refusal {c['refusal_rate']:.1%} "
           f"({'ok' if c['refusal_ok'] else 'not near zero'}), length drift {c['length_drift']:.0%} "
           f"({'stable' if c['length_ok'] else 'not stable'}) -> {'met' if c['met'] else 'NOT met'}")
-    nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"])
-    if nxt and c["met"]:
-        print(f"next: python train.py --phase {nxt} --init-from {run_dir}")
-    elif not c["met"]:
-        print(f"next: train longer in this phase: python train.py --phase {config['phase']} --init-from {run_dir}")
+    nxt = {"format": "correctness", "correctness": "generalize"}.get(config["phase"]) if c["met"] else config["phase"]
+    if nxt:
+        print(f"next: {'' if c['met'] else 'train longer in this phase: '}python train.py --phase {nxt} --init-from {run_dir}")
     return c["met"]
 
 

@@ -153,7 +153,7 @@ GSM8K_PRESETS = {
               "eval": {"protocol": "clean", "n": 100, "max_new_tokens": 512, "batch_size": 25}},
     # 2 CPU cores, <= 20 minutes: phase 1 on the base 270M (README "The GSM8K curriculum": why these values).
     "cpu": {"schedule": "format",
-            "grpo": {"model": "gemma-3-270m", "max_steps": 16, "num_generations": 4, "learning_rate": 3e-5,
+            "grpo": {"model": "gemma-3-270m", "max_steps": 12, "num_generations": 4, "learning_rate": 3e-5,
                      "temperature": 0.7, "max_prompt_length": 384, "max_tokens_to_generate": 128, "kv_cache_size": 640, "save_every": 4,
                      "remat": "none", "stop_tokens": ["<eos>", "<end_of_turn>"], "exit_window": 8},
             "eval": {"protocol": "clean", "n": 20, "max_new_tokens": 128, "batch_size": 20}},
