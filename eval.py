@@ -356,6 +356,8 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
                  out_dir=None, overwrite=False):
     """Load a run directory (or "base"), evaluate it, write the OUT files when out_dir is given. Returns the
     summary (stats.summarize or gsm8k.phase_metrics) with describe_run's fields, settings and timings."""
+    import jax
+
     import model as model_lib
 
     metadata, rows, settings = prepare_evaluation(
@@ -372,15 +374,16 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
                + (f", draw {settings['draw']}" if settings["draw"] is not None else "")
                + f") | greedy, {max_new_tokens} new tokens, batch {batch_size}")
     t0 = time.time()
+    mesh = model_lib.make_mesh(jax.device_count()) if jax.process_count() > 1 else None
     if run == "base":
-        model, tokenizer, _ = model_lib.load(settings["model"], model_path=model_path)
+        model, tokenizer, _ = model_lib.load(settings["model"], model_path=model_path, mesh=mesh)
     else:
-        model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path)
+        model, tokenizer, metadata = model_lib.load_run(run, model_path=model_path, mesh=mesh)
     load_seconds = time.time() - t0
     records, summary = evaluate_model(model, tokenizer, rows, task, max_new_tokens, batch_size, desc=run_label(metadata))
     summary.update(describe_run(run, metadata), checkpoint_step=metadata.get("checkpoint_step"), settings=settings,
                    load_seconds=round(load_seconds, 2))
-    if out_dir is not None:
+    if out_dir is not None and runs.is_main_process():
         write_results(out_dir, records, summary)
     return summary
 

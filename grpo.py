@@ -28,6 +28,7 @@ def load_policy(config: dict):
     import model as model_lib
 
     axes = runs.mesh_axes(config["mesh"])
+    whole_batch_on_every_process()
     try:
         mesh = model_lib.make_mesh(axes["fsdp"], axes["tp"])
         base, tokenizer, _ = model_lib.load(config["model"], model_path=config["model_path"], mesh=mesh,
@@ -47,6 +48,28 @@ def load_policy(config: dict):
             sys.exit(f"error: --init-from {run_dir}: {e}")
         log.info("restored the LoRA weights of %s (its checkpoint %d)", run_dir, step)
     return policy, tokenizer, mesh
+
+
+def whole_batch_on_every_process() -> None:
+    """Several processes: Tunix's shard_input takes each process's batch as its part of the global batch (each row
+    counted once per process). Here each holds the whole batch (runs.check_inputs_agree) and places its devices' rows."""
+    import jax
+    from jax.interpreters import pxla
+    from jax.sharding import PartitionSpec
+    from tunix.sft import sharding_utils
+
+    def place(x, axis):
+        mesh = pxla.thread_resources.env.physical_mesh
+        def one(a):  # split as Tunix splits one process's batch
+            if not hasattr(a, "shape") or isinstance(a, jax.Array) and not a.is_fully_addressable:
+                return a
+            a = jax.device_get(a)
+            return jax.make_array_from_callback(a.shape, sharding_utils.get_sharding(a, mesh, PartitionSpec(*axis)),
+                                                lambda index: a[index])
+        return x if mesh.empty else jax.tree.map(one, x)
+
+    if jax.process_count() > 1:
+        sharding_utils.shard_input = place
 
 
 def frozen_reference(policy):
@@ -189,6 +212,7 @@ def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
         grpo_loss.use_chunked_logps(learner, chunk_size=config["logps_chunk_size"], remat=config["remat"])
     runs.rows_before_checkpoints(metrics, cluster.actor_trainer, cluster)  # a killed run keeps every step's row
     batches = data.prompt_order(rows, config["batch_size"], config["shuffle_seed"], config["data_start_position"])
+    runs.check_inputs_agree(config, [batches[i] for i in range(config["max_steps"])], config["start_step"])
     return dict(learner=learner, cluster=cluster, training=training, rows=rows, batches=batches, metrics=metrics)
 
 

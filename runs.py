@@ -10,12 +10,14 @@ import logging
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,19 @@ def wait_for_all_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def check_inputs_agree(config: dict, steps: list, first_step: int) -> None:
+    """Several processes: compare digests of the configuration and of every step's inputs (one collective)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    digests = np.array([zlib.crc32(pickle.dumps(x)) for x in [json.dumps(config, default=str), *steps]], np.uint32)
+    differ = np.flatnonzero((multihost_utils.process_allgather(digests) != digests).any(axis=0))
+    if jax.process_count() > 1 and differ.size:
+        what = f"the inputs of global step {first_step + differ[0] - 1}" if differ[0] else "the configuration"
+        sys.exit(f"error: {what} differ between process {jax.process_index()} and another; every host must run "
+                 "the same command on the same files (README \"Several hosts\")")
+
+
 def parse_mesh(text: str) -> dict:
     """'fsdp=2,tp=1' -> {'fsdp': 2, 'tp': 1}."""
     axes = {"fsdp": 1, "tp": 1}
@@ -143,6 +158,7 @@ def finish_run_dir(run_dir, last_step: int, ended_early: bool = False) -> dict:
     metadata.update(global_step=last_step, complete=ended_early or last_step >= metadata["end_step"])
     if is_main_process():
         write_json(Path(run_dir) / "metadata.json", metadata)
+    wait_for_all_processes("run recorded")  # the next block of a journey reads it on every process
     return metadata
 
 
@@ -448,6 +464,10 @@ def _call_and_send(conn, fn, args, kwargs):
 def in_child_process(fn, *args, **kwargs):
     """fn's result, run in a fresh process: one long-lived process keeps every block's model and compiled programs
     (five blocks outgrow 24 GB); a child gives all back, and the compilation cache keeps the restart cheap."""
+    import jax
+
+    if jax.process_count() > 1:  # several hosts: run here (a child would need its own coordinator; TPUs stay taken)
+        return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))

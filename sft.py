@@ -71,8 +71,11 @@ def build(config: dict, run_dir: Path) -> dict:
         examples = data.sft_token_rows(rows, tokenizer, config["max_seq_length"])
     except data.DataError as e:
         sys.exit(f"error: {e}")
-    batches = data.prompt_order(examples, config["batch_size"], config["shuffle_seed"]).map(
-        lambda b: peft_trainer.TrainingInput(**b))
+    batches = data.prompt_order(examples, config["batch_size"], config["shuffle_seed"])
+    a = config["gradient_accumulation_steps"]  # several processes: each feeds the whole batch (grpo.load_policy)
+    runs.check_inputs_agree(config, [[batches[i * a + j] for j in range(a)] for i in range(config["max_steps"])],
+                            config["start_step"])
+    batches = batches.map(lambda b: peft_trainer.TrainingInput(**b))
     optimizer, schedule = make_optimizer(config)
     metrics = runs.MetricsLog(run_dir, config, schedule)
     training = peft_trainer.TrainingConfig(

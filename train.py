@@ -468,8 +468,9 @@ def run_journey(args, parser) -> int:
             runs.in_child_process(evaluation.evaluate_run, run, task=args.curriculum, protocol=p, out_dir=out_dir,
                                   dataset=args.eval_dataset, system_prompt=args.system_prompt, **settings, **base_model)
             columns[p].append(out_dir)
-            evaluation.write_report(columns[p], root, tag, references[p], published, task=args.curriculum,
-                                    criteria=None if dipg else config)
+            if runs.is_main_process():  # several processes evaluate together; one writes
+                evaluation.write_report(columns[p], root, tag, references[p], published, task=args.curriculum,
+                                        criteria=None if dipg else config)
 
     init_from = args.init_from
     for i, block in enumerate(schedule, 1):
@@ -488,8 +489,7 @@ def run_journey(args, parser) -> int:
             else:
                 b.out, b.overwrite = str(run_dir), False
                 config, _ = start_block(b, parser, run_dir)
-            runs.in_child_process(train_block, config, run_dir, stop_after=args.stop_after)
-            if not runs.read_metadata(run_dir).get("complete"):
+            if not runs.in_child_process(train_block, config, run_dir, stop_after=args.stop_after)["complete"]:
                 print(f"stopped inside {run_dir}; run the same command again to resume the journey")
                 return 1
         evaluate(str(run_dir))
@@ -498,7 +498,7 @@ def run_journey(args, parser) -> int:
                 print(f"{block}'s exit criteria did not hold: the next phase waits (more --steps, or --force)")
                 return 1
         init_from = run_dir
-    for tag in [""] + [f"_{p}" for p in protocols[1:]]:
+    for tag in [""] + [f"_{p}" for p in protocols[1:]] if runs.is_main_process() else []:
         print(f"\n{(root / f'table{tag}.md').read_text()}\nwrote {root / f'table{tag}.md'} and {root / f'curriculum{tag}.png'}")
     return 0
 
