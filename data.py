@@ -53,9 +53,13 @@ def load_system_prompt(path: str | None) -> str:
     if path is None:
         return SYSTEM_PROMPT
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"--system-prompt {path}: cannot read it ({e.strerror}); give a text file") from None
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--system-prompt {path}: cannot read it ({getattr(e, 'strerror', None) or e}); "
+                        "give a UTF-8 text file") from None
+    if not text.strip():
+        raise DataError(f"--system-prompt {path}: the file is empty; write the instructions into it")
+    return text
 
 
 def format_prompt(user_content: str, system_prompt: str = SYSTEM_PROMPT) -> str:
@@ -143,6 +147,13 @@ def load_table(source: str, split: str, **hub_kwargs):
             raise DataError(f"{source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
         if path.stat().st_size == 0:
             raise DataError(f"{source}: file is empty")
+        if path.suffix != ".parquet":  # datasets decodes lazily: a file that is not UTF-8 fails row by row
+            raw = path.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{source}: line {raw[:e.start].count(10) + 1}: not UTF-8 text ({e.reason}); "
+                                "save the file as UTF-8") from None
         try:
             return datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as e:

@@ -269,7 +269,7 @@ def check_existing(out_dir, settings, overwrite):
     path = Path(out_dir) / "summary.json"
     if not path.is_file() or overwrite:
         return None
-    old = json.loads(path.read_text())
+    old = read_json(path)
     if old.get("settings") == settings:
         return old
     changed = sorted(k for k in set(settings) | set(old.get("settings", {}))
@@ -292,11 +292,21 @@ def read_results(out_dir):
         if not (out_dir / name).is_file():
             raise ValueError(f"{out_dir}: no {name} (pass a directory written by eval.py, e.g. results/sft)")
     lines = (out_dir / "responses.jsonl").read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
+    records = [read_json(out_dir / "responses.jsonl", line) for line in lines if line.strip()]
     if any("reward" not in r or "metrics" not in r for r in records):
         raise ValueError(f"{out_dir / 'responses.jsonl'}: records without reward or metrics; "
                          "paired comparisons need evaluations written by eval.py")
-    return json.loads((out_dir / "summary.json").read_text()), records
+    return read_json(out_dir / "summary.json"), records
+
+
+def read_json(path, text=None):
+    """A file (or one line of it) eval.py wrote; a damaged one stops us in one line naming it."""
+    import data
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8") if text is None else text)
+    except ValueError as e:
+        raise data.DataError(f"{path}: damaged ({e}); evaluate again into it with --overwrite") from None
 
 
 def compare_results(result_dirs, out=None, task="dipg"):
@@ -430,6 +440,12 @@ def write_report(result_dirs, out, tag="", references=(), published=None, task="
 
 # 7. The command line.
 
+def at_least_1(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -453,9 +469,9 @@ def parse_args(argv=None):
                         "draw of --n per checkpoint); clean: the training prompt on the same first --n vignettes")
     p.add_argument("--system-prompt", metavar="FILE", help="the instructions the model was trained with "
                                                            "(default: ours, data.SYSTEM_PROMPT)")
-    p.add_argument("--n", type=int, default=EVAL_N, help="number of eval prompts")
-    p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--n", type=at_least_1, default=EVAL_N, help="number of eval prompts")
+    p.add_argument("--max-new-tokens", type=at_least_1, default=EVAL_MAX_NEW_TOKENS)
+    p.add_argument("--batch-size", type=at_least_1, default=8)
     p.add_argument("--out", default="results", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace existing results under --out")
     p.add_argument("--no-published", action="store_true", help="don't draw the published curve")
@@ -478,6 +494,10 @@ def main(argv=None):
         if duplicates:
             raise ValueError(f"two inputs would write to the same {out / duplicates[0]}: "
                              f"rename one, or evaluate them with different --out directories")
+        if args.compare and len(args.compare) < 2:
+            raise ValueError("--compare needs two or more evaluation directories (each is compared with the next)")
+        if args.compare and (out / "table.md").exists() and not args.overwrite:
+            raise ValueError(f"{out / 'table.md'} exists; pass --overwrite to replace it or choose another --out")
         if (args.reference_policies or args.published_log or args.compare) and args.task != "dipg":
             raise ValueError("--reference-policies, --published-log and --compare are for DIPG evaluations; "
                              "they do not apply to --task gsm8k")

@@ -85,13 +85,16 @@ def frozen_reference(policy):
 
 
 def load_rows(config: dict) -> list[dict]:
-    """The block's training rows, {"prompts": chat prompt, "answer": what the reward needs}: DIPG
-    vignettes (data.py), or seed 002's GSM8K phases (gsm8k.py)."""
-    if config["phase"] == "grpo":
-        return data.training_examples("grpo", config["dataset"], config["n_prompts"], config["seed"],
-                                      config["system_prompt"])
-    return gsm8k.training_rows(config["phase"], config["dataset"], config["seed"], config["n_prompts"],
-                               config.get("slice_start", 0.0), config.get("slice_end", 1.0))
+    """The block's training rows, read and checked before the model loads: DIPG vignettes (data.py; GRPO:
+    {"prompts", "answer": what the reward needs}, SFT: {"prompt", "completion"}), or seed 002's GSM8K phases."""
+    try:
+        if config["phase"] in ("sft", "grpo"):
+            return data.training_examples(config["phase"], config["dataset"], config["n_prompts"], config["seed"],
+                                          config["system_prompt"])
+        return gsm8k.training_rows(config["phase"], config["dataset"], config["seed"], config["n_prompts"],
+                                   config.get("slice_start", 0.0), config.get("slice_end", 1.0))
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
 
 
 def make_optimizer(config: dict):
@@ -155,9 +158,9 @@ def step_metrics(config: dict, metrics_log, current_step):
 
 # ---- The block ----
 
-def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
+def build(config: dict, run_dir: Path, reward_fns=None, new_run: dict | None = None) -> dict:
     """Everything a GRPO block (or GSM8K phase) hands to Tunix, built from its configuration.
-    reward_fns replaces the phase's rewards (tests use a scripted one)."""
+    reward_fns replaces the phase's rewards (tests use a scripted one); new_run: runs.prepare_run_dir's metadata."""
     from tunix.perf import export as perf_export
     from tunix.perf import metrics as perf_metrics
     from tunix.rl import rl_cluster as rl
@@ -167,12 +170,15 @@ def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
     import grpo_loss
     import model as model_lib
 
-    # Model: the policy continues the previous block; the reference is that same start, frozen.
+    # Data, then model: the policy continues the previous block; the reference is that same start, frozen.
+    rows = load_rows(config)
     policy, tokenizer, mesh = load_policy(config)
     reference = frozen_reference(policy)
+    if new_run is not None:  # every check passed: the run directory is (re)written
+        runs.prepare_run_dir(run_dir, new_run)
 
-    # Data: one prompt per step, in the published order, from where the earlier blocks stopped.
-    rows = data.fit_prompts(load_rows(config), tokenizer, config["max_prompt_length"])
+    # One prompt per step, in the published order, from where the earlier blocks stopped.
+    rows = data.fit_prompts(rows, tokenizer, config["max_prompt_length"])
     log.info("GRPO on %d prompts of %s from position %d; model %s, %s", len(rows), config["dataset"],
              config["data_start_position"], config["model"], config["dtype"])
 
@@ -198,8 +204,9 @@ def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
         role_to_mesh={rl.Role.ACTOR: mesh, rl.Role.REFERENCE: mesh, rl.Role.ROLLOUT: mesh},
         rollout_engine="vanilla", offload_to_cpu=False, training_config=training, rollout_config=rollout)
     perf = perf_metrics.PerfMetricsConfig(custom_export_fn=perf_export.PerfMetricsExport.from_cluster_config(cluster_config))
-    cluster = rl.RLCluster(actor=policy, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config,
-                           perf_config=perf)
+    with runs.restoring(run_dir / "checkpoints" / "actor"):  # a resume: Tunix restores the latest checkpoint
+        cluster = rl.RLCluster(actor=policy, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config,
+                               perf_config=perf)
 
     # Learner: GRPO with the published loss (see GRPO above for kl_loss_mode and loss_agg_mode).
     algo = grpo_learner.GRPOConfig(num_generations=config["num_generations"], num_iterations=config["num_iterations"],
@@ -216,9 +223,9 @@ def build(config: dict, run_dir: Path, reward_fns=None) -> dict:
     return dict(learner=learner, cluster=cluster, training=training, rows=rows, batches=batches, metrics=metrics)
 
 
-def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
+def run(config: dict, run_dir: Path, stop_after: int | None = None, new_run: dict | None = None) -> int:
     """Train one GRPO block into run_dir; returns the last global step completed."""
-    block = build(config, run_dir)
+    block = build(config, run_dir, new_run=new_run)
     cluster, training, metrics = block["cluster"], block["training"], block["metrics"]
     # The trainer restored its step if RUN_DIR/checkpoints/actor holds one (a resume).
     done = cluster.actor_trainer.train_steps

@@ -66,7 +66,7 @@ def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
     devices = jax.devices()
     if fsdp * tp > len(devices):
         raise ValueError(f"mesh fsdp={fsdp} x tp={tp} needs {fsdp * tp} devices but jax sees {len(devices)} "
-                         f"({devices[0].platform}); lower --fsdp/--tp (on CPU, XLA_FLAGS="
+                         f"({devices[0].platform}); ask for fewer (on CPU, XLA_FLAGS="
                          f"--xla_force_host_platform_device_count=N simulates N devices)")
     # Tunix's helper makes the axes "Auto" (the compiler places activations); plain
     # jax.make_mesh now defaults to "Explicit" axes, which Tunix's models do not support.
@@ -344,18 +344,19 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
 
     root = Path(run_dir).expanduser().resolve() / checkpoint_dir
     if not root.is_dir():  # checked first: orbax would create the directory
-        raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check --run-dir or train first")
+        raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check the run directory or train first")
     manager = checkpoint_manager.CheckpointManager(str(root), ocp.CheckpointManagerOptions(max_to_keep=None))
     try:
         available = sorted(manager._checkpoint_manager.all_steps())
         if not available or (step is not None and step not in available):
             what = "no checkpoint" if step is None else f"no checkpoint for step {step}"
             raise FileNotFoundError(f"{what} in {root} (steps there: {available or 'none'}); "
-                                    "check --run-dir or train first")
+                                    "check the run directory or train first")
         lora = is_lora(model)
         try:
-            restored_step, metadata = manager.maybe_restore(model, optimizer=optimizer, step=step,
-                                                            restore_only_lora_params=lora)
+            with runs.restoring(root):
+                restored_step, metadata = manager.maybe_restore(model, optimizer=optimizer, step=step,
+                                                                restore_only_lora_params=lora)
         except (ValueError, KeyError, TypeError) as e:  # orbax: the saved tree is not this model's
             step = step if step is not None else available[-1]
             first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__

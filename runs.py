@@ -4,6 +4,7 @@ TensorBoard, a progress bar, W&B), Ctrl-C (finish the step, save, exit; --resume
 journey's blocks and evaluations.
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -47,11 +48,14 @@ def write_text(path, text: str) -> None:
 
 
 def read_metadata(run_dir) -> dict | None:
-    """RUN_DIR/metadata.json as a dict, or None when there is no run there."""
+    """RUN_DIR/metadata.json as a dict, or None when there is no run there; a damaged one stops us in one line."""
+    path = Path(run_dir) / "metadata.json"
     try:
-        return json.loads((Path(run_dir) / "metadata.json").read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {path} cannot be read ({e}); restore it from a copy, or remove {run_dir} to start again")
 
 
 def join_processes() -> int:
@@ -134,28 +138,47 @@ def load_init_run(path: str) -> dict:
     return meta
 
 
-def prepare_run_dir(run_dir, metadata: dict, overwrite: bool = False) -> Path:
-    """Create the run directory and write its metadata.json; never over a run unless --overwrite."""
+RUN_FILES = ("metadata.json", "metrics.jsonl", "checkpoints", "tensorboard", "tunix_logs", "wandb")  # what a run writes
+
+
+def check_run_dir(run_dir, overwrite: bool) -> None:
+    """A new run goes into a new or empty directory; with --overwrite also into one holding a run of train.py, whose
+    files prepare_run_dir replaces once the new run's data and model have loaded. Nothing else is ever replaced."""
+    run_dir, existing = Path(run_dir), read_metadata(run_dir)
+    if existing is None and (run_dir.is_file() or run_dir.is_dir() and any(run_dir.iterdir())):
+        sys.exit(f"error: --out {run_dir} holds files that are not a run of train.py (no metadata.json); choose "
+                 "another --out (--overwrite replaces only a run directory that train.py wrote)")
+    if existing is not None and not overwrite:
+        again = "" if existing.get("complete") else "pass --resume to continue it, "
+        sys.exit(f"error: --out {run_dir} already holds a {existing['phase']} run at step {existing['global_step']}; "
+                 f"{again}--overwrite to replace it, or choose another --out")
+
+
+def prepare_run_dir(run_dir, metadata: dict) -> Path:
+    """Write a new run's metadata.json, first removing the files of the run it replaces (check_run_dir allowed it)."""
     run_dir = Path(run_dir)
-    existing = read_metadata(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        what = f"a {existing['phase']} run at step {existing['global_step']}" if existing else "other files"
-        sys.exit(f"error: --out {run_dir} already holds {what}; pass --resume to continue it, "
-                 "--overwrite to replace it, or choose another --out")
     wait_for_all_processes("run directory checked")  # every process looked before process 0 writes
     if is_main_process():
-        if overwrite:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        remove_run_files(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "metadata.json", metadata)
     wait_for_all_processes("run directory written")
     return run_dir
 
 
+def remove_run_files(run_dir) -> None:
+    for path in (Path(run_dir) / name for name in RUN_FILES):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def finish_run_dir(run_dir, last_step: int, ended_early: bool = False) -> dict:
     """Record how far the block got: RUN_DIR/metadata.json's global_step and complete (also when ended_early)."""
-    metadata = read_metadata(run_dir)
-    metadata.update(global_step=last_step, complete=ended_early or last_step >= metadata["end_step"])
+    end = read_metadata(run_dir)["end_step"]
+    return update_metadata(run_dir, global_step=last_step, complete=ended_early or last_step >= end)
+
+
+def update_metadata(run_dir, **fields) -> dict:
+    metadata = {**read_metadata(run_dir), **fields}
     if is_main_process():
         write_json(Path(run_dir) / "metadata.json", metadata)
     wait_for_all_processes("run recorded")  # the next block of a journey reads it on every process
@@ -180,15 +203,45 @@ def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
                  f"start the next block with --init-from {run_dir}")
     if existing["phase"] != phase:
         parser.error(f"--resume: {run_dir} is a {existing['phase']} run, not --phase {phase}")
+    check_resumable(run_dir, existing)
     log.info("resuming %s with its saved configuration", run_dir)
     check_wandb(existing["config"])
     return run_dir, existing["config"]
 
 
+def check_resumable(run_dir, existing: dict) -> None:
+    """A run that got past its first step continues from a checkpoint: refused when there is none."""
+    root = Path(run_dir) / existing["checkpoint_dir"]
+    if existing["global_step"] >= existing["start_step"] and not has_checkpoint(root):
+        sys.exit(f"error: --resume: {root} holds no checkpoint to continue from (the run reached step "
+                 f"{existing['global_step']}); restore it, or start the block again with --overwrite")
+
+
+@contextlib.contextmanager
+def restoring(root: Path):
+    """Around what restores the latest checkpoint in root (a Tunix trainer being built): an unreadable one stops us
+    in one line (TRAIN_DEBUG=1: the traceback)."""
+    try:
+        yield
+    except Exception as e:
+        if not has_checkpoint(root) or os.environ.get("TRAIN_DEBUG"):
+            raise
+        step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
+        sys.exit(f"error: {root / str(step)}: this checkpoint cannot be read ({str(e.__cause__ or e).splitlines()[0][:200]}); "
+                 "remove that directory to go on from the one before, or start the block again with --overwrite")
+
+
+def has_checkpoint(root: Path) -> bool:  # orbax renames a checkpoint's directory to its step once it is whole
+    return any(p.name.isdigit() and p.is_dir() for p in root.rglob("*")) if root.is_dir() else False
+
+
 def remove_if_empty_run(run_dir) -> None:
     """A fresh run that failed before its first checkpoint leaves nothing behind: the same command runs again."""
-    if is_main_process() and not any(Path(run_dir, "checkpoints").rglob("commit_success.txt")):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir = Path(run_dir)
+    if is_main_process() and run_dir.is_dir() and not has_checkpoint(run_dir / "checkpoints"):
+        remove_run_files(run_dir)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 # Per-step metrics: Tunix's scalars -> RUN_DIR/metrics.jsonl, a progress bar, TensorBoard
@@ -230,6 +283,7 @@ class MetricsLog:
         # Tunix's backends are process-wide jax.monitoring listeners, never removed: take scalars only between
         # start() and finish(), so a later block in the same process (tests) never writes into this one's files.
         self.active = False
+        self.non_finite = None  # the first local step whose weights were not finite (never saved)
 
     def start(self, done_steps: int) -> None:
         """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
@@ -237,7 +291,7 @@ class MetricsLog:
         config = self.config
         first = config["start_step"] + done_steps  # the first global step this process trains
         self.kept = [r for r in read_rows(self.run_dir) if r["step"] < first]
-        self.final = done_steps  # Tunix logs nothing more for the steps up to this one
+        self.final = self.saved = done_steps  # Tunix logs nothing more for the steps up to this one
         self.bar = tqdm(total=config["max_steps"], initial=done_steps, unit="step", disable=not self.main,
                         desc=f"{config['phase']}{'/' + config['penalty'] if config['penalty'] else ''}")
         if self.main:
@@ -356,6 +410,29 @@ class MetricsLog:
         for writer in (self.bar, self.events, self.wandb):
             if writer is not None:
                 writer.close()
+        if self.non_finite is not None:  # exit non-zero, the run's last checkpoint its step
+            scalars, first = self.scalars.get(self.non_finite, {}), self.config["start_step"] - 1
+            finish_run_dir(self.run_dir, first + self.saved)
+            causes = "--learning-rate or --max-grad-norm" + (", --beta, --epsilon or --temperature"
+                                                            if self.config["phase"] != "sft" else "")
+            sys.exit(f"error: global step {first + self.non_finite}: loss {scalars.get('actor/loss')}, gradient norm "
+                     f"{scalars.get('actor/grad_norm')}: the weights are not finite; stopped without saving them "
+                     f"(last checkpoint: step {first + self.saved}). Usually too large a {causes}: start the block "
+                     "again with a smaller one (--overwrite)")
+
+
+_FINITE = []
+
+
+def all_finite(model) -> bool:
+    """Whether every LoRA weight of the model is finite (one compiled reduction)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if not _FINITE:
+        _FINITE.append(jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))))
+    return bool(_FINITE[0](nnx.state(model, nnx.LoRAParam)))
 
 
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
@@ -369,12 +446,18 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
                                  "metrics otherwise; runs.rows_before_checkpoints needs updating")
     save = trainer.checkpoint_manager.save
 
-    def save_after_rows(step, *args, **kwargs):
+    def save_after_rows(step, model, *args, **kwargs):
         trainer._write_train_metrics()  # the step's loss
         while cluster is not None and cluster._buffered_train_metrics:  # its rollout, the last step's timers
             cluster._log_metrics(cluster._buffered_train_metrics.pop(0))
         metrics.write_rows()
-        return save(step, *args, **kwargs)
+        if metrics.non_finite is None and not all_finite(model):  # a non-finite loss or gradient made them so
+            metrics.non_finite = step  # never saved; the block stops after this step, as on Ctrl-C
+            (cluster.cluster_config.training_config if cluster else trainer.config).max_steps = 0
+        if metrics.non_finite is not None or not save(step, model, *args, **kwargs):
+            return False
+        metrics.saved = step
+        return True
 
     trainer.checkpoint_manager.save = save_after_rows
 
@@ -382,30 +465,35 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
 # Interruption: Ctrl-C (or --stop-after) finishes the current step, saves, and exits
 
 class StopRequest:
-    """First Ctrl-C: ask the trainer to stop after the current step (it then saves a checkpoint on
-    its way out). Second Ctrl-C: stop now, without saving. `on_stop` tells the trainer."""
+    """First Ctrl-C or SIGTERM (what SLURM, Kubernetes, docker stop and timeout send): ask the trainer to stop after
+    the current step (it then saves a checkpoint on its way out). A second one: stop now, without saving. `on_stop`
+    tells the trainer; `signum` (class-wide) is the signal that stopped the latest block: the exit code is 128 + it."""
+    SIGNALS, signum = (signal.SIGINT, signal.SIGTERM), None
 
     def __init__(self, on_stop):
         self.on_stop, self.requested = on_stop, False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        StopRequest.signum = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.request("Ctrl-C")
+        StopRequest.signum = signum
+        self.request("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name)
 
     def request(self, why: str):
         if not self.requested:
             self.requested = True
             print(f"\n{why}: finishing the current step, saving a checkpoint, then exiting "
-                  "(Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+                  "(again to quit without saving)", file=sys.stderr, flush=True)
             self.on_stop()
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None,
@@ -452,37 +540,57 @@ def checkpointing(config: dict, root: Path) -> dict:
 
 # The whole journey in one command: every block and every evaluation in a child process
 
-def _call_and_send(conn, fn, args, kwargs):
+def _call_and_send(conn, parent: int, fn, args, kwargs):
+    if sys.platform == "linux":  # no child outlives its parent: when it dies, this process gets SIGTERM (saves, stops)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        sys.exit("error: the journey's process ended before this child started")
+    os.setpgid(0, 0)  # Ctrl-C in a terminal reaches the parent alone, which passes it on once
     setup_logging()
     try:
         conn.send(("ok", fn(*args, **kwargs)))
-    except BaseException as e:  # SystemExit included: the parent reports it
-        conn.send(("error", e if isinstance(e, (SystemExit, KeyboardInterrupt)) else RuntimeError(repr(e))))
+    except SystemExit as e:  # a refusal or a stop: one line, which the parent prints
+        conn.send(("exit", e.code))
+    except KeyboardInterrupt:
+        conn.send(("exit", 130))
+    except BaseException:  # our bug: its traceback is printed here, once
+        conn.send(("exit", f"error: {getattr(fn, '__name__', fn)} failed (its traceback is above)"))
         raise
 
 
 def in_child_process(fn, *args, **kwargs):
     """fn's result, run in a fresh process: one long-lived process keeps every block's model and compiled programs
-    (five blocks outgrow 24 GB); a child gives all back, and the compilation cache keeps the restart cheap."""
+    (five blocks outgrow 24 GB); a child gives all back, and the compilation cache keeps the restart cheap. SIGINT and
+    SIGTERM are passed on to the child, which saves and stops; then this process exits with 128 + the signal."""
     import jax
 
     if jax.process_count() > 1:  # several hosts: run here (a child would need its own coordinator; TPUs stay taken)
         return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_call_and_send, args=(send, fn, args, kwargs))
-    child.start()
-    send.close()
+    child = ctx.Process(target=_call_and_send, args=(send, os.getpid(), fn, args, kwargs))
+    received = []
+    forward = lambda signum, frame: (received.append(signum), child.pid and os.kill(child.pid, signum))
+    previous = {s: signal.signal(s, forward) for s in StopRequest.SIGNALS}
     try:
-        status, value = receive.recv()
-    except EOFError:  # killed without a word (e.g. out of memory)
+        child.start()
+        send.close()
+        try:
+            status, value = receive.recv()
+        except EOFError:  # killed without a word (e.g. out of memory)
+            status, value = "died", None
         child.join()
-        sys.exit(f"error: {getattr(fn, '__name__', fn)} died (exit code {child.exitcode}); "
-                 "run the same command again to resume")
-    except KeyboardInterrupt:  # the child got Ctrl-C too: let it save and finish, then stop here
-        child.join()
-        sys.exit("interrupted; run the same command again to resume the journey")
-    child.join()
-    if status == "error":
-        raise value
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if status == "died":
+        status, value = "exit", (f"error: {getattr(fn, '__name__', fn)} died (exit code {child.exitcode}); "
+                                 "run the same command again to resume")
+    if received:
+        print("interrupted; run the same command again to resume the journey", file=sys.stderr)
+        sys.exit(128 + received[0])
+    if status == "exit":
+        sys.exit(value)
     return value

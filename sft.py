@@ -16,7 +16,7 @@ from pathlib import Path
 
 import data
 import runs
-from grpo import load_policy, make_optimizer
+from grpo import load_policy, load_rows, make_optimizer
 
 log = logging.getLogger("train")
 
@@ -59,18 +59,21 @@ def sft_trainer(policy, config: dict, training, optimizer):
     return trainer
 
 
-def build(config: dict, run_dir: Path) -> dict:
-    """Everything an SFT block hands to Tunix: model, micro-batches in the published order, trainer."""
+def build(config: dict, run_dir: Path, new_run: dict | None = None) -> dict:
+    """Everything an SFT block hands to Tunix: model, micro-batches in the published order, trainer (new_run:
+    runs.prepare_run_dir's metadata, written once data and model have loaded)."""
     from tunix.sft import peft_trainer
 
+    rows = load_rows(config)
     policy, tokenizer, mesh = load_policy(config)
-    rows = data.training_examples("sft", config["dataset"], config["n_prompts"], config["seed"], config["system_prompt"])
     log.info("SFT on %d examples of %s; model %s, %s", len(rows), config["dataset"],
              config["model"], config["dtype"])
     try:
         examples = data.sft_token_rows(rows, tokenizer, config["max_seq_length"])
     except data.DataError as e:
         sys.exit(f"error: {e}")
+    if new_run is not None:
+        runs.prepare_run_dir(run_dir, new_run)
     batches = data.prompt_order(examples, config["batch_size"], config["shuffle_seed"])
     a = config["gradient_accumulation_steps"]  # several processes: each feeds the whole batch (grpo.load_policy)
     runs.check_inputs_agree(config, [[batches[i * a + j] for j in range(a)] for i in range(config["max_steps"])],
@@ -83,15 +86,15 @@ def build(config: dict, run_dir: Path) -> dict:
         gradient_accumulation_steps=config["gradient_accumulation_steps"], metrics_prefix="actor",  # as in GRPO
         metrics_logging_options=metrics.options(run_dir), **runs.checkpointing(config, run_dir / "checkpoints"))
     # PeftTrainer reads the mesh from the `with mesh:` context, which jax now calls deprecated.
-    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh:
-        trainer = sft_trainer(policy, config, training, optimizer)
+    with warnings.catch_warnings(action="ignore", category=DeprecationWarning), mesh, runs.restoring(run_dir / "checkpoints"):
+        trainer = sft_trainer(policy, config, training, optimizer)  # a resume: Tunix restores the latest checkpoint
     runs.rows_before_checkpoints(metrics, trainer)  # a killed run keeps every step's row
     return dict(trainer=trainer, training=training, batches=batches, rows=rows, policy=policy, tokenizer=tokenizer,
                 mesh=mesh, metrics=metrics)
 
 
-def run(config: dict, run_dir: Path, stop_after: int | None = None) -> int:
-    block = build(config, run_dir)
+def run(config: dict, run_dir: Path, stop_after: int | None = None, new_run: dict | None = None) -> int:
+    block = build(config, run_dir, new_run)
     trainer, training, metrics = block["trainer"], block["training"], block["metrics"]
     metrics.start(trainer.train_steps)  # > 0 when resuming: Tunix restored the checkpoint
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import pytest
 
+import runs
 import train
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +91,7 @@ def test_check_device_of_a_run_to_resume_shows_its_saved_settings_and_trains_not
     run_dir = tmp_path / "stopped"
     args, parser = train.parse_args(["--phase", "grpo", "--model", "tiny", "--steps", "1", "--mesh", "fsdp=2",
                                      "--out", str(run_dir)])
-    train.start_block(args, parser)  # a run directory as a block leaves it before its first step
+    runs.prepare_run_dir(*train.start_block(args, parser)[1:])  # a run directory as a block leaves it before its first step
     before = (run_dir / "metadata.json").read_text()
     seen = check_device(["--phase", "grpo", "--resume", "--out", run_dir], tmp_path)
     assert seen["mesh"] == {"fsdp": 2, "tp": 1} and seen["dtype"] == json.loads(before)["config"]["dtype"]

@@ -434,7 +434,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_block(tmp_path, env):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # as step 1 ends (its row is written before its checkpoint) or later
     stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 130, stderr[-3000:]  # as a shell reports Ctrl-C: a script sees the run unfinished
     meta = metadata(out)
     assert not meta["complete"] and 1 <= meta["global_step"] < 6, meta
     assert "Ctrl-C: finishing the current step" in stderr
@@ -550,7 +550,8 @@ args, parser = train.parse_args(["--phase", "grpo", "--model", "tiny", "--out", 
 time.sleep(2 * jax.process_index())
 wrote, write_json = [], runs.write_json  # the files each process writes (still written)
 runs.write_json = lambda path, obj: (wrote.append(Path(path).name), write_json(path, obj))
-_, run_dir = train.start_block(args, parser)
+_, run_dir, new_run = train.start_block(args, parser)
+runs.prepare_run_dir(run_dir, new_run)
 print(json.dumps({"processes": n, "devices": jax.device_count(), "axes": axes,
                   "sum": float(jax.jit(jnp.sum)(x)), "main": runs.is_main_process(),
                   "run_dir": sorted(p.name for p in run_dir.iterdir()), "wrote": wrote}))

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+from math import inf
 from pathlib import Path
 
 import data
@@ -116,7 +117,24 @@ GSM8K = {"slice_start": 0.0, "slice_end": 0.25, "exit_window": 20, "exit_extract
          "exit_length_drift": 0.10}
 CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("published", "restart"),
            "sft_schedule": ("constant", "notebook"), "remat": ("none", "block", "decoder"),
-           "lora_dtype": ("base", "float32")}
+           "lora_dtype": ("base", "float32"), "loss_agg_mode": ("token-mean", "sequence-mean-token-mean",
+           "sequence-mean-token-scale", "seq-mean-token-sum", "sequence-mean-token-sum-norm")}  # Tunix 0.1.7's
+# What each setting may be (resolve_config refuses anything else, with --print-config too; NaN fails every rule).
+AT_LEAST_1, POSITIVE, NON_NEGATIVE = (">= 1", lambda v: v >= 1), ("> 0", lambda v: 0 < v < inf), (">= 0", lambda v: 0 <= v < inf)
+RANGES = {**dict.fromkeys(("lora_rank", "save_every", "keep_checkpoints", "max_steps", "batch_size", "num_iterations",
+                           "max_prompt_length", "kv_cache_size", "top_k", "gradient_accumulation_steps",
+                           "max_seq_length", "n_prompts"), AT_LEAST_1),
+          **dict.fromkeys(("lora_alpha", "learning_rate", "max_grad_norm", "epsilon", "temperature"), POSITIVE),
+          **dict.fromkeys(("lr_init", "weight_decay", "beta", "logps_chunk_size", "max_tokens_to_generate",
+                           "sample_every"), NON_NEGATIVE),
+          **dict.fromkeys(("warmup_ratio", "lr_end_ratio", "slice_start", "slice_end"), ("in [0, 1]", lambda v: 0 <= v <= 1)),
+          **dict.fromkeys(("adam_b1", "adam_b2"), ("in [0, 1)", lambda v: 0 <= v < 1)),
+          "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+          "num_generations": (">= 2: GRPO compares completions within a group", lambda v: v >= 2)}
+
+
+def flag(key: str) -> str:
+    return "--steps" if key == "max_steps" else "--" + key.replace("_", "-")
 
 # --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
 # preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
@@ -192,13 +210,14 @@ def parse_args(argv=None):
     j.add_argument("--out", help="run directory (default runs/<phase>[_<penalty>]_<end step>); curriculum: its root")
     j.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights and continue its global steps")
     j.add_argument("--resume", action="store_true", help="continue the interrupted run in --out at its last checkpoint")
-    j.add_argument("--overwrite", action="store_true", help="replace whatever is in --out")
+    j.add_argument("--overwrite", action="store_true", help="replace the run of train.py in --out, once this one's data and model have loaded")
     j.add_argument("--force", action="store_true", help="start a phase that changes both dataset and rewards")
     j.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
     j.add_argument("--check-device", action="store_true",
                    help="print the backend, devices, dtype and mesh this run would use, and exit")
     j.add_argument("--allow-cpu", action="store_true",
                    help="run an accelerator configuration (--preset gpu/paper, --dtype bfloat16) on the CPU anyway")
+    j.add_argument("--debug", action="store_true", help="show the traceback of an error about input or the disk")
     j.add_argument("--stop-after", type=int, metavar="GLOBAL_STEP", help="debug: behave as if Ctrl-C came during this step")
     j.add_argument("--curriculum", choices=("dipg", "gsm8k"), default="dipg",
                    help="curriculum: dipg (SFT + penalty-annealed GRPO blocks) or gsm8k (seed 002's phases)")
@@ -267,8 +286,12 @@ def resolve_config(args, parser, init_meta: dict | None = None) -> dict:
     config.update({k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in defaults.items()})
     config.update(model_path=args.model_path or (init_meta or {}).get("model_path"), dtype=resolve_dtype(args.dtype),
                   mesh=args.mesh, dataset=args.dataset, system_prompt=args.system_prompt, n_prompts=args.n_prompts,
-                  seed=args.seed, wandb=args.wandb, init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
+                  seed=args.seed, wandb=args.wandb, sample_every=args.sample_every,
+                  init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
                   start_step=(init_meta["global_step"] + 1) if init_meta else 1)
+    for key, (rule, ok) in RANGES.items():
+        if config.get(key) is not None and not ok(config[key]):
+            parser.error(f"{flag(key)} must be {rule} (got {config[key]})")
     config["end_step"] = config["start_step"] + config["max_steps"] - 1
     # Chaining: the blocks of this lineage that trained this phase on these rows before this one.
     earlier = [b for b in (init_meta or {}).get("lineage", [])
@@ -282,29 +305,23 @@ def resolve_config(args, parser, init_meta: dict | None = None) -> dict:
     elif phase != "sft":
         config["reward_functions"] = [f.__name__ for f in gsm8k.PHASE_REWARDS[phase]]
     runs.check_wandb(config)
-    # Checks a typo would otherwise turn into a confusing failure an hour later.
-    try:
+    try:  # then what no single setting says
         runs.parse_mesh(config["mesh"])
         data.load_system_prompt(config["system_prompt"])
     except ValueError as e:
         parser.error(str(e))
-    if config["max_steps"] < 1:
-        parser.error("--steps must be >= 1")
-    if config["logps_chunk_size"] < 0:
-        parser.error("--logps-chunk-size must be >= 0 (0: Tunix's full logits)")
     if config["logps_chunk_size"] == 0 and config["remat"] != "none":
         parser.error(f"--remat {config['remat']} is applied in our chunked loss, which --logps-chunk-size 0 "
                      "replaces with Tunix's own: add --remat none")
     if phase != "sft":
-        if config["num_generations"] < 2:
-            parser.error("--num-generations must be >= 2: GRPO compares completions within a group")
-        if config["kv_cache_size"] <= config["max_prompt_length"] + config["max_tokens_to_generate"]:
-            parser.error(f"--kv-cache-size {config['kv_cache_size']} must exceed --max-prompt-length + "
-                         f"--max-tokens-to-generate = {config['max_prompt_length'] + config['max_tokens_to_generate']}")
+        if not 0 < config["max_tokens_to_generate"] < config["kv_cache_size"] - config["max_prompt_length"]:
+            parser.error(f"--max-tokens-to-generate {config['max_tokens_to_generate']} must be >= 1 and --kv-cache-size "
+                         f"{config['kv_cache_size']} must exceed --max-prompt-length + --max-tokens-to-generate = "
+                         f"{config['max_prompt_length'] + config['max_tokens_to_generate']}")
         unknown = [t for t in config["stop_tokens"] if t not in ("<eos>", "<end_of_turn>")]
         if unknown or not config["stop_tokens"]:
             parser.error(f"--stop-tokens {','.join(config['stop_tokens'])}: use <eos> or <eos>,<end_of_turn>")
-    if phase == "format" and not 0 <= config["slice_start"] < config["slice_end"] <= 1:
+    if phase == "format" and not config["slice_start"] < config["slice_end"]:
         parser.error("--slice-start/--slice-end: need 0 <= start < end <= 1")
     return config
 
@@ -371,10 +388,17 @@ def describe_device(config: dict) -> dict:
 
 # ==== 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration ====
 
-def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
-    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next."""
+def train_block(config: dict, run_dir, stop_after: int | None = None, new_run: dict | None = None) -> dict:
+    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next. new_run: the
+    metadata.json of a new run, written once its data and model have loaded; if it fails before its first
+    checkpoint, it leaves nothing behind (the corrected command runs as if it never had)."""
     run_dir = Path(run_dir)
-    last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after)
+    try:
+        last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after, new_run)
+    except BaseException:
+        if new_run is not None:
+            runs.remove_if_empty_run(run_dir)
+        raise
     met = bool(config.get("exit_window")) and gsm8k.exit_criteria(runs.read_rows(run_dir), config)["met"]
     metadata = runs.finish_run_dir(run_dir, last, ended_early=met)
     if not runs.is_main_process():
@@ -395,19 +419,38 @@ def train_block(config: dict, run_dir, stop_after: int | None = None) -> dict:
 
 
 def start_block(args, parser, run_dir: Path | None = None):
-    """A new block's (config, run_dir): configuration resolved, phase rule checked, run directory prepared
-    (None for --print-config)."""
+    """A new block's (config, run_dir, metadata.json to write): configuration resolved and checked, phase rule and
+    run directory checked; nothing written yet (run_dir None for --print-config)."""
     init_meta = runs.load_init_run(args.init_from) if args.init_from else None
     config = resolve_config(args, parser, init_meta)
     if init_meta is not None:
         gsm8k.check_phase_rule(init_meta, {"dataset": dataset_id(config["phase"], config["dataset"]),
                                            "reward_set": reward_set(config)}, args.force)
-    config["sample_every"] = args.sample_every
     if args.print_config:
-        return config, None
-    check_device(config, None, args.allow_cpu)  # before the run directory exists: a refusal leaves nothing behind
-    run_dir = run_dir or Path(args.out or default_out(config))
-    return config, runs.prepare_run_dir(run_dir, run_metadata(config, run_dir, init_meta), overwrite=args.overwrite)
+        return config, None, None
+    check_device(config, None, args.allow_cpu)
+    run_dir = Path(run_dir or args.out or default_out(config))
+    runs.check_run_dir(run_dir, args.overwrite)
+    return config, run_dir, run_metadata(config, run_dir, init_meta)
+
+
+def resumed_config(saved: dict, args, parser, run_dir) -> dict:
+    """--resume goes on with the saved configuration. A flag given that differs from it is refused by name, except
+    a larger --steps, which extends the block (its learning-rate schedule as saved: past its end, the end rate)."""
+    given = {k: str(Path(v).resolve()) if k == "init_from" else v for k, v in vars(args).items()
+             if k in saved and v is not None and v != parser.get_default(k)}
+    changed = [k for k, v in given.items() if v != saved[k]]
+    refused = [k for k in changed if k != "sample_every" and not (k == "max_steps" and given[k] > saved[k])]
+    if refused:
+        parser.error(f"--resume continues {run_dir} with its saved settings, and "
+                     + ", ".join(f"{flag(k)} {given[k]} (saved: {saved[k]})" for k in refused)
+                     + " differ: drop them, or start the block again with them (--overwrite)")
+    config = {**saved, **{k: given[k] for k in changed}}
+    if "max_steps" in changed:
+        config["end_step"] = config["start_step"] + config["max_steps"] - 1
+        log.info("--steps %d: the block now ends at global step %d (learning-rate schedule as saved)",
+                 config["max_steps"], config["end_step"])
+    return config
 
 
 # ==== 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py) ====
@@ -461,18 +504,19 @@ def run_journey(args, parser) -> int:
         "dipg", args.eval_dataset, settings["n"], protocol=p, system_prompt=args.system_prompt)[0]) if dipg else []
         for p in protocols}
 
-    def evaluate(run, **base_model):  # under every protocol (the first: OUT/eval/, table.md; another: *_<protocol>)
+    def evaluate(run, **kwargs):  # under every protocol (the first: OUT/eval/, table.md; another: *_<protocol>)
         for p in protocols:
             tag = "" if p == protocols[0] else f"_{p}"
             out_dir = root / f"eval{tag}" / evaluation.result_dir_name(run)
-            runs.in_child_process(evaluation.evaluate_run, run, task=args.curriculum, protocol=p, out_dir=out_dir,
-                                  dataset=args.eval_dataset, system_prompt=args.system_prompt, **settings, **base_model)
+            runs.in_child_process(one_line, evaluation.evaluate_run, run, task=args.curriculum, protocol=p,
+                                  out_dir=out_dir, dataset=args.eval_dataset, system_prompt=args.system_prompt,
+                                  **settings, **kwargs)
             columns[p].append(out_dir)
             if runs.is_main_process():  # several processes evaluate together; one writes
                 evaluation.write_report(columns[p], root, tag, references[p], published, task=args.curriculum,
                                         criteria=None if dipg else config)
 
-    init_from = args.init_from
+    init_from, trained = args.init_from, False
     for i, block in enumerate(schedule, 1):
         b = block_args(block, init_from)
         config = resolve_config(b, parser, runs.load_init_run(b.init_from) if b.init_from else None)
@@ -480,19 +524,28 @@ def run_journey(args, parser) -> int:
             evaluate("base", model_name=config["model"], model_path=config["model_path"])
         run_dir = root / default_out(config).name
         existing = runs.read_metadata(run_dir)
+        # A block trained with other settings than this command's (or from a block trained again) is not reused.
+        changed = existing and ([k for k in config if existing["config"].get(k) != config[k] and k != "sample_every"]
+                                or trained and ["the block before it, trained again"])
         print(f"\n=== block {i}/{len(schedule)}: {block} -> {run_dir} (global steps {config['start_step']}-{config['end_step']})")
-        if existing and existing.get("complete"):
+        if changed and not args.overwrite:
+            sys.exit(f"error: {run_dir} was trained with other settings than this command's ({', '.join(changed)}); "
+                     "pass --overwrite to train it again with these, or choose another --out")
+        if existing and not changed and existing.get("complete"):
             print(f"already trained ({run_dir}/metadata.json says complete); skipping")
         else:
-            if existing:  # interrupted earlier: continue it with its own saved configuration
-                config = existing["config"]
+            new_run = None
+            if existing and not changed:  # interrupted earlier: continue it
+                runs.check_resumable(run_dir, existing)
             else:
-                b.out, b.overwrite = str(run_dir), False
-                config, _ = start_block(b, parser, run_dir)
-            if not runs.in_child_process(train_block, config, run_dir, stop_after=args.stop_after)["complete"]:
+                b.out, b.overwrite = str(run_dir), args.overwrite
+                config, _, new_run = start_block(b, parser, run_dir)
+            if not runs.in_child_process(one_line, train_block, config, run_dir, stop_after=args.stop_after,
+                                         new_run=new_run)["complete"]:
                 print(f"stopped inside {run_dir}; run the same command again to resume the journey")
                 return 1
-        evaluate(str(run_dir))
+            trained = True
+        evaluate(str(run_dir), overwrite=trained)
         if block in gsm8k.PHASES and i < len(schedule) and not args.force:  # seed 002: advance once behaviour is stable
             if not gsm8k.exit_criteria(runs.read_rows(run_dir), config)["met"]:
                 print(f"{block}'s exit criteria did not hold: the next phase waits (more --steps, or --force)")
@@ -505,8 +558,23 @@ def run_journey(args, parser) -> int:
 
 # ==== The command line ====
 
+def one_line(fn, *args, **kwargs):
+    """fn's result; bad input data and unreadable or full disks stop it in one line (--debug: with the traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except (data.DataError, OSError) as e:
+        if os.environ.get("TRAIN_DEBUG"):
+            raise
+        sys.exit(f"error: {e}" if isinstance(e, data.DataError) else f"error: {e.filename or 'a file'}: "
+                 f"{e.strerror or e}; check the path, its permissions and the free disk space (--debug: traceback)")
+    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
+        sys.exit(130)
+
+
 def main(argv=None) -> int:
     args, parser = parse_args(argv)
+    if args.debug:
+        os.environ["TRAIN_DEBUG"] = "1"  # the journey's children too
     if args.phase == "curriculum":
         # The journey's own process only coordinates; its blocks and evaluations run in child processes
         # (inheriting this). Without it, JAX would reserve 75% of a GPU's memory in the coordinator the
@@ -514,29 +582,35 @@ def main(argv=None) -> int:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     runs.setup_logging()
     runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
+    return one_line(command, args, parser)
+
+
+def command(args, parser) -> int:
     if args.phase == "curriculum" and not args.check_device:
         return run_journey(args, parser)
+    new_run = None
     if args.resume:
-        run_dir, config = runs.reopen_run_dir(args.out, args.phase, parser)
-    elif args.print_config or args.check_device:
+        run_dir, saved = runs.reopen_run_dir(args.out, args.phase, parser)
+        config = resumed_config(saved, args, parser, run_dir)
+    else:  # --print-config and --check-device show a block's configuration (curriculum: a GRPO block's)
+        show = args.print_config or args.check_device
         phase = "grpo" if args.phase == "curriculum" else args.phase
-        config, run_dir = start_block(argparse.Namespace(**{**vars(args), "print_config": True, "phase": phase}), parser)
-    else:
-        config, run_dir = start_block(args, parser)  # checks the device before preparing the run directory
+        config, run_dir, new_run = start_block(argparse.Namespace(**{**vars(args), "print_config": show, "phase": phase}),
+                                               parser)
     if args.print_config or args.check_device:  # what would run (a resumed run: its saved configuration)
         print(json.dumps(describe_device(config) if args.check_device else config))
         return 0
     if args.resume:
         check_device(config, None, args.allow_cpu)
+        if config != saved:  # a larger --steps: the block now ends later
+            lineage = runs.read_metadata(run_dir)["lineage"]
+            runs.update_metadata(run_dir, config=config, max_steps=config["max_steps"], end_step=config["end_step"],
+                                 lineage=lineage[:-1] + [{**lineage[-1], "end_step": config["end_step"]}])
     log.info("%s block: global steps %d-%d into %s; model %s; data %s", config["phase"], config["start_step"],
              config["end_step"], run_dir, config["model"], dataset_id(config["phase"], config["dataset"]))
-    try:
-        train_block(config, run_dir, stop_after=args.stop_after)
-    except SystemExit:
-        if not args.resume:
-            runs.remove_if_empty_run(run_dir)
-        raise
-    return 0
+    metadata = train_block(config, run_dir, stop_after=args.stop_after, new_run=new_run)
+    signum = runs.StopRequest.signum  # Ctrl-C: 130, SIGTERM: 143, as a shell reports a process they ended
+    return 128 + signum if signum and not metadata["complete"] else 0
 
 
 if __name__ == "__main__":
