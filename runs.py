@@ -221,8 +221,11 @@ def check_resumable(run_dir, existing: dict) -> None:
 def restoring(root: Path):
     """Around what restores the latest checkpoint in root (a Tunix trainer being built): an unreadable one stops us
     in one line (TRAIN_DEBUG=1: the traceback)."""
+    quiet = logging.getLogger("asyncio")  # orbax reads arrays concurrently: one more traceback per damaged one
+    quiet.disabled = True
     try:
         yield
+        quiet.disabled = False
     except Exception as e:
         if not has_checkpoint(root) or os.environ.get("TRAIN_DEBUG"):
             raise
@@ -540,24 +543,28 @@ def checkpointing(config: dict, root: Path) -> dict:
 
 # The whole journey in one command: every block and every evaluation in a child process
 
-def _call_and_send(conn, parent: int, fn, args, kwargs):
-    if sys.platform == "linux":  # no child outlives its parent: when it dies, this process gets SIGTERM (saves, stops)
-        import ctypes
+def _watch_parent(parent: int) -> None:  # no child outlives its parent: once it is gone, stop as on SIGTERM
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        sys.exit("error: the journey's process ended before this child started")
+
+def _call_and_send(conn, parent: int, fn, args, kwargs):
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     os.setpgid(0, 0)  # Ctrl-C in a terminal reaches the parent alone, which passes it on once
     setup_logging()
     try:
-        conn.send(("ok", fn(*args, **kwargs)))
+        result = ("ok", fn(*args, **kwargs))
     except SystemExit as e:  # a refusal or a stop: one line, which the parent prints
-        conn.send(("exit", e.code))
+        result = ("exit", e.code)
     except KeyboardInterrupt:
-        conn.send(("exit", 130))
+        result = ("exit", 130)
     except BaseException:  # our bug: its traceback is printed here, once
-        conn.send(("exit", f"error: {getattr(fn, '__name__', fn)} failed (its traceback is above)"))
+        result = ("exit", f"error: {getattr(fn, '__name__', fn)} failed (its traceback is above)")
         raise
+    finally:
+        with contextlib.suppress(OSError):  # the parent may be gone
+            conn.send(result)
 
 
 def in_child_process(fn, *args, **kwargs):
