@@ -145,10 +145,11 @@ def check_run_dir(run_dir, overwrite: bool) -> None:
     """A new run goes into a new or empty directory; with --overwrite also into one holding a run of train.py, whose
     files prepare_run_dir replaces once the new run's data and model have loaded. Nothing else is ever replaced."""
     run_dir, existing = Path(run_dir), read_metadata(run_dir)
-    if existing is None and (run_dir.is_file() or run_dir.is_dir() and any(run_dir.iterdir())):
-        sys.exit(f"error: --out {run_dir} holds files that are not a run of train.py (no metadata.json); choose "
-                 "another --out (--overwrite replaces only a run directory that train.py wrote)")
-    if existing is not None and not overwrite:
+    ours = isinstance(existing, dict) and "lineage" in existing
+    if not ours and (run_dir.is_file() or run_dir.is_dir() and any(run_dir.iterdir())):
+        sys.exit(f"error: --out {run_dir} holds files that are not a run of train.py (no metadata.json of ours); "
+                 "choose another --out (--overwrite replaces only a run directory that train.py wrote)")
+    if ours and not overwrite:
         again = "" if existing.get("complete") else "pass --resume to continue it, "
         sys.exit(f"error: --out {run_dir} already holds a {existing['phase']} run at step {existing['global_step']}; "
                  f"{again}--overwrite to replace it, or choose another --out")
@@ -171,14 +172,10 @@ def remove_run_files(run_dir) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def finish_run_dir(run_dir, last_step: int, ended_early: bool = False) -> dict:
+def finish_run_dir(run_dir, last_step: int, ended_early: bool = False, **fields) -> dict:
     """Record how far the block got: RUN_DIR/metadata.json's global_step and complete (also when ended_early)."""
-    end = read_metadata(run_dir)["end_step"]
-    return update_metadata(run_dir, global_step=last_step, complete=ended_early or last_step >= end)
-
-
-def update_metadata(run_dir, **fields) -> dict:
     metadata = {**read_metadata(run_dir), **fields}
+    metadata.update(global_step=last_step, complete=ended_early or last_step >= metadata["end_step"])
     if is_main_process():
         write_json(Path(run_dir) / "metadata.json", metadata)
     wait_for_all_processes("run recorded")  # the next block of a journey reads it on every process
@@ -203,9 +200,9 @@ def reopen_run_dir(out, phase: str, parser) -> tuple[Path, dict]:
                  f"start the next block with --init-from {run_dir}")
     if existing["phase"] != phase:
         parser.error(f"--resume: {run_dir} is a {existing['phase']} run, not --phase {phase}")
+    check_wandb(existing["config"])
     check_resumable(run_dir, existing)
     log.info("resuming %s with its saved configuration", run_dir)
-    check_wandb(existing["config"])
     return run_dir, existing["config"]
 
 
@@ -263,11 +260,10 @@ ROW_KEYS = {
 
 
 class MetricsLog:
-    """A Tunix metrics backend (log_scalar, close) writing one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard
-    (RUN_DIR/tensorboard), the progress bar, with --wandb a W&B run. Tunix logs "<prefix>/<mode>/<name>" with its own
-    count: rollout-side metrics ("rewards", "completions", our "step") carry the count BEFORE their update, the others
-    after; we file each under its 1-based local step. Rows are written before every checkpoint
-    (rows_before_checkpoints); a step's timers complete its row at the next one. A resume drops what it redoes."""
+    """A Tunix metrics backend writing one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard, the progress bar, W&B.
+    Tunix logs "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards", "completions", our "step")
+    carry the count BEFORE their update, the others after; we file each under its 1-based local step. Rows are written
+    before every checkpoint (rows_before_checkpoints); a step's timers complete its row at the next one."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
@@ -413,28 +409,26 @@ class MetricsLog:
         for writer in (self.bar, self.events, self.wandb):
             if writer is not None:
                 writer.close()
-        if self.non_finite is not None:  # exit non-zero, the run's last checkpoint its step
+        if self.non_finite is not None:  # exit non-zero; the run's last checkpoint is its step
             scalars, first = self.scalars.get(self.non_finite, {}), self.config["start_step"] - 1
             finish_run_dir(self.run_dir, first + self.saved)
-            causes = "--learning-rate or --max-grad-norm" + (", --beta, --epsilon or --temperature"
-                                                            if self.config["phase"] != "sft" else "")
             sys.exit(f"error: global step {first + self.non_finite}: loss {scalars.get('actor/loss')}, gradient norm "
-                     f"{scalars.get('actor/grad_norm')}: the weights are not finite; stopped without saving them "
-                     f"(last checkpoint: step {first + self.saved}). Usually too large a {causes}: start the block "
-                     "again with a smaller one (--overwrite)")
+                     f"{scalars.get('actor/grad_norm')}: the weights are not finite and were not saved (last checkpoint: "
+                     f"step {first + self.saved}). Usually too large a --learning-rate or --max-grad-norm"
+                     f"{'' if self.config['phase'] == 'sft' else ', --beta, --epsilon or --temperature'}: start the "
+                     "block again with a smaller one (--overwrite)")
 
 
-_FINITE = []
+_FINITE = []  # the compiled check
 
 
 def all_finite(model) -> bool:
-    """Whether every LoRA weight of the model is finite (one compiled reduction)."""
+    """Whether every LoRA weight of the model is finite."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    if not _FINITE:
-        _FINITE.append(jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))))
+    _FINITE or _FINITE.append(jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))))
     return bool(_FINITE[0](nnx.state(model, nnx.LoRAParam)))
 
 
@@ -555,10 +549,8 @@ def _call_and_send(conn, parent: int, fn, args, kwargs):
     setup_logging()
     try:
         result = ("ok", fn(*args, **kwargs))
-    except SystemExit as e:  # a refusal or a stop: one line, which the parent prints
-        result = ("exit", e.code)
-    except KeyboardInterrupt:
-        result = ("exit", 130)
+    except (SystemExit, KeyboardInterrupt) as e:  # a refusal or a stop: one line, which the parent prints
+        result = ("exit", getattr(e, "code", 130))
     except BaseException:  # our bug: its traceback is printed here, once
         result = ("exit", f"error: {getattr(fn, '__name__', fn)} failed (its traceback is above)")
         raise
@@ -579,22 +571,19 @@ def in_child_process(fn, *args, **kwargs):
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_call_and_send, args=(send, os.getpid(), fn, args, kwargs))
     received = []
-    forward = lambda signum, frame: (received.append(signum), child.pid and os.kill(child.pid, signum))
-    previous = {s: signal.signal(s, forward) for s in StopRequest.SIGNALS}
+    previous = {s: signal.signal(s, lambda signum, _: (received.append(signum), child.pid and os.kill(child.pid, signum)))
+                for s in StopRequest.SIGNALS}
     try:
         child.start()
         send.close()
         try:
             status, value = receive.recv()
         except EOFError:  # killed without a word (e.g. out of memory)
-            status, value = "died", None
+            status, value = "exit", f"error: {getattr(fn, '__name__', fn)} died; run the same command again to resume"
         child.join()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if status == "died":
-        status, value = "exit", (f"error: {getattr(fn, '__name__', fn)} died (exit code {child.exitcode}); "
-                                 "run the same command again to resume")
     if received:
         print("interrupted; run the same command again to resume the journey", file=sys.stderr)
         sys.exit(128 + received[0])

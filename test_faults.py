@@ -127,10 +127,11 @@ def test_overwrite_replaces_only_a_run_and_only_once_the_new_one_has_loaded(fini
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
+    (mine / "metadata.json").write_text('{"project": "mine"}')  # even one of the same name
     for overwrite in ([], ["--overwrite"]):
         line = one_error_line(run([*SFT, "--steps", 1, "--out", mine, *overwrite], env, check=False))
         assert "not a run of train.py" in line and "--resume" not in line
-    assert files(mine) == {"notes.txt": b"mine"}
+    assert files(mine) == {"notes.txt": b"mine", "metadata.json": b'{"project": "mine"}'}
     # Replaced for real: only the files a run writes go; a file of the user's beside them stays.
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)

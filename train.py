@@ -1,28 +1,12 @@
-"""Training: SFT, then GRPO blocks with a penalty-annealing curriculum, on Gemma 3 with Tunix.
-
-The published recipe (README "The method"; every number from ../shared/REFERENCE.md section 3):
-
-1. SFT teaches the output format <think> plan </think><proof> quotes </proof><answer> answer </answer>:
-   LoRA (rank 64) on every attention and MLP projection, loss on the response tokens only.
-2. GRPO in blocks of 300 steps. Each step takes ONE prompt, samples G=4 completions, scores each with
-   the DIPG Safety Gym reward (rewards.py), and pushes the policy towards the completions that beat
-   their group's mean, with a KL leash (beta 0.08) to the weights the block started from. Blocks chain
-   with the penalties annealed: soft, medium, soft, soft.
+"""Training: SFT, then GRPO blocks with a penalty-annealing curriculum, on Gemma 3 with Tunix (README sections 4, 6, 7).
 
     python train.py --phase sft                                           # -> runs/sft
-    python train.py --phase grpo --penalty soft   --init-from runs/sft            # -> runs/grpo_soft_600
-    python train.py --phase grpo --penalty medium --init-from runs/grpo_soft_600  # -> runs/grpo_medium_900
-    python train.py --phase curriculum --preset cpu      # the whole journey, evaluated after each block
+    python train.py --phase grpo --penalty soft --init-from runs/sft      # -> runs/grpo_soft_600
+    python train.py --phase curriculum --preset cpu                       # the whole journey, each block evaluated
 
-Global steps count SFT's too (a GRPO block after 300 SFT steps covers 301-600; eval.py labels it
-"GRPO (300)" as the published table does). Seed 002's GSM8K curriculum runs through the same GRPO
-block with other data and rewards: --phase format, then correctness, then generalize (gsm8k.py).
-
-This file reads top to bottom: 1. the published settings, 2. the command line over them, 3. one
-block (the SFT block is sft.py, the GRPO block grpo.py: model -> data -> reward -> cluster -> learner ->
-train), 4. the journey (every block, each evaluated by eval.py). Tunix does the mechanics (rollout,
-advantages, KL, clipping, optimizer steps, checkpoints): PeftTrainer for SFT, RLCluster + GRPOLearner
-for GRPO. Run directories, metrics files, Ctrl-C and resume live in runs.py, which you can skip.
+This file reads top to bottom: 1. the published settings (every number from ../shared/REFERENCE.md section 3),
+2. the command line over them, 3. one block (sft.py, grpo.py), 4. the journey (each block evaluated by eval.py).
+Tunix does the mechanics; run directories, metrics, signals and resume live in runs.py, which you can skip.
 """
 
 from __future__ import annotations
@@ -119,22 +103,18 @@ CHOICES = {"kl_loss_mode": ("low_var_kl", "kl", "mse_kl"), "chaining": ("publish
            "sft_schedule": ("constant", "notebook"), "remat": ("none", "block", "decoder"),
            "lora_dtype": ("base", "float32"), "loss_agg_mode": ("token-mean", "sequence-mean-token-mean",
            "sequence-mean-token-scale", "seq-mean-token-sum", "sequence-mean-token-sum-norm")}  # Tunix 0.1.7's
-# What each setting may be (resolve_config refuses anything else, with --print-config too; NaN fails every rule).
+# What each setting may be: resolve_config refuses anything else, --print-config too (NaN fails every rule).
 AT_LEAST_1, POSITIVE, NON_NEGATIVE = (">= 1", lambda v: v >= 1), ("> 0", lambda v: 0 < v < inf), (">= 0", lambda v: 0 <= v < inf)
-RANGES = {**dict.fromkeys(("lora_rank", "save_every", "keep_checkpoints", "max_steps", "batch_size", "num_iterations",
-                           "max_prompt_length", "kv_cache_size", "top_k", "gradient_accumulation_steps",
-                           "max_seq_length", "n_prompts"), AT_LEAST_1),
+RANGES = {**dict.fromkeys(("lora_rank", "save_every", "keep_checkpoints", "max_steps", "batch_size", "num_iterations", "top_k",
+                           "max_prompt_length", "kv_cache_size", "gradient_accumulation_steps", "max_seq_length", "n_prompts"),
+                          AT_LEAST_1),
           **dict.fromkeys(("lora_alpha", "learning_rate", "max_grad_norm", "epsilon", "temperature"), POSITIVE),
-          **dict.fromkeys(("lr_init", "weight_decay", "beta", "logps_chunk_size", "max_tokens_to_generate",
-                           "sample_every"), NON_NEGATIVE),
+          **dict.fromkeys(("lr_init", "weight_decay", "beta", "logps_chunk_size", "max_tokens_to_generate", "sample_every"),
+                          NON_NEGATIVE),
           **dict.fromkeys(("warmup_ratio", "lr_end_ratio", "slice_start", "slice_end"), ("in [0, 1]", lambda v: 0 <= v <= 1)),
-          **dict.fromkeys(("adam_b1", "adam_b2"), ("in [0, 1)", lambda v: 0 <= v < 1)),
-          "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+          **dict.fromkeys(("adam_b1", "adam_b2"), ("in [0, 1)", lambda v: 0 <= v < 1)), "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
           "num_generations": (">= 2: GRPO compares completions within a group", lambda v: v >= 2)}
-
-
-def flag(key: str) -> str:
-    return "--steps" if key == "max_steps" else "--" + key.replace("_", "-")
+flag = lambda key: "--steps" if key == "max_steps" else "--" + key.replace("_", "-")  # noqa: E731
 
 # --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
 # preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
@@ -389,9 +369,8 @@ def describe_device(config: dict) -> dict:
 # ==== 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration ====
 
 def train_block(config: dict, run_dir, stop_after: int | None = None, new_run: dict | None = None) -> dict:
-    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next. new_run: the
-    metadata.json of a new run, written once its data and model have loaded; if it fails before its first
-    checkpoint, it leaves nothing behind (the corrected command runs as if it never had)."""
+    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next. new_run: a new run's
+    metadata.json, written once its data and model have loaded; failing before its first checkpoint, it leaves nothing."""
     run_dir = Path(run_dir)
     try:
         last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after, new_run)
@@ -435,22 +414,20 @@ def start_block(args, parser, run_dir: Path | None = None):
 
 
 def resumed_config(saved: dict, args, parser, run_dir) -> dict:
-    """--resume goes on with the saved configuration. A flag given that differs from it is refused by name, except
-    a larger --steps, which extends the block (its learning-rate schedule as saved: past its end, the end rate)."""
+    """--resume: the saved configuration; a flag that differs is refused by name, but a larger --steps extends the
+    block (its learning-rate schedule as saved: past its end, the end rate)."""
     given = {k: str(Path(v).resolve()) if k == "init_from" else v for k, v in vars(args).items()
              if k in saved and v is not None and v != parser.get_default(k)}
-    changed = [k for k, v in given.items() if v != saved[k]]
-    refused = [k for k in changed if k != "sample_every" and not (k == "max_steps" and given[k] > saved[k])]
+    given = {k: v for k, v in given.items() if v != saved[k]}
+    refused = [k for k in given if k != "sample_every" and not (k == "max_steps" and given[k] > saved[k])]
     if refused:
-        parser.error(f"--resume continues {run_dir} with its saved settings, and "
-                     + ", ".join(f"{flag(k)} {given[k]} (saved: {saved[k]})" for k in refused)
-                     + " differ: drop them, or start the block again with them (--overwrite)")
-    config = {**saved, **{k: given[k] for k in changed}}
-    if "max_steps" in changed:
-        config["end_step"] = config["start_step"] + config["max_steps"] - 1
+        parser.error(f"--resume continues {run_dir} with its saved settings, and " + ", ".join(
+            f"{flag(k)} {given[k]} (saved: {saved[k]})" for k in refused) + " differ: drop them, or start again (--overwrite)")
+    if "max_steps" in given:
+        given["end_step"] = saved["start_step"] + given["max_steps"] - 1
         log.info("--steps %d: the block now ends at global step %d (learning-rate schedule as saved)",
-                 config["max_steps"], config["end_step"])
-    return config
+                 given["max_steps"], given["end_step"])
+    return {**saved, **given}
 
 
 # ==== 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py) ====
@@ -575,10 +552,7 @@ def main(argv=None) -> int:
     args, parser = parse_args(argv)
     if args.debug:
         os.environ["TRAIN_DEBUG"] = "1"  # the journey's children too
-    if args.phase == "curriculum":
-        # The journey's own process only coordinates; its blocks and evaluations run in child processes
-        # (inheriting this). Without it, JAX would reserve 75% of a GPU's memory in the coordinator the
-        # moment it asks which backend it has, and starve the children.
+    if args.phase == "curriculum":  # the journey only coordinates: JAX must leave the GPU's memory to its children
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     runs.setup_logging()
     runs.join_processes()  # a multi-host launch: every process joins before JAX touches a device
@@ -603,9 +577,10 @@ def command(args, parser) -> int:
     if args.resume:
         check_device(config, None, args.allow_cpu)
         if config != saved:  # a larger --steps: the block now ends later
-            lineage = runs.read_metadata(run_dir)["lineage"]
-            runs.update_metadata(run_dir, config=config, max_steps=config["max_steps"], end_step=config["end_step"],
-                                 lineage=lineage[:-1] + [{**lineage[-1], "end_step": config["end_step"]}])
+            meta = runs.read_metadata(run_dir)
+            runs.finish_run_dir(run_dir, meta["global_step"], config=config, max_steps=config["max_steps"],
+                                end_step=config["end_step"], lineage=meta["lineage"][:-1] + [
+                                    {**meta["lineage"][-1], "end_step": config["end_step"]}])
     log.info("%s block: global steps %d-%d into %s; model %s; data %s", config["phase"], config["start_step"],
              config["end_step"], run_dir, config["model"], dataset_id(config["phase"], config["dataset"]))
     metadata = train_block(config, run_dir, stop_after=args.stop_after, new_run=new_run)
