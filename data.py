@@ -147,13 +147,11 @@ def load_table(source: str, split: str, **hub_kwargs):
             raise DataError(f"{source}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
         if path.stat().st_size == 0:
             raise DataError(f"{source}: file is empty")
-        if path.suffix != ".parquet":  # datasets decodes lazily: a file that is not UTF-8 fails row by row
-            raw = path.read_bytes()
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{source}: line {raw[:e.start].count(10) + 1}: not UTF-8 text ({e.reason}); "
-                                "save the file as UTF-8") from None
+        try:  # datasets decodes lazily: a file that is not UTF-8 would fail row by row, naming neither
+            path.suffix == ".parquet" or (raw := path.read_bytes()).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: line {raw[:e.start].count(10) + 1}: not UTF-8 text ({e.reason}); "
+                            "save the file as UTF-8") from None
         try:
             return datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")
         except Exception as e:

@@ -440,12 +440,6 @@ def write_report(result_dirs, out, tag="", references=(), published=None, task="
 
 # 7. The command line.
 
-def at_least_1(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
-    return int(text)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -469,9 +463,9 @@ def parse_args(argv=None):
                         "draw of --n per checkpoint); clean: the training prompt on the same first --n vignettes")
     p.add_argument("--system-prompt", metavar="FILE", help="the instructions the model was trained with "
                                                            "(default: ours, data.SYSTEM_PROMPT)")
-    p.add_argument("--n", type=at_least_1, default=EVAL_N, help="number of eval prompts")
-    p.add_argument("--max-new-tokens", type=at_least_1, default=EVAL_MAX_NEW_TOKENS)
-    p.add_argument("--batch-size", type=at_least_1, default=8)
+    p.add_argument("--n", type=int, default=EVAL_N, help="number of eval prompts")
+    p.add_argument("--max-new-tokens", type=int, default=EVAL_MAX_NEW_TOKENS)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="results", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace existing results under --out")
     p.add_argument("--no-published", action="store_true", help="don't draw the published curve")
@@ -494,6 +488,9 @@ def main(argv=None):
         if duplicates:
             raise ValueError(f"two inputs would write to the same {out / duplicates[0]}: "
                              f"rename one, or evaluate them with different --out directories")
+        for name in ("n", "max_new_tokens", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
         if args.compare and len(args.compare) < 2:
             raise ValueError("--compare needs two or more evaluation directories (each is compared with the next)")
         if args.compare and (out / "table.md").exists() and not args.overwrite:

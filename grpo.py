@@ -87,14 +87,11 @@ def frozen_reference(policy):
 def load_rows(config: dict) -> list[dict]:
     """The block's training rows, read and checked before the model loads: DIPG vignettes (data.py; GRPO:
     {"prompts", "answer": what the reward needs}, SFT: {"prompt", "completion"}), or seed 002's GSM8K phases."""
-    try:
-        if config["phase"] in ("sft", "grpo"):
-            return data.training_examples(config["phase"], config["dataset"], config["n_prompts"], config["seed"],
-                                          config["system_prompt"])
-        return gsm8k.training_rows(config["phase"], config["dataset"], config["seed"], config["n_prompts"],
-                                   config.get("slice_start", 0.0), config.get("slice_end", 1.0))
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    if config["phase"] in ("sft", "grpo"):
+        return data.training_examples(config["phase"], config["dataset"], config["n_prompts"], config["seed"],
+                                      config["system_prompt"])
+    return gsm8k.training_rows(config["phase"], config["dataset"], config["seed"], config["n_prompts"],
+                               config.get("slice_start", 0.0), config.get("slice_end", 1.0))
 
 
 def make_optimizer(config: dict):

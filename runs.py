@@ -419,19 +419,6 @@ class MetricsLog:
                      "block again with a smaller one (--overwrite)")
 
 
-_FINITE = []  # the compiled check
-
-
-def all_finite(model) -> bool:
-    """Whether every LoRA weight of the model is finite."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    _FINITE or _FINITE.append(jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)]))))
-    return bool(_FINITE[0](nnx.state(model, nnx.LoRAParam)))
-
-
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
     """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint. Tunix 0.1.7 saves
     checkpoint k, then logs step k's loss when step k+1 updates (PeftTrainer) and a GRPO step's rollout metrics and
@@ -441,14 +428,19 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
         if owner is not None and not hasattr(owner, name):
             raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "
                                  "metrics otherwise; runs.rows_before_checkpoints needs updating")
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
     save = trainer.checkpoint_manager.save
+    finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
 
     def save_after_rows(step, model, *args, **kwargs):
         trainer._write_train_metrics()  # the step's loss
         while cluster is not None and cluster._buffered_train_metrics:  # its rollout, the last step's timers
             cluster._log_metrics(cluster._buffered_train_metrics.pop(0))
         metrics.write_rows()
-        if metrics.non_finite is None and not all_finite(model):  # a non-finite loss or gradient made them so
+        if metrics.non_finite is None and not finite(nnx.state(model, nnx.LoRAParam)):  # a non-finite loss or gradient
             metrics.non_finite = step  # never saved; the block stops after this step, as on Ctrl-C
             (cluster.cluster_config.training_config if cluster else trainer.config).max_steps = 0
         if metrics.non_finite is not None or not save(step, model, *args, **kwargs):

@@ -10,7 +10,6 @@ only, examples in the published row order (data.sft_token_rows, data.prompt_orde
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -68,10 +67,7 @@ def build(config: dict, run_dir: Path, new_run: dict | None = None) -> dict:
     policy, tokenizer, mesh = load_policy(config)
     log.info("SFT on %d examples of %s; model %s, %s", len(rows), config["dataset"],
              config["model"], config["dtype"])
-    try:
-        examples = data.sft_token_rows(rows, tokenizer, config["max_seq_length"])
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    examples = data.sft_token_rows(rows, tokenizer, config["max_seq_length"])  # DataError: train.one_line's one line
     if new_run is not None:
         runs.prepare_run_dir(run_dir, new_run)
     batches = data.prompt_order(examples, config["batch_size"], config["shuffle_seed"])

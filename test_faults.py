@@ -292,8 +292,8 @@ def test_eval_refuses_in_one_line(tmp_path, capsys):
     capsys.readouterr()
     table = (results / "table.md").read_text()
     a, b = str(results / "a"), str(results / "b")
-    for argv, expected in ((["--runs", "base", "--n", "0"], "argument --n: '0': give a whole number >= 1"),
-                           (["--runs", "base", "--batch-size", "0"], "argument --batch-size"),
+    for argv, expected in ((["--runs", "base", "--n", "0"], "--n must be >= 1 (got 0)"),
+                           (["--runs", "base", "--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
                            (["--compare", a, "--out", str(tmp_path / "c")], "--compare needs two or more"),
                            (["--compare", a, b, "--out", str(results)], f"{results / 'table.md'} exists; pass --overwrite")):
         code, line = in_process(evaluation.main, argv, capsys)
