@@ -64,7 +64,7 @@ def write_peft(folder: Path, model, rank: int, alpha: float, base: str) -> None:
 def model_card(meta: dict, base: dict, dtype: str, files: list[str], table: Path) -> str:
     """README.md: what the weights are and where they come from."""
     blocks = "; ".join(f"{b['phase']} {b.get('penalty') or ''} (global steps {b['start_step']}-{b['end_step']}, {b['dataset']})"
-                       for b in meta.get("lineage", []))
+                       .replace("  ", " ") for b in meta.get("lineage", []))
     return f"""---
 base_model: {base['public']}
 tags: [gemma3, lora, tunix]
@@ -75,9 +75,9 @@ tags: [gemma3, lora, tunix]
 {meta.get('config', {}).get('dtype', 'float32')}). Base weights: `{base['path']}` sha256 `{base['sha256']}`{NOTES.get(meta['model'], '')}.
 Training blocks: {blocks or 'none recorded'}. Prompts: Gemma's turns (the chat template); a reply ends at `<end_of_turn>`.
 
-## Evaluation ({table})
+## Evaluation
 
-{table.read_text() if table.exists() else "None beside this run (`python eval.py --runs RUN_DIR`)."}
+{f"The journey's table ({table}):{chr(10) * 2}{table.read_text()}" if table.exists() else "None beside this run."}
 """
 
 

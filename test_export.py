@@ -123,11 +123,11 @@ def test_tiny_merged_folder_loads_in_transformers_with_our_logits(tiny6):
 def test_tiny_peft_adapter_on_the_base_gives_our_logits(tiny6):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny6["root"] / "base", dtype=torch.float32)
     np.testing.assert_allclose(hf_logits(base, tiny6["ids"]), tiny6["base"], atol=1e-4, rtol=0)
+    with_adapter = peft.PeftModel.from_pretrained(base, tiny6["root"] / "out" / "peft")
+    np.testing.assert_allclose(hf_logits(with_adapter, tiny6["ids"]), tiny6["ours"], atol=1e-4, rtol=0)
     adapter = json.loads((tiny6["root"] / "out" / "peft" / "adapter_config.json").read_text())
     assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    with_adapter = peft.PeftModel.from_pretrained(base, tiny6["root"] / "out" / "peft")
-    np.testing.assert_allclose(hf_logits(with_adapter, tiny6["ids"]), tiny6["ours"], atol=1e-4, rtol=0)
 
 
 # Measured on tiny6 (2026-12-07): f32 within 3.6e-5; q8_0 off by 4.7% of the logits' RMS (max 0.83 of logits up
@@ -216,7 +216,7 @@ def test_270m_merged_folder_and_peft_adapter_give_our_logits_and_text(sft270):
     assert [hf_greedy(merged, tok, ids, 16) for ids in sft270["ids"]] == [t["text"] for t in texts]
     card = (out / "README.md").read_text()
     sha = json.loads((G.ensure_gemma3_270m() / "provenance.json").read_text())["weights_sha256"]
-    assert sha in card and "checkpoint step 2" in card and "| sft |" in card
+    assert sha in card and "checkpoint step 2" in card and "sft (global steps 1-2, builtin:dipg/train)" in card
 
 
 def test_270m_gguf_read_back_gives_our_logits(sft270, tmp_path):
