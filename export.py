@@ -72,19 +72,16 @@ tags: [gemma3, lora, tunix]
 # {meta['model']} + LoRA (rank {meta['lora_rank']}, alpha {meta['lora_alpha']:g}), merged into {dtype} weights
 
 `export.py` wrote {', '.join(files)} from `{meta['run_dir']}` at checkpoint step {meta['checkpoint_step']} (trained in
-{meta.get('config', {}).get('dtype', 'float32')}). Base weights: `{base['path']}` sha256 `{base['sha256']}`{NOTES.get(meta['model'], '')}.
+{meta.get('config', {}).get('dtype', 'float32')}).
+Base weights: `{base['path']}` sha256 `{base['sha256']}`{NOTES.get(meta['model'], '')}.
 Training blocks: {blocks or 'none recorded'}. Prompts: Gemma's turns (the chat template); a reply ends at `<end_of_turn>`.
 
-## Evaluation
-
-{f"The journey's table ({table}):{chr(10) * 2}{table.read_text()}" if table.exists() else "None beside this run."}
-"""
+{f"## Evaluation: the journey's table ({table}){chr(10) * 2}{table.read_text()}" if table.exists() else ""}"""
 
 
 def export_model(lora_model, base_dir: Path, out: Path, meta: dict, dtype: str = DEFAULT_DTYPE, peft: bool = False,
                  gguf: str | None = None, public: str | None = None) -> Path:
-    """Write the folder of a Tunix Gemma 3 with LoRA trained on the Hugging Face-format ``base_dir`` into ``out``,
-    replaced only once complete."""
+    """The folder of a Tunix Gemma 3 + LoRA trained on the Hugging Face folder ``base_dir``, into ``out`` once complete."""
     out, base_dir = Path(out), Path(base_dir)
     stage = out.parent / f".tmp-export-{uuid.uuid4().hex[:8]}"
     (stage / "base").mkdir(parents=True)

@@ -197,10 +197,8 @@ def write_gguf(path: Path, tensors: dict, config: dict, tokenizer_model: Path, q
             w.add_tensor(name, gguf.quants.quantize(array, q8), raw_dtype=q8)
         else:
             w.add_tensor(name, np.ascontiguousarray(array))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        write()
 
 
 # The chat template renders data.format_prompt and gsm8k.gsm8k_prompt byte for byte (test_export.py): Gemma's
@@ -223,9 +221,8 @@ def complete_hf_folder(out_dir: Path, config: dict) -> None:
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "max_position_embeddings": 32768,
               "query_pre_attn_scalar": config["head_dim"], "rope_local_base_freq": 10000.0, "rope_scaling": None,
-              "sliding_window_pattern": 6,  # as in Tunix: five sliding-window layers, then one global
-              "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention"
-                              for i in range(config["num_hidden_layers"])],
+              "sliding_window_pattern": 6, "layer_types": ["full_attention" if i % 6 == 5 else "sliding_attention"
+                                                           for i in range(config["num_hidden_layers"])],  # as Tunix's
               "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False, "attn_logit_softcapping": None,
               "final_logit_softcapping": None, "tie_word_embeddings": True, **ids, **config,
               "transformers_version": "4.55.0"}  # google/gemma-3-270m's; none: transformers 5 warns of a Mistral bug
