@@ -1,9 +1,7 @@
 """What a number is worth: an evaluation's aggregates with 95% intervals, and paired comparisons.
 
-A leaf module (imports nothing from this project); the method is in README ("What a difference is
-worth"). The published blocks were each evaluated on a different random 50 vignettes, so `compare` pairs
-two evaluations by the vignette's text (never position or id), then counts what changed, tests each rate
-with an exact McNemar test and bounds the mean reward's change with a paired bootstrap (seeded; no scipy).
+A leaf module; the method is in README ("What a difference is worth"): pairs by the vignette's text (the
+published blocks were each evaluated on a different random 50), exact McNemar tests, a seeded paired bootstrap.
 """
 
 from __future__ import annotations
@@ -44,8 +42,7 @@ def wilson_interval(successes: int, n: int, z: float = _Z95) -> tuple[float, flo
 
 def bootstrap_mean_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                       level: float = 0.95) -> tuple[float, float] | None:
-    """Seeded percentile bootstrap interval of the mean of `values` (None for no values). For a paired
-    comparison pass the per-vignette differences (resampling differences = resampling pairs)."""
+    """Seeded percentile bootstrap interval of the mean (None for no values); paired: pass the differences."""
     values = np.asarray(list(values), dtype=np.float64)
     n = len(values)
     if n == 0:
@@ -62,8 +59,7 @@ def bootstrap_mean_ci(values, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 
 
 
 def summarize(scored) -> dict:
-    """Aggregate (reward, metrics) pairs like the package's evaluation service (std_reward: sample std,
-    0.0 for fewer than two), plus `<rate>_ci` (Wilson 95%) and `mean_reward_ci` (bootstrap 95%, None if empty)."""
+    """Aggregate (reward, metrics) pairs like the package's evaluation service, plus 95% intervals (`_ci`)."""
     scored = list(scored)
     rewards = [float(reward) for reward, _ in scored]
     metrics = [m or {} for _, m in scored]
@@ -87,8 +83,7 @@ def summarize(scored) -> dict:
 # 2. Two evaluations: pair the vignettes both saw, then count, test and bound the change.
 
 def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant pairs (flag in a only, in b only): under "no
-    change" each is a fair coin, so p is twice the binomial(n, 1/2) tail at the smaller count (at most 1)."""
+    """Exact two-sided McNemar p-value from the discordant pairs (flag in a only, in b only)."""
     n = only_a + only_b
     if n == 0:
         return 1.0
@@ -96,22 +91,17 @@ def mcnemar_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail / 2 ** n)
 
 
-def _normal(text) -> str:
-    return " ".join(str(text or "").split())  # whitespace differences are not a different vignette
-
-
 def vignette_key(record: dict) -> tuple:
-    """A vignette's context, question and expected answer, whitespace-normalised; reads our records
-    (`expected_final`) and the environment server's (`expected_answer.final`)."""
+    """A vignette's context, question and expected answer, whitespace-normalised (ours or the server's records)."""
     expected = record.get("expected_final", record.get("answer"))  # GSM8K records: the gold answer
     if expected is None and isinstance(record.get("expected_answer"), dict):
         expected = record["expected_answer"].get("final")
-    return (_normal(record.get("context")), _normal(record.get("question")), _normal(expected))
+    fields = (record.get("context"), record.get("question"), expected)
+    return tuple(" ".join(str(text or "").split()) for text in fields)  # whitespace changes no vignette
 
 
 def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
-    """(record of a, record of b) for each vignette both saw, in a's order, by vignette_key; a vignette
-    seen twice is paired occurrence by occurrence, so no record is used twice."""
+    """(record of a, record of b) for each vignette both saw, in a's order; no record is used twice."""
     unmatched = {}
     for record in records_b:
         unmatched.setdefault(vignette_key(record), []).append(record)
@@ -125,15 +115,9 @@ def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
 
 def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = BOOTSTRAP_RESAMPLES,
             seed: int = BOOTSTRAP_SEED, flags=None) -> dict:
-    """Paired comparison of two evaluations on the vignettes both saw (records: reward, metrics, the
-    vignette's text; `outcome` optional), as a JSON-ready dict (all values on the shared vignettes):
-    a, b, n_a, n_b, shared         labels, sizes, vignettes in common
-    reward_change                  {"improved", "worsened", "same"}: per vignette, b's reward vs a's
-    outcome_transitions            {"incorrect -> correct_abstention": k, ...} (changed outcomes only)
-    <rate>, <rate>_p, <rate>_only  [a, b]; exact McNemar p; [flag in a only, flag in b only]
-    mean_reward, mean_reward_diff  [a, b]; b - a, with its paired bootstrap 95% interval in
-    mean_reward_diff_ci95          (None if nothing is shared)
-    flags: {rate: flag of a record's metrics}; default RATE_FLAGS (DIPG)."""
+    """Paired comparison of two evaluations on the vignettes both saw, as a JSON-ready dict: sizes,
+    reward_change, outcome_transitions, per rate [a, b] with McNemar `_p` and `_only` counts, mean_reward,
+    mean_reward_diff and its bootstrap `_ci95`. flags: {rate: flag of a record's metrics}; default RATE_FLAGS."""
     records_a, records_b = list(records_a), list(records_b)
     pairs = match_by_content(records_a, records_b)
     n = len(pairs)
