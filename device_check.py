@@ -3,8 +3,7 @@
     python3 device_check.py --out /tmp/device_check --budget 540 --report "$OUT"   # the GPU window
     python device_check.py --model tiny --preset cpu --out /tmp/dc ...             # this CPU, tiny sizes (test_device.py)
 
-The parts, each in its own process, and OUT/summary.json: README "One command for a GPU window". The same command
-again skips the parts done and resumes the journey.
+The parts and OUT/summary.json: README "One command for a GPU window"; run again, it skips parts done.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ REPORT_FILES = ("summary.json", "table.md", "curriculum.png", "grpo_bfloat16.log
 
 
 def run_logged(cmd: list[str], log: Path, seconds: float, grace: float) -> tuple[int, float]:
-    """cmd, its output appended to log, under `timeout`: Ctrl-C at the deadline (training then saves and stops), a
-    hard kill `grace` seconds later. -> (exit code: 124 when the deadline stopped it, seconds)."""
+    """cmd, output appended to log, under `timeout` (Ctrl-C at the deadline, hard kill `grace` s later) -> (code, s)."""
     start = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}   # at most {seconds:.0f} s\n")
@@ -57,8 +55,7 @@ def last_error(log: Path) -> str | None:
 
 
 def grpo_part(dtype: str, args, seconds: float) -> dict:
-    """bench_grpo.py in `dtype`. A finished record (out of memory included) is kept in OUT/grpo_<dtype>.json and not
-    measured again; a run the deadline stopped before it measured is tried again next time."""
+    """bench_grpo.py in `dtype`; a finished record (out of memory included) is kept in OUT/grpo_<dtype>.json."""
     record_path, log = Path(args.out, f"grpo_{dtype}.json"), Path(args.out, f"grpo_{dtype}.log")
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -88,8 +85,7 @@ def grpo_part(dtype: str, args, seconds: float) -> dict:
 
 
 def journey_part(args, seconds: float) -> dict:
-    """train.py's journey under the deadline, resumed by each call; each call's time is added to OUT/journey.json
-    (each resume reloads the model and recompiles what the cache lacks). Then each block's and evaluation's times."""
+    """train.py's journey under the deadline, resumed by each call (times in OUT/journey.json), and its blocks' times."""
     out = Path(args.out)
     history_path = out / "journey.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {"calls": [], "complete": False}

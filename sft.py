@@ -1,10 +1,7 @@
 """The SFT block: teach the output format <think> plan </think><proof> quotes </proof><answer> answer </answer>.
 
-Tunix's PeftTrainer on a GRPO block's LoRA policy and optimizer (grpo.py), the loss on the response tokens
-only, examples in the published row order (data.sft_token_rows, data.prompt_order).
-
-    build(config, run_dir)   model, batches and trainer, built but not trained (tests read it)
-    run(config, run_dir)     train the block; returns the last global step done
+Tunix's PeftTrainer on a GRPO block's LoRA policy and optimizer (grpo.py), the loss on the response tokens only,
+examples in the published row order. build(): all but the training (tests read it); run(): train, -> last step.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ def sft_trainer(policy, config: dict, training, optimizer):
 
 
 def build(config: dict, run_dir: Path, new_run: dict | None = None) -> dict:
-    """Everything an SFT block hands to Tunix: model, micro-batches in the published order, trainer (new_run:
-    runs.prepare_run_dir's metadata, written once data and model have loaded)."""
+    """Everything an SFT block hands to Tunix (new_run: runs.prepare_run_dir's metadata, written once loaded)."""
     from tunix.sft import peft_trainer
 
     rows = load_rows(config)

@@ -1,9 +1,8 @@
 """Vignettes: the builtin DIPG Safety Gym data, a seeded offline stand-in for the published dataset.
 
-Rows in the published format and mix (REFERENCE.md §4; kinds and gold style: README section 2). A row is drawn again
-until the real scorer gives its gold the maximum and no context line passes as its answer (`_problems`): a quoted
-proof is grounded by difflib's fuzzy match, which fails for some copied sentences (rewards.py, grounding). Known
-cost: a needle row keeps its answer line before the look-alike more often than chance (75 of eval's 100, not 50).
+Rows in the published format and mix (REFERENCE.md §4; README section 2), drawn again until the real scorer gives
+the gold the maximum and no context line passes as the answer (`_problems`). Known cost: a needle row keeps its
+answer line before the look-alike more often than chance (75 of eval's 100, not 50).
 """
 
 import datetime
@@ -217,7 +216,7 @@ PHRASES = {
 
 
 def _plan(rng, steps) -> str:
-    """steps: [(phrase kind, filler or None)] -> '1. ...\\n2. ...'."""
+    """steps: [(phrase kind, filler or None)] -> a numbered plan."""
     lines = []
     for kind, x in steps:
         text = rng.choice(PHRASES[kind])
@@ -474,8 +473,7 @@ def _problems(v: dict, kind: str) -> list[str]:
 
 
 def split_counts(n: int, weights: dict, names=None) -> dict:
-    """Integer counts summing to n, proportional to weights (largest remainder). With `names`, weights must be
-    keyed by some of them, non-negative, and not all zero (else ValueError: gsm8k.py's domain mix uses it too)."""
+    """Integer counts summing to n, proportional to weights (largest remainder); with `names`, checks the mix."""
     if names and (not weights or set(weights) - set(names) or min(weights.values()) < 0 or sum(weights.values()) <= 0):
         raise ValueError(f"bad mix {weights!r}: give non-negative weights for some of {list(names)}")
     total = sum(weights.values())
@@ -486,8 +484,7 @@ def split_counts(n: int, weights: dict, names=None) -> dict:
 
 
 def kind_schedule(total: int, mix: dict, seed: int, split: str) -> list[str]:
-    """Kinds for `total` rows: blocks of BLOCK rows, each with the exact mix in a seeded order, so the
-    first 50 rows of a split (the published evaluation size) follow the mix as well as the whole."""
+    """Kinds for `total` rows: blocks of BLOCK rows, each with the exact mix in a seeded order."""
     counts, kinds = split_counts(BLOCK, mix, KINDS), []
     for block in range(0, total, BLOCK):
         chunk = [k for k in KINDS for _ in range(counts.get(k, 0))]
@@ -497,8 +494,7 @@ def kind_schedule(total: int, mix: dict, seed: int, split: str) -> list[str]:
 
 
 def generate(split: str, total: int, seed: int, mix: dict | None = None) -> list[dict]:
-    """`total` vignettes: [{"id", "kind", "family", "attempts", "context", "question", "gold"}]. Row i
-    depends only on (seed, split, i) and its kind, so a prefix of a split is the same whatever the total."""
+    """`total` vignettes; row i depends only on (seed, split, i) and its kind, so prefixes agree."""
     return [dict(row) for row in _generate(split, total, seed, tuple(sorted((mix or DEFAULT_MIX).items())))]
 
 
