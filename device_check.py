@@ -172,8 +172,7 @@ def main(argv=None) -> int:
 
     # The checkout's commit; none where the code came without git (a GPU machine gets a copy of the files).
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    # Each target beside what was measured (targets for the published sizes on an H100/H200): met is False for a
-    # run out of memory, None where nothing was measured (no device peak on a CPU, a journey not finished yet).
+    # Each target beside what was measured: met is False for a run out of memory, None where nothing was measured.
     met = lambda m, key, target: False if m.get("fits") is False else None if m.get(key) is None else m[key] <= target
     summary = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git and git.stdout.strip() or None, "device": device,

@@ -87,9 +87,8 @@ EVAL_CONFIG = RewardConfig(
 TRAIN_PARSE_FAILURE_REWARD = -15.0
 
 
-# 2. Parsing a response into (analysis, proof, final), as FormatParser (AUTO). Exception TYPES matter:
-# DIPGEnvironment.step treats ValueError (pydantic's ValidationError and JSONDecodeError are ones) apart
-# from any other, so the code below does the package's operations on the same objects.
+# 2. Parsing a response into (analysis, proof, final), as FormatParser (AUTO). Exception TYPES matter: step()
+# treats ValueError apart from any other, so the code below does the package's operations on the same objects.
 
 _JSON_ALIASES = {"analysis": ["reasoning", "thought", "thoughts", "explanation", "analysis"],
                  "proof": ["evidence", "quote", "reference", "source", "proof"],

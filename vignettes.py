@@ -520,8 +520,7 @@ def _generate(split: str, total: int, seed: int, mix: tuple) -> tuple:  # cached
     return tuple(rows)
 
 
-# Reference policies: what a trick with no model earns (rows as data.load_dipg returns them): always abstain, or
-# give the line sharing most words with the question. Both quote a context line verbatim (always grounded).
+# Reference policies: what a trick with no model earns (rows as data.load_dipg returns them); both are grounded.
 def always_abstain(row: dict) -> str:
     line = row["context"].split("\n")[0]
     return (f"<think>\n1. Abstain.\n</think>\n<proof>{line}</proof>\n"
