@@ -5,6 +5,7 @@
     python bench_grpo.py --model tiny -- --logps-chunk-size 0 --remat none   # anything after -- goes to train.py
     python bench_grpo.py --loss-memory                                  # XLA's plan for the loss, per --remat
     python bench_grpo.py --lora-precision --steps 20 --lr 3e-6 --lr 2e-5   # how far steps move bf16/fp32 adapters
+    python bench_grpo.py --peer trl                 # ours beside TRL's GRPOTrainer (pip install -r requirements-bench.txt)
 
 README section 8 ("Memory and speed") explains the timing and --loss-memory, "Adapter precision" --lora-precision;
 figures: BENCHMARKS.md. Random weights never emit <end_of_turn>: every completion runs to the limit (the worst case).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -101,6 +103,8 @@ def timing(args, train_args: list[str]) -> dict:
     median = lambda key: statistics.median(r[key] for r in later) if all(r.get(key) is not None for r in later) else None
     medians = {key: median(key) for key in ("seconds", "rollout_seconds", "reference_seconds", "update_seconds",
                                             "tokens_per_second", "completion_len_mean")}
+    medians["seconds_per_token"] = statistics.median(r["seconds"] / (args.num_generations * r["completion_len_mean"])
+                                                     for r in later) if medians["completion_len_mean"] else None
     if device.platform == "cpu":
         peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
     else:
@@ -153,7 +157,7 @@ def loss_memory(args, model_path) -> dict:
         graphdef, lora, rest = nnx.split(policy, nnx.LoRAParam, ...)
 
         def step(lora, rest):
-            loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat)[0]
+            loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat, g)[0]
             return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx.merge(graphdef, lora, rest))
 
         x = jax.jit(step).lower(lora, rest).compile().memory_analysis()
@@ -225,6 +229,75 @@ def lora_precision(args, train_args: list[str], model_path) -> list[dict]:
     return records
 
 
+def trl_side(args) -> dict:
+    """TRL's GRPOTrainer (torch) on our step: the same converted weights, float32, LoRA on the same projections,
+    the same prompts in the same order, the same reward and loss settings, no gradient checkpointing."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    import data
+    import rewards
+    import train
+
+    c, path, g = train.phase_defaults("grpo"), gemma3_270m.ensure_gemma3_270m(), args.num_generations
+    rows = data.fit_prompts(data.training_examples("grpo", "builtin", None, 0, None),
+                            M.load_tokenizer(path / "tokenizer.model"), args.max_prompt_length)
+    order = data.prompt_order(rows, 1, c["shuffle_seed"])  # as train.py: the published order
+    prompts = Dataset.from_list([{"prompt": str(order[i]["prompts"][0]), "answer": str(order[i]["answer"][0])}
+                                 for i in range(args.steps)])
+    ends, logged = [], []
+
+    class Clock(TrainerCallback):  # a step: from the previous step's end (or the start) to its own end
+        def on_train_begin(self, *_, **__): ends.append(time.time())
+        def on_step_end(self, *_, **__): ends.append(time.time())
+        def on_log(self, *_, logs=None, **__): logged.append(logs)
+
+    with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
+        config = GRPOConfig(
+            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=g, num_generations=g,
+            max_completion_length=args.max_tokens_to_generate, learning_rate=c["learning_rate"], beta=c["beta"],
+            epsilon=c["epsilon"], loss_type="dapo",  # dapo: the mean over every completion token (our token-mean)
+            temperature=c["temperature"], top_p=c["top_p"], top_k=c["top_k"], weight_decay=c["weight_decay"],
+            max_grad_norm=c["max_grad_norm"], gradient_checkpointing=False, bf16=False, shuffle_dataset=False,
+            logging_steps=1, save_strategy="no", report_to="none", disable_dropout=True, seed=0)
+        lora = LoraConfig(r=c["lora_rank"], lora_alpha=c["lora_alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        trainer = GRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=config, peft_config=lora,
+            processing_class=AutoTokenizer.from_pretrained(path, add_bos_token=True), train_dataset=prompts,
+            reward_funcs=rewards.make_dipg_reward("soft"), callbacks=[Clock()])
+        trainer.train()
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    tokens = [g * row["completions/mean_length"] for row in logged if "completions/mean_length" in row]
+    return {"side": f"TRL {importlib.metadata.version('trl')}, torch {torch.__version__}", "steps": len(steps),
+            "seconds": statistics.median(steps[1:]), "seconds_per_token": statistics.median(
+                s / n for s, n in zip(steps[1:], tokens[1:])), "completion_len_mean": statistics.median(tokens[1:]) / g,
+            "first_step_seconds": steps[0], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def peer(args, train_extra: list[str]) -> dict:
+    """Each side in its own process (its own peak memory), one after the other, on the same settings; the ratios."""
+    lengths = ["--steps", str(args.steps), "--num-generations", str(args.num_generations), "--max-prompt-length",
+               str(args.max_prompt_length), "--max-tokens-to-generate", str(args.max_tokens_to_generate)]
+    sides = {"ours": ["--model", args.model, "--dtype", "float32", "--kv-cache-size", str(args.kv_cache_size),
+                      *lengths, "--", "--remat", "none", *train_extra], "trl": ["--side", "trl", *lengths]}
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
+        for side in [args.side] if args.side else sides:
+            subprocess.run([sys.executable, __file__, "--out", f"{tmp}/{side}.json", *sides[side]], check=True)
+            out[side] = json.loads(Path(f"{tmp}/{side}.json").read_text())
+    if len(out) == 2:
+        print(f"{'':22}{'ours':>10}{'TRL':>10}   TRL / ours")
+        for key, unit, scale in (("seconds", "s/step", 1), ("seconds_per_token", "s/token", 1),
+                                 ("first_step_seconds", "first step s", 1), ("peak_rss_bytes", "peak RSS GiB", 2 ** 30)):
+            a, b = out["ours"][key] / scale, out["trl"][key] / scale
+            print(f"{unit:22}{a:10.3f}{b:10.3f}   {b / a:.2f}")
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, train_extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
@@ -247,15 +320,24 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=64, help="--lora-precision's (default %(default)s, published)")
     p.add_argument("--seed", type=int, default=0, help="--lora-precision's (default %(default)s)")
     p.add_argument("--out", help="also write the JSON record(s) to this file")
+    p.add_argument("--peer", choices=["trl"], help="ours and TRL's GRPOTrainer side by side (issue 32's settings: "
+                   "gemma-3-270m, float32, G=4, 768 + 128, LoRA 64, no remat, 6 steps, medians of 2-6)")
+    p.add_argument("--side", choices=["ours", "trl"], help="--peer: run only this side")
     if "--lora-precision" in argv:
         p.set_defaults(steps=20, num_generations=2, max_prompt_length=128, max_tokens_to_generate=16,
                        kv_cache_size=256, dtype="bfloat16")
+    if "--peer" in argv or "--side" in argv:
+        p.set_defaults(model="gemma-3-270m", steps=6, max_prompt_length=768, max_tokens_to_generate=128, kv_cache_size=1024)
     args = p.parse_args(argv)
     if args.steps < 2 and not args.lora_precision:
         p.error("--steps must be >= 2 (the first step compiles; the others are timed)")
     model_path = random_weights_dir(args.model) if args.random_weights and args.model != "tiny" else None
 
-    if args.loss_memory:
+    if args.peer or args.side == "ours":
+        record = peer(args, train_extra)
+    elif args.side == "trl":
+        record = trl_side(args)
+    elif args.loss_memory:
         if jax.devices()[0].platform == "cpu" and KEEP_REMAT_BARRIERS not in os.environ.get("XLA_FLAGS", ""):
             env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {KEEP_REMAT_BARRIERS}".strip())
             return subprocess.run([sys.executable, __file__, *argv], env=env).returncode

@@ -171,6 +171,7 @@ def build(config: dict, run_dir: Path, reward_fns=None, new_run: dict | None = N
     rows = load_rows(config)
     policy, tokenizer, mesh = load_policy(config)
     reference = frozen_reference(policy)
+    policy.prompt_group = config["num_generations"]  # the rollout prefills each prompt once (model._gemma3_call)
     if new_run is not None:  # every check passed: the run directory is (re)written
         runs.prepare_run_dir(run_dir, new_run)
 

@@ -37,21 +37,24 @@ LOG_RATIO_CLAMP = 20.0  # on the log importance ratio before exp, as Tunix 0.1.7
 # Per-token log-probs of the completion, chunked
 # ----------------------------------------------------------------------------------------------
 
-def hidden_states(model, tokens, positions, attention_mask) -> jax.Array:
+def hidden_states(model, tokens, positions, attention_mask, shared_prompt=None) -> jax.Array:
     """The model's final-normed hidden states [B, L, D], through its own ``__call__`` (so qwix LoRA applies);
-    the returned logits are dead code, so XLA drops the [B, L, V] unembedding."""
+    the returned logits are dead code, so XLA drops the [B, L, V] unembedding. ``shared_prompt`` (prompt length,
+    group): each run of `group` rows shares its prompt, which runs once (model.py's ``_shared_prompt_call``)."""
     forward = nnx.capture(model, nnx.Intermediate)
     _, intermediates = forward(tokens, positions=positions, cache=None, attention_mask=attention_mask,
-                               output_hidden_states=True)
+                               output_hidden_states=True, **({"shared_prompt": shared_prompt} if shared_prompt else {}))
     (hidden,) = intermediates["all_hidden_states"]  # sown once, after final_norm
     return hidden
 
 
-def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int) -> jax.Array:
+def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int, group: int = 1) -> jax.Array:
     """Hidden states [B, T, D] of the positions that predict completion tokens 0..T-1 (Tunix keeps the logits
-    ``[:, -T-1:-1]``), from inputs built as Tunix builds them (``common.process_ids``)."""
+    ``[:, -T-1:-1]``), from inputs built as Tunix builds them (``common.process_ids``). group > 1: each run of
+    `group` rows shares its prompt (GRPO's G completions of one prompt), computed once."""
     tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
-    return hidden_states(model, tokens, positions, attention_mask)[:, -completion_ids.shape[1] - 1:-1, :]
+    shared = (prompt_ids.shape[1], group) if group > 1 else None
+    return hidden_states(model, tokens, positions, attention_mask, shared)[:, -completion_ids.shape[1] - 1:-1, :]
 
 
 def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -110,18 +113,19 @@ def unembedding(model):
 
 
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    temperature: float = 1.0, mask=None) -> jax.Array:
+                    temperature: float = 1.0, mask=None, group: int = 1) -> jax.Array:
     """Tunix's ``common.compute_per_token_logps``, chunked: [B, T] float32 log-probs of the completion tokens
     (pad positions meaningless, as in Tunix; outside ``mask`` not computed)."""
-    hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id)
+    hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id, group)
     return chunked_token_logps(unembedding(model), hidden, completion_ids, chunk_size, temperature, mask)
 
 
-@functools.partial(jax.jit, static_argnames=("pad_id", "chunk_size", "temperature"))
-def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_size, temperature):
+@functools.partial(jax.jit, static_argnames=("pad_id", "chunk_size", "temperature", "group"))
+def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_size, temperature, group):
     """Compiled, gradient-free ``per_token_logps`` for the reference and old-policy passes."""
     model = nnx.merge(graphdef, state)
-    return jax.lax.stop_gradient(per_token_logps(model, prompt_ids, completion_ids, pad_id, chunk_size, temperature))
+    return jax.lax.stop_gradient(per_token_logps(model, prompt_ids, completion_ids, pad_id, chunk_size, temperature,
+                                                 group=group))
 
 
 def rematerialized(model, remat: str):
@@ -147,14 +151,14 @@ def rematerialized(model, remat: str):
 # ----------------------------------------------------------------------------------------------
 
 def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              remat: str = "none"):
+              remat: str = "none", group: int = 1):
     """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux), for
     Tunix's TrainExample and GRPOConfig (beta, epsilon[_high], kl_loss_mode, kl_clamp_value, loss_agg_mode
-    and the rollout temperature decide everything)."""
+    and the rollout temperature decide everything). group: rows per shared prompt (per_token_logps)."""
     model = rematerialized(model, remat)
     mask = train_example.completion_mask
     logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
-                            algo_config.temperature, mask=mask)
+                            algo_config.temperature, mask=mask, group=group)
     if train_example.old_per_token_logps is None:  # one iteration per batch: the ratio is exactly 1
         old_logps = jax.lax.stop_gradient(logps)
     else:
@@ -219,18 +223,21 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str 
 
     # GRPOLearner closes over its config for the same reason: jax transforms reject partials with kwargs.
     cluster.actor_trainer.with_loss_fn(
-        lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size, remat),
+        lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size, remat,
+                                                            config.num_generations),
         has_aux=True)
 
     worker = cluster.inference_worker
 
     def reference_logps(prompt_tokens, completion_tokens, pad_id, eos_id, temperature=1.0):
         graphdef, state = nnx.split(worker.get_model("reference"))
-        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, temperature)
+        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, temperature,
+                              config.num_generations)
 
     def old_policy_logps(prompt_tokens, completion_tokens):
         graphdef, state = nnx.split(cluster.rollout.model())
-        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, config.temperature)
+        return _logps_no_grad(graphdef, state, prompt_tokens, completion_tokens, pad_id, chunk_size, config.temperature,
+                              config.num_generations)
 
     _override(worker, "get_ref_per_token_logps", reference_logps)
     _override(cluster.rollout, "get_per_token_logps", old_policy_logps)

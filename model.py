@@ -247,15 +247,49 @@ _tunix_gemma3_call = gemma3_lib.Gemma3.__call__
 
 
 def _gemma3_call(self, last_tokens, positions=None, cache=None, attention_mask=None, output_hidden_states=False,
-                 *, images=None, decode_only_last_token=False):
+                 *, images=None, decode_only_last_token=False, shared_prompt=None):
+    if shared_prompt:
+        return _shared_prompt_call(self, last_tokens, positions, attention_mask, *shared_prompt)
     if not decode_only_last_token:
         return _tunix_gemma3_call(self, last_tokens, positions, cache, attention_mask, output_hidden_states, images=images)
+    # GRPO's rollout (grpo.build sets prompt_group = G): runs of G rows hold one prompt, prefilled once.
+    group = getattr(self, "prompt_group", 1)
+    rows = lambda x: x[::group]
     (_, new_cache), sown = nnx.capture(_tunix_gemma3_call, nnx.Intermediate)(
-        self, last_tokens, positions, cache, attention_mask, True, images=images)
-    (hidden,) = sown["all_hidden_states"]  # [B, L, D], after the final norm
+        self, rows(last_tokens), rows(positions), jax.tree.map(rows, cache), rows(attention_mask), True, images=images)
+    (hidden,), new_cache = [jax.tree.map(lambda x: jnp.repeat(x, group, axis=0), t) for t in (sown["all_hidden_states"], new_cache)]
     if output_hidden_states:  # as the caller asked: leave them sown
         self.sow(nnx.Intermediate, "all_hidden_states", hidden)
     return self.embedder.decode(hidden[:, -1:]), new_cache
+
+
+def _shared_prompt_call(self, tokens, positions, attention_mask, prompt_len: int, group: int):
+    """The forward pass (no cache) of rows whose first prompt_len tokens are the same in each run of `group` rows
+    (GRPO: G completions of one prompt): each prompt's layers run once, its keys and values serve the group's
+    completions, the same values up to float rounding. Called inside the model's own __call__, where LoRA
+    applies. Sliding layers: their window is put into the completions' mask, as Tunix's band is by row index."""
+    rows, p = tokens.shape[0], prompt_len
+    x_prompt = self._encode_and_get_inputs(tokens=tokens[::group, :p])
+    x = self._encode_and_get_inputs(tokens=tokens[:, p:])
+    query = jnp.arange(p, tokens.shape[1])[:, None] - jnp.arange(tokens.shape[1])[None, :]  # query - key index
+    for layer in self.layers:
+        attn = layer.attn
+        empty = jnp.zeros((rows // group, p, attn.num_kv_heads, attn.head_dim), x.dtype)
+        kv, x_prompt = layer(x_prompt, positions[::group, :p], {"k": empty, "v": empty, "end_index": jnp.zeros(
+            rows // group, jnp.int32)}, attention_mask[::group, :p, :p])
+        cache = {"k": jnp.pad(jnp.repeat(kv["k"], group, axis=0), ((0, 0), (0, x.shape[1]), (0, 0), (0, 0))),
+                 "end_index": jnp.full(rows, p, jnp.int32)}
+        cache["v"] = jnp.pad(jnp.repeat(kv["v"], group, axis=0), ((0, 0), (0, x.shape[1]), (0, 0), (0, 0)))
+        mask, window = attention_mask[:, p:], attn.sliding_window_size
+        if attn.attn_type == gemma3_lib.AttentionType.LOCAL_SLIDING:
+            mask, attn.sliding_window_size = jnp.logical_and(mask, query < window), tokens.shape[1]
+        try:
+            _, x = layer(x, positions[:, p:], cache, mask)
+        finally:
+            attn.sliding_window_size = window
+    x = self.final_norm(jnp.concatenate([jnp.repeat(x_prompt, group, axis=0), x], axis=1))
+    self.sow(nnx.Intermediate, "all_hidden_states", x)
+    return self.embedder.decode(x), None
 
 
 def give_gemma3_decode_only_last_token() -> None:

@@ -329,3 +329,35 @@ def test_sft_trainer_holds_the_chunked_loss(tiny, sft_inputs):
     assert chunked.train_steps == 1
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), nnx.state(fresh, nnx.LoRAParam), before)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the step updated the LoRA weights
+
+
+# ---------------------------------------------------------------- one prompt, G completions
+
+@pytest.mark.parametrize("remat", ["none", "decoder"])
+def test_a_shared_prompt_runs_once_with_the_same_logps_loss_and_gradients(tiny, remat):
+    """GRPO's G completions share their prompt: group=G runs each prompt once (model.py's _shared_prompt_call).
+    Two groups of 3 rows, prompts of 24 (6 and 2 left pads) + 7: longer than tiny's sliding window (16), so
+    the window decides which prompt keys a completion sees. The same log-probs as Tunix's full forward pass,
+    the same loss and LoRA gradients as group=1."""
+    _, policy, pad = tiny
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(5, 50_000, (2, 24))
+    prompts[0, :6], prompts[1, :2] = pad, pad
+    prompt = jnp.asarray(np.repeat(prompts, B, axis=0), jnp.int32)
+    completion = rng.integers(5, 50_000, (2 * B, T))
+    completion[0, 5:], completion[4, 2:] = pad, pad
+    completion = jnp.asarray(completion, jnp.int32)
+    full = tunix_logps(policy, prompt, completion, pad)
+    np.testing.assert_allclose(G.per_token_logps(policy, prompt, completion, pad, 8, group=B), full, atol=2e-5, rtol=1e-5)
+    ex = grpo_learner.TrainExample(
+        prompt_ids=prompt, prompt_mask=prompt != pad, completion_ids=completion,
+        completion_mask=(completion != pad).astype(jnp.int32), advantages=jnp.asarray(rng.normal(size=2 * B), jnp.float32),
+        ref_per_token_logps=full + jnp.asarray(rng.normal(0, 0.3, full.shape), jnp.float32), old_per_token_logps=None)
+    (loss, aux), grads = lora_value_and_grad(lambda m: G.grpo_loss(m, ex, config(), pad, 5, remat, group=B), policy)
+    (want, want_aux), want_grads = lora_value_and_grad(lambda m: G.grpo_loss(m, ex, config(), pad, 5, remat), policy)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(aux["kl"], want_aux["kl"], rtol=1e-5, atol=1e-6)
+    leaves, want_leaves = jax.tree.leaves(grads), jax.tree.leaves(want_grads)
+    assert len(leaves) == len(want_leaves) > 0 and max(float(jnp.max(jnp.abs(g))) for g in leaves) > 1e-4
+    for g, w in zip(leaves, want_leaves):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)

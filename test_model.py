@@ -270,6 +270,30 @@ def test_prefill_unembeds_the_last_token_only(tiny):
     assert full_logits in hlo_full and full_logits not in hlo_last
 
 
+def test_a_prompt_group_is_prefilled_once(tiny):
+    """GRPO's rollout (grpo.build sets prompt_group = G): runs of G rows hold one prompt, prefilled once and
+    copied into each row's cache: the same greedy tokens and logits as prefilling every row (through LoRA).
+    Rows that do not come in such runs come out different: the grouped prefill is what ran."""
+    from tunix.generate import sampler as sampler_lib
+
+    model, tok, config = tiny
+    lora = M.apply_lora(model, rank=4, alpha=8.0)
+    state = nnx.state(lora, nnx.LoRAParam)
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
+    nnx.update(lora, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
+    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=config.num_layers,
+                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    kwargs = dict(max_generation_steps=6, max_prompt_length=16, return_logits=True, echo=False)
+    grouped, mixed = ["Hello there"] * 2 + ["The capital of France is"] * 2, ["Hello there", "The capital of France is"] * 2
+    want = sampler_lib.Sampler(lora, tok, cache)(grouped, **kwargs)
+    lora.prompt_group = 2
+    got = sampler_lib.Sampler(lora, tok, cache)(grouped, **kwargs)
+    assert got.text == want.text
+    for x, y in zip(got.logits, want.logits):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    assert sampler_lib.Sampler(lora, tok, cache)(mixed, **kwargs).text[1] == want.text[0]  # row 1 = row 0's prompt
+
+
 # ---------------------------------------------------------------- checkpoints
 
 SAVE_TRAINED_LORA = """
