@@ -4,11 +4,10 @@
     python bench_grpo.py --model gemma-3-1b-it --random-weights         # real size, no weights needed
     python bench_grpo.py --model tiny -- --logps-chunk-size 0 --remat none   # anything after -- goes to train.py
     python bench_grpo.py --loss-memory                                  # XLA's plan for the loss, per --remat
-    python bench_grpo.py --lora-precision --steps 20 --lr 3e-6 --lr 2e-5   # how far steps move bf16/fp32 adapters
     python bench_grpo.py --peer trl                 # ours beside TRL's GRPOTrainer (pip install -r requirements-bench.txt)
 
-README section 8 ("Memory and speed") explains the timing and --loss-memory, "Adapter precision" --lora-precision;
-figures: BENCHMARKS.md. Random weights never emit <end_of_turn>: every completion runs to the limit (the worst case).
+README section 8 ("Memory and speed") explains the timing and --loss-memory; figures: BENCHMARKS.md (the adapter
+precision's --lora-precision: at commit 81c96bf). Random weights never emit <end_of_turn>: every completion runs to the limit (the worst case).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -169,66 +167,6 @@ def loss_memory(args, model_path) -> dict:
             **{f"remat={r}": plan(r) for r in ("none", "block", "decoder")}}
 
 
-def lora_precision(args, train_args: list[str], model_path) -> list[dict]:
-    """Per --lr, a run with bf16 adapters (--lora-dtype base, as published) and one with float32 ones, same seed:
-    the share of lora_a / lora_b entries changed from the seeded init, the mean |change|, and KL(policy || start)."""
-    from tunix.sft import utils
-
-    import data
-    import grpo
-    import train
-
-    def latin_share(prompts, completions, **_):  # the reward: the random tiny model's all get the same DIPG one
-        return [sum(ch.isascii() and ch.isalpha() for ch in str(c)) / max(len(str(c)), 1) for c in completions]
-
-    def logprobs(model, tokens, float32: bool = False) -> np.ndarray:  # float32: cast the weights first, in place
-        if float32:
-            nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, nnx.Param)))
-        mask = jnp.ones_like(tokens, dtype=bool)
-        logits, _ = model(tokens, positions=utils.build_positions_from_mask(mask), cache=None,
-                          attention_mask=utils.make_causal_attn_mask(mask))
-        return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
-
-    adapters = lambda m: {jax.tree_util.keystr(path): np.asarray(x, dtype=np.float32)
-                          for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(m, nnx.LoRAParam))}
-    kl = lambda logp, start: float(np.mean(np.sum(np.exp(logp) * (logp - start), axis=-1)))  # mean over positions
-    # The start both adapter dtypes share: the seeded init and its policy (lora_b = 0: the base model).
-    dtype, rank = train.resolve_dtype(args.dtype), args.lora_rank
-    base, tokenizer, _ = M.load(args.model, model_path=model_path, dtype=dtype, seed=args.seed)
-    start_model = M.apply_lora(base, rank=rank, alpha=float(rank), seed=args.seed)
-    gold = [data.to_sft_example(r) for r in data.load_dipg("builtin", "train", n=4)]  # the last 128 tokens
-    tokens = jnp.array([([tokenizer.bos_id()] + tokenizer.encode(r["prompt"] + r["completion"]))[-128:] for r in gold])
-    start = adapters(start_model)
-    start_logp = {"compute": logprobs(start_model, tokens), "float32": logprobs(start_model, tokens, float32=True)}
-    records = []
-    with tempfile.TemporaryDirectory(prefix="lora_precision_") as tmp:
-        for lr in args.lr or [3e-6, 2e-5]:
-            for lora_dtype in ("base", "float32"):
-                run_dir = Path(tmp) / f"{lora_dtype}_{lr:g}"
-                # Constant learning rate: every step is a step at the published peak, where a block spends most.
-                run_args = [*train_args, "--allow-cpu", "--n-prompts", "8", "--warmup-ratio", "0", "--lr-end-ratio",
-                            "1", "--lora-dtype", lora_dtype, "--learning-rate", str(lr), "--lr-init", str(lr),
-                            "--lora-rank", str(rank), "--lora-alpha", str(float(rank)), "--seed", str(args.seed),
-                            "--save-every", str(args.steps)]
-                with mock.patch.object(grpo, "reward_functions", lambda config: [latin_share]):
-                    rows = train_rows(run_args, run_dir)
-                trained, _, meta = M.load_run(run_dir, dtype=dtype)
-                after = adapters(trained)
-                r = {"learning_rate": lr, "lora_dtype": lora_dtype, "steps": len(rows),
-                     "adapter_dtype": str(next(iter(jax.tree.leaves(nnx.state(trained, nnx.LoRAParam)))).dtype),
-                     "checkpoint_step": meta["checkpoint_step"]}
-                for kind in ("lora_a", "lora_b"):
-                    delta = np.concatenate([(after[k] - start[k]).ravel() for k in after if kind in k])
-                    r.update({f"{kind}_changed": float(np.mean(delta != 0)),
-                              f"{kind}_mean_abs_change": float(np.mean(np.abs(delta)))})
-                # In the compute dtype any change of the weights also re-rounds the activations: a noise floor.
-                r["kl_bf16_forward"] = kl(logprobs(trained, tokens), start_logp["compute"])
-                r["kl_to_start_per_token"] = kl(logprobs(trained, tokens, float32=True), start_logp["float32"])
-                print(json.dumps(r), flush=True)
-                records.append(r)
-    return records
-
-
 def trl_side(args) -> dict:
     """TRL's GRPOTrainer (torch) on our step: the same converted weights, float32, LoRA on the same projections,
     the same prompts in the same order, the same reward and loss settings, no gradient checkpointing."""
@@ -246,8 +184,7 @@ def trl_side(args) -> dict:
     rows = data.fit_prompts(data.training_examples("grpo", "builtin", None, 0, None),
                             M.load_tokenizer(path / "tokenizer.model"), args.max_prompt_length)
     order = data.prompt_order(rows, 1, c["shuffle_seed"])  # as train.py: the published order
-    prompts = Dataset.from_list([{"prompt": str(order[i]["prompts"][0]), "answer": str(order[i]["answer"][0])}
-                                 for i in range(args.steps)])
+    prompts = Dataset.from_list([{"prompt": str(b["prompts"][0]), "answer": str(b["answer"][0])} for b in order[:args.steps]])
     ends, logged = [], []
 
     class Clock(TrainerCallback):  # a step: from the previous step's end (or the start) to its own end
@@ -271,11 +208,10 @@ def trl_side(args) -> dict:
             reward_funcs=rewards.make_dipg_reward("soft"), callbacks=[Clock()])
         trainer.train()
     steps = [b - a for a, b in zip(ends, ends[1:])]
-    tokens = [g * row["completions/mean_length"] for row in logged if "completions/mean_length" in row]
-    return {"side": f"TRL {importlib.metadata.version('trl')}, torch {torch.__version__}", "steps": len(steps),
-            "seconds": statistics.median(steps[1:]), "seconds_per_token": statistics.median(
-                s / n for s, n in zip(steps[1:], tokens[1:])), "completion_len_mean": statistics.median(tokens[1:]) / g,
-            "first_step_seconds": steps[0], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    tokens = [g * float(row["completions/mean_length"]) for row in logged if "completions/mean_length" in row]
+    return {"side": f"TRL {importlib.metadata.version('trl')}, torch {torch.__version__}", "seconds": statistics.median(
+        steps[1:]), "seconds_per_token": statistics.median(s / n for s, n in zip(steps[1:], tokens[1:])), "steps": steps,
+            "tokens": tokens, "first_step_seconds": steps[0], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def peer(args, train_extra: list[str]) -> dict:
@@ -313,23 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="as train.py's")
     p.add_argument("--bandwidth", type=float, help="bytes/s for the floor (default: 3.35e12 GPU, 18e9 CPU)")
     p.add_argument("--profile", metavar="DIR", help="also record a JAX profiler trace into DIR (try --steps 2)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--loss-memory", action="store_true", help="run nothing: XLA's plan for the loss, per --remat")
-    mode.add_argument("--lora-precision", action="store_true", help="bf16 vs fp32 adapters (bf16, 20 steps, G=2, 128+16)")
-    p.add_argument("--lr", type=float, action="append", help="--lora-precision's, repeatable (default 3e-6, 2e-5)")
-    p.add_argument("--lora-rank", type=int, default=64, help="--lora-precision's (default %(default)s, published)")
-    p.add_argument("--seed", type=int, default=0, help="--lora-precision's (default %(default)s)")
-    p.add_argument("--out", help="also write the JSON record(s) to this file")
+    p.add_argument("--loss-memory", action="store_true", help="run nothing: XLA's plan for the loss, per --remat")
+    p.add_argument("--out", help="also write the JSON record to this file")
     p.add_argument("--peer", choices=["trl"], help="ours and TRL's GRPOTrainer side by side (issue 32's settings: "
                    "gemma-3-270m, float32, G=4, 768 + 128, LoRA 64, no remat, 6 steps, medians of 2-6)")
     p.add_argument("--side", choices=["ours", "trl"], help="--peer: run only this side")
-    if "--lora-precision" in argv:
-        p.set_defaults(steps=20, num_generations=2, max_prompt_length=128, max_tokens_to_generate=16,
-                       kv_cache_size=256, dtype="bfloat16")
     if "--peer" in argv or "--side" in argv:
         p.set_defaults(model="gemma-3-270m", steps=6, max_prompt_length=768, max_tokens_to_generate=128, kv_cache_size=1024)
     args = p.parse_args(argv)
-    if args.steps < 2 and not args.lora_precision:
+    if args.steps < 2:
         p.error("--steps must be >= 2 (the first step compiles; the others are timed)")
     model_path = random_weights_dir(args.model) if args.random_weights and args.model != "tiny" else None
 
@@ -348,13 +276,9 @@ def main(argv=None) -> int:
                       "--sample-every", "0", "--num-generations", str(args.num_generations), "--max-prompt-length",
                       str(args.max_prompt_length), "--max-tokens-to-generate", str(args.max_tokens_to_generate),
                       "--kv-cache-size", str(args.kv_cache_size)]
-        if args.lora_precision:
-            record = lora_precision(args, [*train_args, *train_extra], model_path)
-        else:
-            record = timing(args, [*train_args, "--save-every", str(10 ** 6), *train_extra])
+        record = timing(args, [*train_args, "--save-every", str(10 ** 6), *train_extra])
     text = json.dumps(record, indent=2, default=str)
-    if not args.lora_precision:  # it printed each run's record as it came
-        print(text)
+    print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

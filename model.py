@@ -263,28 +263,25 @@ def _gemma3_call(self, last_tokens, positions=None, cache=None, attention_mask=N
     return self.embedder.decode(hidden[:, -1:]), new_cache
 
 
-def _shared_prompt_call(self, tokens, positions, attention_mask, prompt_len: int, group: int):
-    """The forward pass (no cache) of rows whose first prompt_len tokens are the same in each run of `group` rows
-    (GRPO: G completions of one prompt): each prompt's layers run once, its keys and values serve the group's
-    completions, the same values up to float rounding. Called inside the model's own __call__, where LoRA
-    applies. Sliding layers: their window is put into the completions' mask, as Tunix's band is by row index."""
-    rows, p = tokens.shape[0], prompt_len
-    x_prompt = self._encode_and_get_inputs(tokens=tokens[::group, :p])
-    x = self._encode_and_get_inputs(tokens=tokens[:, p:])
-    query = jnp.arange(p, tokens.shape[1])[:, None] - jnp.arange(tokens.shape[1])[None, :]  # query - key index
+def _shared_prompt_call(self, tokens, positions, attention_mask, p: int, group: int):
+    """The forward pass (no cache) of rows whose first p tokens hold one prompt per run of `group` rows (GRPO's G
+    completions): each prompt's layers run once, its keys and values serve its group; the same values up to float
+    rounding. Inside the model's own __call__ (LoRA applies). Tunix's sliding window counts rows of the query
+    block, so here the completions' mask holds it and Tunix's window is lifted."""
+    one, length = slice(None, None, group), tokens.shape[1]
+    x_prompt, x = self._encode_and_get_inputs(tokens=tokens[one, :p]), self._encode_and_get_inputs(tokens=tokens[:, p:])
+    distance = jnp.arange(p, length)[:, None] - jnp.arange(length)[None, :]  # query's index - key's index
     for layer in self.layers:
-        attn = layer.attn
-        empty = jnp.zeros((rows // group, p, attn.num_kv_heads, attn.head_dim), x.dtype)
-        kv, x_prompt = layer(x_prompt, positions[::group, :p], {"k": empty, "v": empty, "end_index": jnp.zeros(
-            rows // group, jnp.int32)}, attention_mask[::group, :p, :p])
-        cache = {"k": jnp.pad(jnp.repeat(kv["k"], group, axis=0), ((0, 0), (0, x.shape[1]), (0, 0), (0, 0))),
-                 "end_index": jnp.full(rows, p, jnp.int32)}
-        cache["v"] = jnp.pad(jnp.repeat(kv["v"], group, axis=0), ((0, 0), (0, x.shape[1]), (0, 0), (0, 0)))
-        mask, window = attention_mask[:, p:], attn.sliding_window_size
+        attn, mask = layer.attn, attention_mask[:, p:]
+        empty = jnp.zeros((x_prompt.shape[0], p, attn.num_kv_heads, attn.head_dim), x.dtype)
+        kv, x_prompt = layer(x_prompt, positions[one, :p], {"k": empty, "v": empty, "end_index": jnp.zeros(
+            x_prompt.shape[0], jnp.int32)}, attention_mask[one, :p, :p])
+        cache = {k: jnp.pad(jnp.repeat(kv[k], group, axis=0), ((0, 0), (0, length - p), (0, 0), (0, 0))) for k in "kv"}
+        window = attn.sliding_window_size
         if attn.attn_type == gemma3_lib.AttentionType.LOCAL_SLIDING:
-            mask, attn.sliding_window_size = jnp.logical_and(mask, query < window), tokens.shape[1]
+            mask, attn.sliding_window_size = jnp.logical_and(mask, distance < window), length
         try:
-            _, x = layer(x, positions[:, p:], cache, mask)
+            _, x = layer(x, positions[:, p:], {**cache, "end_index": jnp.full(x.shape[0], p, jnp.int32)}, mask)
         finally:
             attn.sliding_window_size = window
     x = self.final_norm(jnp.concatenate([jnp.repeat(x_prompt, group, axis=0), x], axis=1))
