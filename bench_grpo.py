@@ -80,22 +80,17 @@ def random_weights_dir(name: str, seed: int = 0) -> Path:
     return target
 
 
-def train_rows(train_args: list[str], run_dir: Path) -> list[dict]:
-    """train.py in this process into run_dir (our --out last: it wins); the rows of its metrics.jsonl."""
+def timing(args, train_args: list[str]) -> dict:
+    """train.py's GRPO in this process (our --out last: it wins). Medians over the steps after the first (which
+    compiles), peak memory (on CPU the process's peak resident set, model loading included) and the rollout's
+    floor: a decode step reads every weight once."""
     import train  # here, not at the top: --help stays fast
 
-    train.main([*train_args, "--out", str(run_dir)])
-    return runs.read_rows(run_dir)
-
-
-def timing(args, train_args: list[str]) -> dict:
-    """Medians over the steps after the first (which compiles), peak memory (on CPU the process's peak resident set,
-    model loading included) and the rollout's floor: a decode step reads every weight once."""
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         start = time.time()
         with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
-            rows = train_rows(train_args, Path(tmp) / "run")
-        wall = time.time() - start
+            train.main([*train_args, "--out", str(Path(tmp) / "run")])
+        wall, rows = time.time() - start, runs.read_rows(Path(tmp) / "run")
         config = runs.read_metadata(Path(tmp) / "run")["config"]
     later, device = rows[1:] or rows, jax.devices()[0]
     median = lambda key: statistics.median(r[key] for r in later) if all(r.get(key) is not None for r in later) else None
