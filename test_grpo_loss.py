@@ -219,10 +219,10 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     plan = json.loads((tmp_path / "m.json").read_text())
     assert "cse_barrier_expander" in plan["xla_flags"]
-    # Measured: 1.04 GiB -> 0.52 (decoder), 0.55 (block): two layers' float32 attention weights
-    # [4, 2, 1,536, 1,536] and the rest, no longer kept.
+    # Measured (2026-12-07, the prompt's layers once per group): 0.86 GiB -> 0.64 (decoder), 0.65 (block): the
+    # completions' float32 attention weights [4, 2, 512, 1,536] and the rest, no longer kept.
     for remat in ("decoder", "block"):
-        assert plan[f"remat={remat}"]["temp_gib"] < 0.7 * plan["remat=none"]["temp_gib"], plan
+        assert plan[f"remat={remat}"]["temp_gib"] < 0.8 * plan["remat=none"]["temp_gib"], plan
 
 
 # ---------------------------------------------------------------- installed into Tunix
@@ -242,6 +242,9 @@ def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path):
     learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=config(), reward_fns=lambda prompts, completions, **_: [0.0] * len(prompts))
     G.use_chunked_logps(learner, chunk_size=4, remat="decoder")
 
+    # GRPO's rows: G completions of one prompt (row 1's), which the passes below run once.
+    batch = {**batch, "prompt_ids": jnp.repeat(batch["prompt_ids"][1:2], B, axis=0)}
+    batch["prompt_mask"] = batch["prompt_ids"] != pad
     # The reference pass, called as RLCluster calls it (at the rollout temperature, RolloutConfig's
     # default 0.9 here), gives Tunix's numbers for the reference model.
     ids = batch["prompt_ids"], batch["completion_ids"]
