@@ -228,10 +228,8 @@ def test_lora_matches_every_projection_and_starts_as_identity(tiny):
     assert M.is_lora(lora) and not M.is_lora(model)
 
 
-def test_prefill_unembeds_the_last_token_only(tiny):
-    """Tunix's Sampler asks the model for the last prompt position's logits only (model.py's
-    decode_only_last_token): through qwix LoRA with trained-looking adapters, the same tokens and
-    logits as the full prefill, and the compiled prefill holds no [batch, prompt, vocab] array."""
+def lora_and_cache(tiny):
+    """(LoRA model with trained-looking adapters, tokenizer, config, a Sampler's CacheConfig of 32)."""
     from tunix.generate import sampler as sampler_lib
 
     model, tok, config = tiny
@@ -239,8 +237,17 @@ def test_prefill_unembeds_the_last_token_only(tiny):
     state = nnx.state(lora, nnx.LoRAParam)
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
     nnx.update(lora, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
-    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=config.num_layers,
-                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    return lora, tok, config, sampler_lib.CacheConfig(cache_size=32, num_layers=config.num_layers,
+                                                      num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+
+
+def test_prefill_unembeds_the_last_token_only(tiny):
+    """Tunix's Sampler asks the model for the last prompt position's logits only (model.py's
+    decode_only_last_token): through qwix LoRA with trained-looking adapters, the same tokens and
+    logits as the full prefill, and the compiled prefill holds no [batch, prompt, vocab] array."""
+    from tunix.generate import sampler as sampler_lib
+
+    lora, tok, config, cache = lora_and_cache(tiny)
     last_only, full = sampler_lib.Sampler(lora, tok, cache), sampler_lib.Sampler(lora, tok, cache)
     assert last_only._supports_decode_only_last_token  # what Tunix's Sampler reads off the model
     full._supports_decode_only_last_token = False       # Tunix's own path: logits of every position
@@ -276,13 +283,7 @@ def test_a_prompt_group_is_prefilled_once(tiny):
     Rows that do not come in such runs come out different: the grouped prefill is what ran."""
     from tunix.generate import sampler as sampler_lib
 
-    model, tok, config = tiny
-    lora = M.apply_lora(model, rank=4, alpha=8.0)
-    state = nnx.state(lora, nnx.LoRAParam)
-    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
-    nnx.update(lora, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), state))
-    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=config.num_layers,
-                                    num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    lora, tok, config, cache = lora_and_cache(tiny)
     kwargs = dict(max_generation_steps=6, max_prompt_length=16, return_logits=True, echo=False)
     grouped, mixed = ["Hello there"] * 2 + ["The capital of France is"] * 2, ["Hello there", "The capital of France is"] * 2
     want = sampler_lib.Sampler(lora, tok, cache)(grouped, **kwargs)
