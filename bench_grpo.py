@@ -197,9 +197,11 @@ def trl_side(args) -> dict:
             logging_steps=1, save_strategy="no", report_to="none", disable_dropout=True, seed=0)
         lora = LoraConfig(r=c["lora_rank"], lora_alpha=c["lora_alpha"], lora_dropout=0.0, task_type="CAUSAL_LM",
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+            path, add_bos_token=True)
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(c["stop_tokens"])  # ours: <eos> only
         trainer = GRPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), args=config, peft_config=lora,
-            processing_class=AutoTokenizer.from_pretrained(path, add_bos_token=True), train_dataset=prompts,
+            model=model, args=config, peft_config=lora, processing_class=tokenizer, train_dataset=prompts,
             reward_funcs=rewards.make_dipg_reward("soft"), callbacks=[Clock()])
         trainer.train()
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -215,11 +217,10 @@ def peer(args, train_extra: list[str]) -> dict:
                str(args.max_prompt_length), "--max-tokens-to-generate", str(args.max_tokens_to_generate)]
     sides = {"ours": ["--model", args.model, "--dtype", "float32", "--kv-cache-size", str(args.kv_cache_size),
                       *lengths, "--", "--remat", "none", *train_extra], "trl": ["--side", "trl", *lengths]}
-    out = {}
     with tempfile.TemporaryDirectory(prefix="bench_peer_") as tmp:
         for side in [args.side] if args.side else sides:
             subprocess.run([sys.executable, __file__, "--out", f"{tmp}/{side}.json", *sides[side]], check=True)
-            out[side] = json.loads(Path(f"{tmp}/{side}.json").read_text())
+        out = {side: json.loads(f.read_text()) for side in sides if (f := Path(tmp, f"{side}.json")).exists()}
     if len(out) == 2:
         print(f"{'':22}{'ours':>10}{'TRL':>10}   TRL / ours")
         for key, unit, scale in (("seconds", "s/step", 1), ("seconds_per_token", "s/token", 1),
@@ -272,8 +273,7 @@ def main(argv=None) -> int:
                       str(args.max_prompt_length), "--max-tokens-to-generate", str(args.max_tokens_to_generate),
                       "--kv-cache-size", str(args.kv_cache_size)]
         record = timing(args, [*train_args, "--save-every", str(10 ** 6), *train_extra])
-    text = json.dumps(record, indent=2, default=str)
-    print(text)
+    print(text := json.dumps(record, indent=2, default=str))
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
