@@ -1,9 +1,5 @@
 """Evaluation: the published table, for your own runs (README, "Evaluation": outputs and flags).
-
-For each checkpoint (or `base`, the model before any training): generate greedily, score every response with
-the environment's evaluation path and reward configuration (`rewards.EVAL_CONFIG`, mode="eval": NOT the training
-one), aggregate with a 95% interval per rate (`stats.summarize`), under one of two PROTOCOLS (below). Without a
-model: saved responses (--responses), the author's raw logs (--published-log), evaluations already written (--compare).
+Greedy, scored by rewards.EVAL_CONFIG in mode="eval" (NOT training's), with 95% intervals, under one of two PROTOCOLS.
 """
 
 import argparse
@@ -77,9 +73,8 @@ def read_responses(path, task="dipg"):
 
 
 def read_published_log(path):
-    """The author's raw Kaggle log of one block (REFERENCE §1, e.g. eval_new.json): log lines, NOT JSON, one
-    of which holds the server's {"metrics": {aggregates..., "detailed_results": [...]}}, found by decoding at
-    every "{" (the last one wins). Returns (rows to score, with logged reward/metrics; logged aggregates)."""
+    """The author's raw Kaggle log of one block (REFERENCE §1): the last {"metrics": {..., "detailed_results"}} in
+    its lines -> (rows to score, with logged reward/metrics; logged aggregates)."""
     if not (path := Path(path)).is_file():
         raise ValueError(f"{path}: no such file (pass the author's raw log, e.g. eval_new.json, to --published-log)")
     text, decoder, result = path.read_text(encoding="utf-8", errors="replace"), json.JSONDecoder(), None
@@ -132,8 +127,7 @@ def score_dipg_rows(rows, responses):
 
 
 def score_gsm8k_rows(rows, responses):
-    """GSM8K: the seed-002 KPIs over the whole set, each rate with its Wilson 95% interval; per row, the extracted
-    answer, its flags (`metrics`, paired between checkpoints) and the seed's phase-2 reward."""
+    """GSM8K: the seed-002 KPIs, each rate with its Wilson 95% interval; per row its answer, flags and reward."""
     records = []
     for row, response in zip(rows, responses, strict=True):
         flags = gsm8k.completion_flags(response, row["answer"])
@@ -146,8 +140,6 @@ def score_gsm8k_rows(rows, responses):
 
 
 FLAGS = {"dipg": stats.RATE_FLAGS, "gsm8k": {k: operator.itemgetter(k) for k in gsm8k.RATES}}  # paired per record
-
-
 SCORERS = {"dipg": score_dipg_rows, "gsm8k": score_gsm8k_rows}
 
 
@@ -155,9 +147,8 @@ SCORERS = {"dipg": score_dipg_rows, "gsm8k": score_gsm8k_rows}
 
 def load_eval_rows(task="dipg", dataset=None, n=EVAL_N, protocol="clean", draw=None, system_prompt=None,
                    pool=EVAL_POOL):
-    """The held-out rows, each with the exact chat `prompt` the model sees -> (rows, dataset_id). DIPG
-    "published": n of the first `pool` rows drawn with random.Random(f"{draw}"), draw = the checkpoint's
-    global step (None: the whole pool, for the reference policies). "clean" and GSM8K: the first n rows."""
+    """The held-out rows with the chat `prompt` the model sees -> (rows, dataset_id). "clean" and GSM8K: the first n;
+    DIPG "published": n of the first `pool` drawn by Random(f"{draw}") (draw None: the whole pool)."""
     import data  # imported here so that --responses needs neither datasets nor JAX
 
     if protocol not in PROTOCOLS:
@@ -242,8 +233,7 @@ def sft_steps(metadata):
 
 
 def run_label(metadata):
-    """Column label: "Base", "SFT", else the phase and its RL steps since SFT, as in the published "GRPO (300)"
-    (global steps 301-600 after 300 SFT steps)."""
+    """Column label: "Base", "SFT", else the phase and its RL steps since SFT, as in the published "GRPO (300)"."""
     phase = metadata.get("phase") or "base"
     name = PHASE_NAMES.get(phase, phase.title())
     return name if phase in ("base", "sft") else f"{name} ({(metadata.get('global_step') or 0) - sft_steps(metadata)})"
@@ -310,8 +300,7 @@ def read_json(path, text=None):
 
 
 def compare_results(result_dirs, out=None, task="dipg"):
-    """Paired comparisons (stats.compare) of each evaluation directory with the next, written to OUT (with
-    comparison_file's names) when out is given."""
+    """Paired comparisons (stats.compare) of each evaluation directory with the next, written to out if given."""
     evaluations = [(summary["label"], records) for summary, records in map(read_results, result_dirs)]
     comparisons = stats.compare_consecutive(evaluations, flags=FLAGS[task])
     for i, comparison in enumerate(comparisons if out is not None else []):
@@ -340,8 +329,7 @@ def not_a_run(label, phase=None):
 
 def prepare_evaluation(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
                        model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS):
-    """(metadata, rows, settings) of evaluating `run`, before anything is generated. settings: what makes two
-    evaluations the same (kept in summary.json, compared before reuse): protocol, rows, decoding, model."""
+    """(metadata, rows, settings) of evaluating `run`; settings make two evaluations the same."""
     metadata = read_run_metadata(run)
     rows, dataset_id = load_eval_rows(task, dataset, n, protocol, draw=metadata.get("global_step") or 0,
                                       system_prompt=system_prompt)
@@ -364,8 +352,7 @@ def prepare_evaluation(run, *, task="dipg", protocol="published", dataset=None, 
 def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL_N, system_prompt=None,
                  model_name=None, model_path=None, max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=8,
                  out_dir=None, overwrite=False):
-    """Load a run directory (or "base"), evaluate it, write the OUT files when out_dir is given. Returns the
-    summary (stats.summarize or gsm8k.phase_metrics) with describe_run's fields, settings and timings."""
+    """Load a run directory (or "base"), evaluate it, write out_dir's files if given -> its summary."""
     import jax
 
     import model as model_lib
@@ -399,8 +386,7 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
 
 
 def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False, published_log=False):
-    """Score a saved JSONL of responses, no model needed. published_log: the author's raw log instead; the
-    summary adds what the log reports (`logged`) and each response we score differently (`disagreements`)."""
+    """Score saved responses (or the author's raw log, adding its `logged` values and our `disagreements`)."""
     rows, logged = read_published_log(path) if published_log else (read_responses(path, task), None)
     settings = {"task": task, "published_log" if published_log else "responses": str(Path(path).resolve()),
                 "n": len(rows)}
@@ -427,9 +413,7 @@ def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False,
 # 6. The views: OUT/table.md and OUT/curriculum.png (drawn by report.py), with the paired changes.
 
 def write_report(result_dirs, out, tag="", references=(), published=None, task="dipg", criteria=None):
-    """The journey's views of its evaluations so far (evaluate_run's directories, in order): OUT/table{tag}.md,
-    OUT/curriculum{tag}.png, the paired changes under OUT/comparisons{tag}; GSM8K: each step's KPIs as it trained
-    and the exit criteria (criteria: a phase's configuration) drawn in."""
+    """The journey's table{tag}.md, curriculum{tag}.png and comparisons{tag}/ of its evaluations so far."""
     summaries = [read_results(d)[0] for d in result_dirs]
     comparisons = compare_results(result_dirs, Path(out) / f"comparisons{tag}", task) if len(result_dirs) > 1 else []
     report.write_table(summaries, Path(out) / f"table{tag}.md", task, references, comparisons)

@@ -1,11 +1,6 @@
 """The GSM8K curriculum (seed 002, README "The GSM8K curriculum"): Gemma 3 + LoRA + GRPO in three phases, each with
 its PHASE_REWARDS: format (a 20-30% slice of GSM8K), correctness (all of it), generalize (GSM8K 50%, code, QA 25% each).
-
-RL teaches behaviour, not skills (REFERENCE.md §5): the model first learns the output contract
-<reasoning>...</reasoning><answer>...</answer>, and only then is asked to be right. Never change the dataset and the
-rewards at the same time (check_phase_rule); a phase ends when its behaviour is stable (exit_criteria). train.py runs
-the phases, eval.py --task gsm8k reports their metrics.
-"""
+Never change the dataset and the rewards at once (check_phase_rule); a phase ends when its behaviour is stable."""
 
 import argparse
 import contextlib
@@ -48,8 +43,7 @@ def gsm8k_prompt(question: str, gold=None) -> str:
 
 
 def answer_form(gold=None) -> str:
-    """How the prompt asks for the answer: the form is_attempt (section 3) accepts for this gold, so the
-    instructions never ask for what the rewards call a dodge (phase 3's Yes/No and one-word tasks)."""
+    """How the prompt asks for the answer: the form is_attempt accepts for this gold (never what is a dodge)."""
     gold = "0" if gold is None else parse_gsm8k_gold(gold)
     words = _norm_text(gold).split()
     if _to_number(gold) is not None:
@@ -84,8 +78,7 @@ def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
 
 @functools.lru_cache(maxsize=4)
 def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
-    """A builtin GSM split: test and train from different seeds, train without test's questions (never a shared
-    problem), and no repeated question or negative answer (a template bug: a negative age)."""
+    """A builtin GSM split: train shares no question with test; no repeats, no negative answer (a template bug)."""
     def clean(items, exclude=frozenset()):
         seen, kept = set(exclude), []
         for e in items:
@@ -104,8 +97,7 @@ def _gsm_symbolic(split: str, seed: int) -> tuple[dict, ...]:
 
 
 def load_gsm8k(source: str = "builtin", split: str = "train", n: int | None = None, seed: int = DEFAULT_SEED) -> list[dict]:
-    """[{"question", "answer" (the gold number as a string), "id"}]. source: "builtin", "openai/gsm8k",
-    or a local .jsonl with "question" and "answer" (GSM8K style "... #### 42", or just the number)."""
+    """[{"question", "answer" (the gold as a string), "id"}] from "builtin", "openai/gsm8k" or a local .jsonl."""
     if split not in GSM_SPLIT_SIZES:
         raise ValueError(f"unknown GSM8K split {split!r}: use 'train' or 'test'")
     if source == "builtin":
@@ -138,8 +130,7 @@ MIXED_TASKS = {"code": ["bf"], "qa": ["syllogism", "family_relationships", "lett
 
 
 def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, mix: dict) -> list[dict]:
-    """Block `block` of the stream: n items in exact proportions. Block b takes the b-th run of GSM rows
-    and of each task's entries, so consecutive blocks never repeat an item (until GSM wraps around)."""
+    """Block `block` of the stream: n items in exact proportions, none of an earlier block's (until GSM wraps)."""
     counts = split_counts(n, mix, MIXED_DOMAINS)
     k = counts.get("gsm8k", 0)
     items = [dict(gsm[(block * k + j) % len(gsm)], domain="gsm8k", task=gsm_task, entry=None) for j in range(k)]
@@ -154,8 +145,7 @@ def _mixed_block(n: int, seed: int, block: int, gsm: list[dict], gsm_task: str, 
 
 
 def load_mixed(n: int, seed: int = DEFAULT_SEED, gsm_source: str = "builtin", mix: dict | None = None) -> list[dict]:
-    """n phase-3 items, exactly in the domain proportions, shuffled: [{"question", "answer", "id", "domain",
-    "task", "entry"}] ("entry" is the reasoning-gym entry, None for GSM8K items): the stream's first block."""
+    """The stream's first n phase-3 items ("entry": the reasoning-gym entry, None for GSM8K items)."""
     return list(islice(mixed_domain_stream(seed, n, gsm_source, mix), n))
 
 
@@ -198,23 +188,20 @@ _WORD = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*")  # letters or digits, with inner 
 
 
 def extract_answer(text) -> str | None:
-    """Stripped content of the last <answer>...</answer> block (innermost when nested; exact lower-case tags,
-    text around allowed: the gate is stricter), or None when there is none or it is blank."""
+    """Stripped content of the last <answer>...</answer> block (innermost when nested), or None (none, or blank)."""
     blocks = _ANSWER_BLOCK.findall(as_text(text))
     return (blocks[-1].strip() or None) if blocks else None
 
 
 def _passes_gate(text: str, gold) -> bool:
-    """The contract, with real content: some working (a letter or digit, so the template's "..." is
-    not working) and an answer that attempts the task (`is_attempt`)."""
+    """The contract with real content: some working (a letter or digit) and an answer that `is_attempt`."""
     match = _STRICT_FORMAT.fullmatch(text)
     return bool(match and any(c.isalnum() for c in match["reasoning"])
                 and is_attempt(match["answer"].strip(), gold))
 
 
 def _is_gsm8k_refusal(text: str, gold) -> bool:
-    """Refusing or dodging: an empty completion, an <answer> that is no attempt (`is_attempt`), or a refusal
-    phrase in the answer (in the whole text when there is no <answer>; not in a formatted answer's reasoning)."""
+    """Refusing or dodging: empty, an <answer> that is no attempt, or a refusal phrase in the answer (else the text)."""
     if not text.strip():
         return True
     if _ANSWER_BLOCK.search(text) and not is_attempt(extract_answer(text), gold):
@@ -224,8 +211,7 @@ def _is_gsm8k_refusal(text: str, gold) -> bool:
 
 
 def _to_number(text: str) -> Fraction | None:
-    """'1,000' '$5' '5.0' '5%' ' 5 ' '-3' '3/4' -> an exact Fraction; words or units -> None. Strict on purpose
-    ("18 apples", "18 or 20": hedged answers earn nothing); length capped so no string is expensive."""
+    """'1,000' '$5' '5.0' '5%' '-3' '3/4' -> an exact Fraction; words, units or hedges ("18 or 20") -> None."""
     t = re.sub(r"\s+", "", text).replace(",", "").replace("\u2212", "-")
     t = t.lstrip("$€£¥").rstrip(".").rstrip("%")
     if t[:1] in "+-" and t[1:2] in ("$", "€", "£", "¥"):
@@ -243,11 +229,8 @@ def _norm_text(text: str) -> str:
 
 
 def is_attempt(answer: str | None, gold) -> bool:
-    """Whether an extracted answer attempts the task: it has the form of the gold (rewards see the gold, not the
-    domain; README's table), whatever its value. A number for a number, as check_answer_strict reads it ("1,000",
-    "$5", "3/4"; not "18 apples"); yes or no for Yes/No; for words, as many words at most, each letters or digits
-    with inner hyphens ("mother-in-law"; not "...", not a sentence); else some letter or digit. A copied
-    placeholder or echoed instructions never count; a wrong answer of the right kind always does."""
+    """Whether an extracted answer attempts the task, right or wrong: it has the gold's form (README's table): a number,
+    Yes/No, at most as many words, else some letter or digit. A placeholder or echoed instructions never count."""
     if answer is None:
         return False
     gold = parse_gsm8k_gold(gold)
@@ -295,8 +278,7 @@ def punish_refusal(prompts, completions, answer=None, **kwargs) -> list[float]:
 
 
 def strict_format_gate(prompts, completions, answer=None, **kwargs) -> list[float]:
-    """0.0 for exactly <reasoning>working</reasoning><answer>an attempt (is_attempt)</answer>, whitespace around
-    allowed, nothing else, no nested or repeated tags; FORMAT_FAIL_PENALTY otherwise."""
+    """0.0 for exactly <reasoning>working</reasoning><answer>an attempt</answer>, else FORMAT_FAIL_PENALTY."""
     pairs = _pairs(completions, answer, "strict_format_gate")
     return [0.0 if _passes_gate(t, g) else FORMAT_FAIL_PENALTY for t, g in pairs]
 
@@ -333,8 +315,7 @@ RATES = ("answer_extraction_rate", "format_rate", "refusal_rate", "dodge_rate", 
 
 
 def completion_flags(text: str, gold) -> dict:
-    """One completion's KPIs: each of RATES as a flag (a dodge: an <answer> that attempts nothing), its length and
-    the seed's phase-2 reward (eval.py pairs these between checkpoints; phase_metrics averages them)."""
+    """One completion's KPIs: each of RATES as a flag, its length and the seed's phase-2 reward."""
     attempt = is_attempt(extract_answer(text), gold)
     return {"answer_extraction_rate": attempt, "format_rate": _passes_gate(text, gold),
             "refusal_rate": _is_gsm8k_refusal(text, gold), "dodge_rate": bool(_ANSWER_BLOCK.search(text)) and not attempt,
@@ -355,9 +336,7 @@ def phase_metrics(completions, golds) -> dict:
 # 5. Exit criteria: when a phase is done, and what to run next.
 
 def exit_criteria(rows: list[dict], criteria: dict) -> dict:
-    """Seed 002's phase exit over the last criteria["exit_window"] step rows (metrics.jsonl's, or grpo.py's as it
-    trains): answer extraction >= exit_extraction, refusals <= exit_refusal, mean length (chars) drifting at most
-    exit_length_drift between the window's halves (train.GSM8K holds the values). "met": all three, on a full window."""
+    """Seed 002's phase exit over the last exit_window rows (thresholds: train.GSM8K); "met": all on a full window."""
     last = rows[-criteria["exit_window"]:] if criteria["exit_window"] else []
     completions = sum(r["n_completions"] for r in last) or 1
     extraction = sum(r["answer_extraction_rate"] * r["n_completions"] for r in last) / completions
@@ -389,7 +368,6 @@ def print_next_steps(config: dict, run_dir: Path) -> bool:
 
 
 # 6. What train.py needs: each phase's training rows, and the rule between phases.
-
 
 def training_rows(phase: str, dataset: str, seed: int, n: int | None, slice_start=0.0, slice_end=1.0) -> list[dict]:
     """{"prompts", "answer"} rows of a phase: a slice of GSM8K (format), all of it (correctness), mixed domains."""

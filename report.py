@@ -1,6 +1,5 @@
-"""What evaluations look like (README, "Evaluation"): the table in the published layout with the paired changes
-between columns (format_table), and the curriculum as a picture (plot_curriculum). eval.py computes the numbers
-(summaries as plain dicts); this file only shows them, and imports nothing of this project."""
+"""What evaluations look like (README, "Evaluation"): the published table with paired changes (format_table), and
+the curriculum as a picture (plot_curriculum). eval.py computes the numbers; this file imports nothing of ours."""
 
 import math
 from pathlib import Path
@@ -72,8 +71,7 @@ PROTOCOL_NOTES = {
 
 
 def format_table(summaries, task="dipg", references=(), comparisons=()):
-    """Markdown table: one row per metric, one column per summary (summary["label"]) and per reference
-    policy; then, given comparisons (eval.compare_results), the paired changes (format_comparisons)."""
+    """Markdown table: a row per metric, a column per summary and reference policy, then the paired changes."""
     references = list(references)
     summaries = list(summaries) + references
     lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
@@ -99,8 +97,7 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
 
 
 def format_comparisons(comparisons, task="dipg"):
-    """Markdown: one column "A → B" per comparison (stats.compare) on the vignettes both saw: rewards
-    up/down/same, each rate with its exact McNemar p, the mean reward with its paired bootstrap interval."""
+    """Markdown: a column "A → B" per comparison (stats.compare): McNemar p per rate, bootstrap interval of reward."""
     def cell(c, key, fmt):
         if not c["shared"]:
             return "n/a"
@@ -174,10 +171,8 @@ def _errorbars(values, cis, scale=1):
 
 
 def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=(), steps=(), criteria=None):
-    """Save the curriculum figure (PNG): rates and mean reward with their 95% intervals against the RL step,
-    blocks shaded by level. comparisons (stats.compare, "a"/"b" = column labels) add a panel of the paired
-    change in mean reward against the previous column: a bar across zero cannot be told from noise. GSM8K:
-    steps (metrics.jsonl rows) draw the KPIs of each training step, criteria the exit thresholds."""
+    """Save the curriculum figure (PNG): rates and mean reward with 95% intervals per RL step, blocks shaded;
+    comparisons add the paired change per column; GSM8K: steps draw each training step, criteria the exit lines."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

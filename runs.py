@@ -1,8 +1,5 @@
-"""Run bookkeeping, which keeps long runs safe and which a reader of the method can skip (it imports no module of this
-project): run directories (RUN_DIR/metadata.json), several processes on one JAX mesh, per-step metrics (metrics.jsonl,
-TensorBoard, a progress bar, W&B), Ctrl-C (finish the step, save, exit; --resume goes on), child processes for a
-journey's blocks and evaluations.
-"""
+"""Run bookkeeping, which keeps long runs safe and which a reader of the method can skip (it imports nothing of ours):
+run directories, several processes on one mesh, per-step metrics, Ctrl-C, child processes for a journey's blocks."""
 
 import contextlib
 import importlib.util
@@ -59,9 +56,7 @@ def read_metadata(run_dir) -> dict | None:
 
 
 def join_processes() -> int:
-    """Join a multi-process launch (TPU slice hosts, GPU nodes) before JAX touches a device; -> the process count.
-    Triggered by JAX_NUM_PROCESSES (+ JAX_PROCESS_ID, JAX_COORDINATOR_ADDRESS=host:port) or a launcher JAX detects
-    itself (multi-host Cloud TPU, SLURM, Open MPI); one mesh then spans every device and process 0 writes files."""
+    """Join a multi-process launch before JAX touches a device (JAX_NUM_PROCESSES, SLURM, Open MPI, TPU slices)."""
     import jax
 
     if "JAX_NUM_PROCESSES" in os.environ:
@@ -142,8 +137,7 @@ RUN_FILES = ("metadata.json", "metrics.jsonl", "checkpoints", "tensorboard", "tu
 
 
 def check_run_dir(run_dir, overwrite: bool) -> None:
-    """A new run goes into a new or empty directory; with --overwrite also into one holding a run of train.py, whose
-    files prepare_run_dir replaces once the new run's data and model have loaded. Nothing else is ever replaced."""
+    """A new run goes into a new or empty directory, or with --overwrite one holding a run of train.py; nothing else."""
     run_dir, existing = Path(run_dir), read_metadata(run_dir)
     ours = isinstance(existing, dict) and "lineage" in existing
     if not ours and (run_dir.is_file() or run_dir.is_dir() and any(run_dir.iterdir())):
@@ -216,8 +210,7 @@ def check_resumable(run_dir, existing: dict) -> None:
 
 @contextlib.contextmanager
 def restoring(root: Path):
-    """Around what restores the latest checkpoint in root (a Tunix trainer being built): an unreadable one stops us
-    in one line (TRAIN_DEBUG=1: the traceback)."""
+    """Around a Tunix trainer restoring root's latest checkpoint: an unreadable one stops us in one line."""
     quiet = logging.getLogger("asyncio")  # orbax reads arrays concurrently: one more traceback per damaged one
     quiet.disabled = True
     try:
@@ -285,8 +278,7 @@ class MetricsLog:
         self.non_finite = None  # the first local step whose weights were not finite (never saved)
 
     def start(self, done_steps: int) -> None:
-        """Once the trainer has restored its checkpoint (done_steps > 0 on a resume): forget the rows
-        and TensorBoard events of the steps after it (they are redone), open the bar and the writers."""
+        """After the restore (done_steps): forget the rows and events of the steps redone, open the bar and writers."""
         config = self.config
         first = config["start_step"] + done_steps  # the first global step this process trains
         self.kept = [r for r in read_rows(self.run_dir) if r["step"] < first]
@@ -454,9 +446,8 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
 # Interruption: Ctrl-C (or --stop-after) finishes the current step, saves, and exits
 
 class StopRequest:
-    """First Ctrl-C or SIGTERM (what SLURM, Kubernetes, docker stop and timeout send): ask the trainer to stop after
-    the current step (it then saves a checkpoint on its way out). A second one: stop now, without saving. `on_stop`
-    tells the trainer; `signum` (class-wide) is the signal that stopped the latest block: the exit code is 128 + it."""
+    """First Ctrl-C or SIGTERM (SLURM, Kubernetes, docker stop): stop after this step and save; a second: stop now.
+    `signum` (class-wide) is the signal that stopped the latest block: the exit code is 128 + it."""
     SIGNALS, signum = (signal.SIGINT, signal.SIGTERM), None
 
     def __init__(self, on_stop):
@@ -487,8 +478,7 @@ class StopRequest:
 
 def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None,
                until=None):
-    """Tunix TrainingHooks: --stop-after GLOBAL_STEP behaves like a Ctrl-C during that step, and so does until()
-    turning true (a GSM8K phase's exit criteria, checked as the step's update starts). For SFT
+    """Tunix TrainingHooks: --stop-after GLOBAL_STEP or until() turning true act as a Ctrl-C during that step; for SFT
     (sft_metrics), also each step's time and tokens for its row: PeftTrainer times none."""
     from tunix.sft import hooks
 
@@ -552,8 +542,7 @@ def _call_and_send(conn, parent: int, fn, args, kwargs):
 
 
 def in_child_process(fn, *args, **kwargs):
-    """fn's result, run in a fresh process: one long-lived process keeps every block's model and compiled programs
-    (five blocks outgrow 24 GB); a child gives all back, and the compilation cache keeps the restart cheap. SIGINT and
+    """fn's result, run in a fresh process (one process keeping five blocks' models outgrows 24 GB); SIGINT and
     SIGTERM are passed on to the child, which saves and stops; then this process exits with 128 + the signal."""
     import jax
 

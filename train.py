@@ -4,9 +4,8 @@
     python train.py --phase grpo --penalty soft --init-from runs/sft      # -> runs/grpo_soft_600
     python train.py --phase curriculum --preset cpu                       # the whole journey, each block evaluated
 
-This file reads top to bottom: 1. the published settings (every number from ../shared/REFERENCE.md section 3),
-2. the command line over them, 3. one block (sft.py, grpo.py), 4. the journey (each block evaluated by eval.py).
-Tunix does the mechanics; run directories, metrics, signals and resume live in runs.py, which you can skip.
+Top to bottom: 1. the published settings (../shared/REFERENCE.md section 3), 2. the command line over them, 3. one
+block (sft.py, grpo.py), 4. the journey. Run directories, metrics, signals and resume: runs.py, which you can skip.
 """
 
 from __future__ import annotations
@@ -46,10 +45,8 @@ COMMON = dict(
     # Not published, memory only: log-probs of this many token positions at a time (grpo_loss.py), never
     # Tunix 0.1.7's full [batch, length, 262,144] float32 logits; 0 = Tunix's own computation.
     logps_chunk_size=256,
-    # Not published, memory only: the loss's backward pass recomputes each decoder layer instead of
-    # keeping its activations (Tunix's RematConfig.DECODER, applied in grpo_loss.py; the same values, for
-    # about one more forward pass). gemma-3-1b-it at the published lengths in bf16: XLA's buffers for the
-    # GRPO loss and its LoRA gradient 33.3 -> 6.1 GiB (BENCHMARKS.md). "none": keep every activation.
+    # Not published, memory only: the backward pass recomputes each decoder layer (Tunix's RematConfig.DECODER, in
+    # grpo_loss.py): gemma-3-1b-it's GRPO loss buffers 33.3 -> 6.1 GiB (BENCHMARKS.md). "none": keep every activation.
     remat="decoder",
 )
 
@@ -234,9 +231,7 @@ def reward_set(config: dict) -> str:
 
 
 def lr_schedule(config: dict, steps_before: int) -> dict:
-    """The block's learning-rate schedule, as optax.warmup_cosine_decay_schedule's arguments, and the
-    optimizer count it starts at (always 0: every block starts a fresh optimizer). Published chaining:
-    the span is every step of this lineage's blocks of the phase so far plus this block's."""
+    """optax.warmup_cosine_decay_schedule's arguments and the count it starts at (0: a fresh optimizer per block)."""
     steps, peak = config["max_steps"], config["learning_rate"]
     if config["phase"] == "sft":
         if config["sft_schedule"] == "notebook":
@@ -249,8 +244,7 @@ def lr_schedule(config: dict, steps_before: int) -> dict:
 
 
 def resolve_config(args, parser, init_meta: dict | None = None) -> dict:
-    """One block's flat configuration: flags over the published defaults of its phase, chained to the run it
-    starts from (init_meta: its metadata.json), whose model and LoRA shape it keeps (the weights must fit)."""
+    """One block's flat configuration: flags over its phase's defaults, keeping init_meta's model and LoRA shape."""
     phase = args.phase
     if args.penalty and phase != "grpo":
         parser.error(f"--penalty applies to --phase grpo only (got --phase {phase})")
@@ -344,8 +338,7 @@ INSTALL = {"NVIDIA GPU, CUDA 12": "pip install -r requirements.txt 'jax[cuda12]=
 
 
 def check_device(config: dict, accelerator_preset: str | None, allow_cpu: bool) -> None:
-    """No silent fall-back: an accelerator configuration (--preset gpu or paper, any bfloat16 run) on a
-    JAX that sees only a CPU is refused in one line, with the install line and the override."""
+    """No silent fall-back: an accelerator configuration on a JAX that sees only a CPU is refused in one line."""
     import jax
 
     if jax.default_backend() == "cpu" and (accelerator_preset or config["dtype"] == "bfloat16") and not allow_cpu:
@@ -369,8 +362,7 @@ def describe_device(config: dict) -> dict:
 # ==== 3. One block: SFT (sft.py) or GRPO (grpo.py), from its configuration ====
 
 def train_block(config: dict, run_dir, stop_after: int | None = None, new_run: dict | None = None) -> dict:
-    """Train one block into run_dir (SFT or GRPO), record how far it got, say what to run next. new_run: a new run's
-    metadata.json, written once its data and model have loaded; failing before its first checkpoint, it leaves nothing."""
+    """Train one block into run_dir, record how far it got, say what next (a failed new_run leaves nothing)."""
     run_dir = Path(run_dir)
     try:
         last = (sft if config["phase"] == "sft" else grpo).run(config, run_dir, stop_after, new_run)
@@ -398,8 +390,7 @@ def train_block(config: dict, run_dir, stop_after: int | None = None, new_run: d
 
 
 def start_block(args, parser, run_dir: Path | None = None):
-    """A new block's (config, run_dir, metadata.json to write): configuration resolved and checked, phase rule and
-    run directory checked; nothing written yet (run_dir None for --print-config)."""
+    """A new block's checked (config, run_dir, metadata.json to write); nothing written yet."""
     init_meta = runs.load_init_run(args.init_from) if args.init_from else None
     config = resolve_config(args, parser, init_meta)
     if init_meta is not None:
@@ -414,8 +405,7 @@ def start_block(args, parser, run_dir: Path | None = None):
 
 
 def resumed_config(saved: dict, args, parser, run_dir) -> dict:
-    """--resume: the saved configuration; a flag that differs is refused by name, but a larger --steps extends the
-    block (its learning-rate schedule as saved: past its end, the end rate)."""
+    """--resume: the saved configuration; a differing flag is refused, but a larger --steps extends the block."""
     given = {k: str(Path(v).resolve()) if k == "init_from" else v for k, v in vars(args).items()
              if k in saved and v is not None and v != parser.get_default(k)}
     given = {k: v for k, v in given.items() if v != saved[k]}
@@ -433,8 +423,7 @@ def resumed_config(saved: dict, args, parser, run_dir) -> dict:
 # ==== 4. The journey: every block of --schedule from the previous one, each evaluated (eval.py) ====
 
 def run_journey(args, parser) -> int:
-    """Train each block of the schedule from the previous one, evaluate it, and keep OUT/table.md and
-    OUT/curriculum.png up to date; finished blocks and evaluations are skipped, so the same command resumes."""
+    """Train and evaluate each block of the schedule from the previous one; the same command resumes the journey."""
     import eval as evaluation
 
     dipg = args.curriculum == "dipg"
