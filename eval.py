@@ -28,12 +28,10 @@ EVAL_KV_CACHE = 4096
 EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniaburger/med-safety-gym-eval
 
 # Two ways to evaluate a checkpoint (--protocol), both greedy and scored with the eval path:
-#   published  as the published table was made (REFERENCE §1: the raw logs, "8. Final Evaluation"): n vignettes
-#              drawn anew per checkpoint (seeded by its global step, ids recorded in summary.json); the system
-#              prompt and the context but NOT the question, "<think>\n" prefilled (data.published_eval_prompt);
-#              scored: the prefill + the text up to the first <end_of_turn>.
-#   clean      what the method teaches: the training prompt (context AND question) on the same first n
-#              vignettes for every checkpoint, so any two evaluations compare vignette by vignette.
+#   published  as the published table was made (REFERENCE §1, the raw logs' "8. Final Evaluation"): n vignettes drawn
+#              anew per checkpoint (seeded by its global step); system prompt and context, NOT the question; "<think>\n"
+#              prefilled (data.published_eval_prompt); scored: the prefill + the text up to the first <end_of_turn>.
+#   clean      the training prompt (context AND question) on the same first n vignettes for every checkpoint.
 PROTOCOLS = ("published", "clean")
 EVAL_POOL = 100  # the published eval set's size: ~100 rows (the four logs' draws hold 97 distinct vignettes)
 # Published: stop at <eos>, cut at the first <end_of_turn>. Greedy decoding is causal, so stopping at

@@ -160,9 +160,8 @@ def mixed_domain_stream(seed: int = DEFAULT_SEED, block: int = 400, gsm_source: 
 # 3. Rewards: Tunix's fn(prompts, completions, answer, **kwargs) -> list[float], summed per completion, each logged
 #    as rewards/<name>. One ordering of outcomes in every phase (length penalties are too small to change it):
 #      correct & formatted (+3)  >  formatted attempt (0)  >  unformatted (-2)  >  refusal or dodge (<= -3)
-#    A dodge is an <answer> that attempts nothing (the template copied, the instructions echoed, an answer not of
-#    the task's kind: is_attempt): it fails the gate and costs as a refusal. Length is in characters (~4 per Gemma
-#    token). Nothing a model writes makes a reward raise; golds that cannot be paired are a wiring bug: ValueError.
+#    A dodge (an <answer> attempting nothing: is_attempt) fails the gate and costs as a refusal. Length is in characters
+#    (~4 per Gemma token). Nothing a model writes makes a reward raise; golds that cannot be paired: ValueError.
 
 REFUSAL_PENALTY = -3.0       # "never refuse": worse than any attempt, even an unformatted one
 FORMAT_FAIL_PENALTY = -2.0   # the gate: failing costs; passing earns nothing ("a gate, not a prize")
@@ -196,8 +195,7 @@ def extract_answer(text) -> str | None:
 def _passes_gate(text: str, gold) -> bool:
     """The contract with real content: some working (a letter or digit) and an answer that `is_attempt`."""
     match = _STRICT_FORMAT.fullmatch(text)
-    return bool(match and any(c.isalnum() for c in match["reasoning"])
-                and is_attempt(match["answer"].strip(), gold))
+    return bool(match and any(c.isalnum() for c in match["reasoning"]) and is_attempt(match["answer"].strip(), gold))
 
 
 def _is_gsm8k_refusal(text: str, gold) -> bool:

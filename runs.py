@@ -412,10 +412,8 @@ class MetricsLog:
 
 
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
-    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint. Tunix 0.1.7 saves
-    checkpoint k, then logs step k's loss when step k+1 updates (PeftTrainer) and a GRPO step's rollout metrics and
-    timers when the global step ends (RLCluster buffers them): a kill in between lost row k for good. So this
-    trainer's checkpoint_manager.save has Tunix log what it holds back (private names, checked here) first."""
+    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint: Tunix 0.1.7 logs them
+    a step later (PeftTrainer) or buffered (RLCluster), so a kill after a save lost the row (private names, checked)."""
     for owner, name in ((trainer, "_write_train_metrics"), (cluster, "_log_metrics"), (cluster, "_buffered_train_metrics")):
         if owner is not None and not hasattr(owner, name):
             raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "

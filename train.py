@@ -35,8 +35,7 @@ log = logging.getLogger("train")
 COMMON = dict(
     model="gemma-3-1b-it",
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
-    # The adapters' dtype: "base" = the base weights' (what qwix makes; published: bfloat16), or "float32".
-    # The model computes in the base weights' dtype either way (README "Adapter precision").
+    # The adapters' dtype: "base" = the base weights' (what qwix makes; published: bfloat16), or "float32" (README).
     lora_dtype="base",
     adam_b1=0.9, adam_b2=0.999,      # optax's defaults, which the published optax.adamw calls used
     # The order of the training rows: grain's shuffle with the published seed (data.prompt_order).
@@ -57,10 +56,9 @@ GRPO = dict(
     # optax.warmup_cosine_decay_schedule(init 1e-8, peak 3e-6, warmup 10% of the span, decay over the
     # span, end 10% of the peak), after clip_by_global_norm(0.1), in optax.adamw(weight_decay=0.1).
     learning_rate=3e-6, lr_init=1e-8, warmup_ratio=0.1, lr_end_ratio=0.1, weight_decay=0.1, max_grad_norm=0.1,
-    # How a block continues the previous one, as the raw logs show it: "published" = one checkpoint
-    # directory with MAX_STEPS raised by 300 per block, so the schedule's span is the cumulative steps
-    # (block 2: warmup 60, decay 600) while its count restarts at 0 (Tunix 0.1.3 saved no optimizer state:
-    # fresh Adam moments), and the prompt order continues (Tunix fast-forwarded past the batches done).
+    # How a block continues the previous one, as the raw logs show it: "published" = one checkpoint directory with
+    # MAX_STEPS raised by 300 per block, so the schedule's span is the cumulative steps (block 2: warmup 60, decay 600)
+    # while its count restarts at 0 (Tunix 0.1.3 saved no optimizer state), and the prompt order continues.
     # "restart": every block a fresh run (its own 300-step schedule, prompts from the first again).
     chaining="published",
     batch_size=1,              # prompts per step (Tunix mini_batch_size = train_micro_batch_size = 1)
@@ -68,16 +66,14 @@ GRPO = dict(
     num_iterations=1,          # mu
     beta=0.08,                 # KL coefficient
     epsilon=0.2,               # clip range
-    # The loss of Tunix 0.1.3, which ran the published blocks: k3 = exp(ref - logp) - (ref - logp) - 1, averaged
-    # over every completion token. Tunix 0.1.7 defaults to "kl" (logp - ref: its gradient never pulls towards
-    # the reference) and to a sequence-mean-token-mean aggregation.
+    # The loss of Tunix 0.1.3, which ran the published blocks: k3 = exp(ref - logp) - (ref - logp) - 1, averaged over
+    # every completion token (Tunix 0.1.7's defaults: "kl", which never pulls towards the reference, sequence-mean).
     kl_loss_mode="low_var_kl", loss_agg_mode="token-mean",
     max_prompt_length=1024, max_tokens_to_generate=512,
     kv_cache_size=2048,        # rollout KV cache (evaluation: eval.py)
     temperature=1.0, top_p=1.0, top_k=50,
-    # Where a rollout stops. The published RolloutConfig set no eos_tokens: Tunix stopped at <eos> only, so a
-    # completion ran on past <end_of_turn> and the reward parsed all of it. "<eos>,<end_of_turn>": stop at
-    # the end of the turn.
+    # The published RolloutConfig set no eos_tokens: Tunix stopped at <eos> only, so a completion ran on past
+    # <end_of_turn> and the reward parsed all of it. "<eos>,<end_of_turn>": stop at the end of the turn.
     stop_tokens=["<eos>"],
 )
 
@@ -113,8 +109,7 @@ RANGES = {**dict.fromkeys(("lora_rank", "save_every", "keep_checkpoints", "max_s
           "num_generations": (">= 2: GRPO compares completions within a group", lambda v: v >= 2)}
 flag = lambda key: "--steps" if key == "max_steps" else "--" + key.replace("_", "-")  # noqa: E731
 
-# --phase curriculum --preset: the whole journey at a size (flags on the command line win). Every
-# preset evaluates the base model first, then each block (eval.py; "protocol": eval.PROTOCOLS).
+# --phase curriculum --preset: the whole journey at a size (flags win), evaluating the base model, then each block.
 # Every preset keeps the published adapter precision ("base"): bfloat16 adapters barely move lora_a at
 # 3e-6, yet the policy moved as far as with float32 ones, through lora_b (README "Adapter precision").
 PRESETS = {
@@ -125,11 +120,10 @@ PRESETS = {
     "gpu": {"schedule": "sft,soft,medium,soft,soft", "grpo": {"model": "gemma-3-270m", "lora_dtype": "base"},
             "sft": {"model": "gemma-3-270m", "lora_dtype": "base"},
             "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 25}},
-    # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft block
-    # shows GRPO groups whose rewards differ. Why each value differs from the published one (all measured
-    # here): README "The whole journey"; in short, 12 SFT steps at 2e-4 are the fewest that ground a proof,
-    # G=4 peaked at 17 GB, 256 tokens hold a whole answer, 6 vignettes need the same rows in every column
-    # (the clean protocol), and XLA:CPU drops remat's barriers (no memory saved, only time).
+    # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft block shows GRPO
+    # groups whose rewards differ. Why each value differs from the published one (measured here): README "The whole
+    # journey"; in short, 12 SFT steps at 2e-4 are the fewest that ground a proof, G=4 peaked at 17 GB, 256 tokens hold
+    # a whole answer, 6 vignettes need the same rows in every column, XLA:CPU drops remat's barriers (no memory saved).
     "cpu": {"schedule": "sft,soft",
             "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
                     "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
@@ -140,8 +134,7 @@ PRESETS = {
             "eval": {"protocol": "clean", "n": 6, "max_new_tokens": 256, "batch_size": 6}},
 }
 PUBLISHED_SCHEDULE = ("soft", "medium", "soft", "soft")   # the penalty level of GRPO block 1, 2, 3, 4
-# --curriculum gsm8k: seed 002's phases, each a GRPO block ("grpo": every phase's settings) gated by its exit
-# criteria, evaluated on held-out GSM8K test items. The seed fixes the model (gemma-3-1b-it), the phases, data and
+# --curriculum gsm8k: seed 002's phases as GRPO blocks, gated by exit criteria. The seed fixes model, phases, data and
 # rewards; steps and GRPO settings are the DIPG run's. Rollouts stop at the end of the turn (the gate allows nothing after).
 GSM8K_PRESETS = {
     "paper": {"schedule": ",".join(gsm8k.PHASES), "grpo": {"stop_tokens": ["<eos>", "<end_of_turn>"]},
