@@ -386,8 +386,7 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
 def evaluate_responses_file(path, *, task="dipg", out_dir=None, overwrite=False, published_log=False):
     """Score saved responses (or the author's raw log, adding its `logged` values and our `disagreements`)."""
     rows, logged = read_published_log(path) if published_log else (read_responses(path, task), None)
-    settings = {"task": task, "published_log" if published_log else "responses": str(Path(path).resolve()),
-                "n": len(rows)}
+    settings = {"task": task, "published_log" if published_log else "responses": str(Path(path).resolve()), "n": len(rows)}
     if out_dir is not None and (Path(out_dir) / "summary.json").is_file() and not overwrite:
         # Scoring is cheap, so unlike a run we never reuse: same settings or not, ask before replacing.
         raise ValueError(f"{Path(out_dir) / 'summary.json'} exists; pass --overwrite to replace it")
@@ -423,8 +422,7 @@ def write_report(result_dirs, out, tag="", references=(), published=None, task="
 # 7. The command line.
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--runs", nargs="+", metavar="RUN",
                       help="run directories (written by train.py), or 'base' for the model without LoRA")

@@ -74,8 +74,7 @@ def format_table(summaries, task="dipg", references=(), comparisons=()):
     """Markdown table: a row per metric, a column per summary and reference policy, then the paired changes."""
     references = list(references)
     summaries = list(summaries) + references
-    lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |",
-             "|---|" + "---|" * len(summaries)]
+    lines = ["| Metric | " + " | ".join(s["label"] for s in summaries) + " |", "|---|" + "---|" * len(summaries)]
     lines += [f"| {name} | " + " | ".join(fmt(s.get(key)) for s in summaries) + " |"
               for name, key, fmt in TABLE_ROWS[task]]
     ns = sorted({s.get("total") for s in summaries if s.get("total") is not None})
@@ -213,8 +212,7 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
             top.errorbar([x + (i - 1.5) * dodge for x in xs], ys, yerr=yerr, color=colour, marker=marker, capsize=4,
                          elinewidth=1, label=name, zorder=3, **line)
             if published and key in published:
-                top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker,
-                         ms=8, **FAINT)
+                top.plot(published["steps"], [100 * v for v in published[key]], color=colour, marker=marker, ms=8, **FAINT)
         if steps:  # as it trained: each step's completions (thin), and seed 002's exit thresholds (dotted)
             top.plot([r["step"] for r in steps], [100 * r["answer_extraction_rate"] for r in steps], color="#386cb0",
                      lw=1, alpha=0.5, label="Answer extraction (training step)")

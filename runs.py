@@ -254,9 +254,8 @@ ROW_KEYS = {
 
 class MetricsLog:
     """A Tunix metrics backend writing one row per GLOBAL step: RUN_DIR/metrics.jsonl, TensorBoard, the progress bar, W&B.
-    Tunix logs "<prefix>/<mode>/<name>" with its own count: rollout-side metrics ("rewards", "completions", our "step")
-    carry the count BEFORE their update, the others after; we file each under its 1-based local step. Rows are written
-    before every checkpoint (rows_before_checkpoints); a step's timers complete its row at the next one."""
+    Tunix counts rollout-side metrics ("rewards", "completions", our "step") BEFORE their update, the others after; we
+    file each under its 1-based local step. A step's timers complete its row at the next checkpoint."""
 
     ROLLOUT_PREFIXES = ("rewards", "completions", "step")
     # Counts of completions (what grpo.step_metrics reports): whole numbers in the rows.
@@ -272,8 +271,7 @@ class MetricsLog:
         self.lock = threading.Lock()  # rollout metrics and samples come from Tunix's data thread
         self.main = is_main_process()
         self.bar = self.events = self.wandb = None
-        # Tunix's backends are process-wide jax.monitoring listeners, never removed: take scalars only between
-        # start() and finish(), so a later block in the same process (tests) never writes into this one's files.
+        # Tunix's backends are process-wide listeners, never removed: take scalars only between start() and finish().
         self.active = False
         self.non_finite = None  # the first local step whose weights were not finite (never saved)
 
@@ -352,8 +350,7 @@ class MetricsLog:
                               if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             for s, row in changed.items():  # what TensorBoard and W&B have not been sent for the step
                 sent = tags(self.rows.get(s, {}))
-                self.send(row["step"], {t: v for t, v in tags(row).items() if t not in sent},
-                          self.samples.pop(s, []))
+                self.send(row["step"], {t: v for t, v in tags(row).items() if t not in sent}, self.samples.pop(s, []))
             new = [s for s in changed if s not in self.rows]
             self.rows.update(changed)
             self.final = max([self.final] + steps[:-1])
