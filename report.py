@@ -10,8 +10,7 @@ def rl_step(summary):
     return (summary.get("global_step") or 0) - (summary.get("sft_steps") or 0)
 
 
-# The table, in the published layout: the five published rows first, then the rest we know; the outcome counts
-# in the order of rewards.OUTCOME_LABELS, best first.
+# The table in the published layout: its five rows first, then ours; the outcomes as rewards.OUTCOME_LABELS, best first.
 OUTCOME_ORDER = ("correct_abstention", "correct_answer", "incorrect", "hallucination", "missing_proof", "format_error")
 
 

@@ -31,8 +31,7 @@ log = logging.getLogger("train")
 
 # ==== 1. Configuration: the published settings. Every one is a flag (--max-steps, --beta, ...). ====
 
-# Settings of every block, SFT and GRPO alike.
-COMMON = dict(
+COMMON = dict(  # settings of every block, SFT and GRPO alike
     model="gemma-3-1b-it",
     lora_rank=64, lora_alpha=64.0,   # on modules matching model.LORA_PATTERN
     # The adapters' dtype: "base" = the base weights' (what qwix makes; published: bfloat16), or "float32" (README).
