@@ -71,8 +71,7 @@ def read_responses(path, task="dipg"):
 
 
 def read_published_log(path):
-    """The author's raw Kaggle log of one block (REFERENCE §1): the last {"metrics": {..., "detailed_results"}} in
-    its lines -> (rows to score, with logged reward/metrics; logged aggregates)."""
+    """The author's raw Kaggle log (REFERENCE §1): its last server result -> (rows, with logged values; aggregates)."""
     if not (path := Path(path)).is_file():
         raise ValueError(f"{path}: no such file (pass the author's raw log, e.g. eval_new.json, to --published-log)")
     text, decoder, result = path.read_text(encoding="utf-8", errors="replace"), json.JSONDecoder(), None

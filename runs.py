@@ -473,8 +473,7 @@ class StopRequest:
 
 def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_metrics: MetricsLog | None = None,
                until=None):
-    """Tunix TrainingHooks: --stop-after GLOBAL_STEP or until() turning true act as a Ctrl-C during that step; for SFT
-    (sft_metrics), also each step's time and tokens for its row: PeftTrainer times none."""
+    """Tunix TrainingHooks: --stop-after or until() act as a Ctrl-C in that step; SFT: each step's time and tokens."""
     from tunix.sft import hooks
 
     started = {}  # SFT: local step -> when the host began it (its first micro-batch)
@@ -537,8 +536,7 @@ def _call_and_send(conn, parent: int, fn, args, kwargs):
 
 
 def in_child_process(fn, *args, **kwargs):
-    """fn's result, run in a fresh process (one process keeping five blocks' models outgrows 24 GB); SIGINT and
-    SIGTERM are passed on to the child, which saves and stops; then this process exits with 128 + the signal."""
+    """fn's result from a fresh process (five blocks outgrow 24 GB); a signal passes to it, then exits 128 + it."""
     import jax
 
     if jax.process_count() > 1:  # several hosts: run here (a child would need its own coordinator; TPUs stay taken)
