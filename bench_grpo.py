@@ -81,9 +81,8 @@ def random_weights_dir(name: str, seed: int = 0) -> Path:
 
 
 def timing(args, train_args: list[str]) -> dict:
-    """train.py's GRPO in this process (our --out last: it wins). Medians over the steps after the first (which
-    compiles), peak memory (on CPU the process's peak resident set, model loading included) and the rollout's
-    floor: a decode step reads every weight once."""
+    """train.py's GRPO in this process (our --out last wins): medians over steps after the first (compiles), peak memory
+    (on CPU: peak RSS, model loading included) and the rollout's floor (a decode step reads every weight once)."""
     import train  # here, not at the top: --help stays fast
 
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:

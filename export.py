@@ -1,8 +1,7 @@
 """The trained model leaves the project: a Hugging Face folder, a PEFT adapter and a GGUF.
 
-``python export.py RUN_DIR --out DIR [--step N] [--peft] [--gguf f32|q8_0]``: DIR holds the run's checkpoint merged into
-its base (Tunix's merge), a complete config, tokenizer and chat template, a generation config and a model card;
-``--peft`` adds DIR/peft/ (the adapter), ``--gguf`` a GGUF. test_export.py loads each where it is used.
+``python export.py RUN_DIR --out DIR [--step N] [--peft] [--gguf f32|q8_0]``: DIR holds the checkpoint merged into its
+base (Tunix's merge) and all a Hugging Face folder needs; ``--peft``: DIR/peft/, ``--gguf``: a GGUF (test_export.py).
 """
 
 from __future__ import annotations
@@ -86,8 +85,7 @@ def export_model(lora_model, base_dir: Path, out: Path, meta: dict, dtype: str =
     stage = out.parent / f".tmp-export-{uuid.uuid4().hex[:8]}"
     (stage / "base").mkdir(parents=True)
     try:
-        # Tunix merges in the dtype of the one base file it reads, and deletes its output folder first: we hand it
-        # the base weights in the chosen dtype in one file, and a folder of our own.
+        # Tunix merges in its one base file's dtype and deletes its output folder first: give it one file, own folder.
         base_files = sorted(base_dir.glob("*.safetensors"))
         save_file({k: v.astype(dtype) for f in base_files for k, v in load_file(f).items()},
                   str(stage / "base" / "model.safetensors"), metadata={"format": "pt"})

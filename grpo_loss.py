@@ -1,21 +1,17 @@
-"""The GRPO loss without full-vocabulary logits: log-probs of completion tokens, a chunk at a time.
+"""The GRPO loss without full-vocabulary logits: completion-token log-probs, a chunk at a time.
 
-Tunix 0.1.7 computes each per-token log-prob from float32 logits [G, prompt + completion, 262,144] (6.4 GB
-per copy at the published sizes; REFERENCE.md section 7, README section 8), yet a completion position needs
-one number. So the model's own ``__call__`` (where qwix LoRA applies) sows its final-normed hidden states
-(its unused logits are dead code XLA removes), and the positions predicting completion tokens are unembedded
-``chunk_size`` at a time (``lax.map``; ``jax.checkpoint``: the backward pass recomputes a chunk's logits),
-skipping chunks with no counted position. ``use_chunked_logps`` installs this into a Tunix ``GRPOLearner``;
-sft.py's loss is built from the same pieces.
+Tunix 0.1.7 builds float32 logits [G, prompt + completion, 262,144] (6.4 GB per copy at the published sizes;
+REFERENCE.md section 7, README section 8), yet a completion position needs one number. So the model's own
+``__call__`` (qwix LoRA applies) sows its final-normed hidden states, and completion positions are unembedded
+``chunk_size`` at a time (``lax.map``, ``jax.checkpoint``), skipping chunks with no counted position.
+``use_chunked_logps`` installs this into a Tunix ``GRPOLearner``; sft.py's loss reuses the pieces.
 
-The loss is the PUBLISHED one, Tunix 0.1.3's ``grpo_loss_fn``, through 0.1.7's ``GRPOConfig`` fields
-(``kl_loss_mode`` "low_var_kl", ``loss_agg_mode`` "token-mean" are 0.1.3's). Differences, none of which
-matters at the published settings: log-softmax in float32 and logits divided by a rollout temperature
-other than 1 (as 0.1.7; here the old-policy pass too); the log-ratio clamped to +-20 before exp (as 0.1.7;
-at one iteration the ratio is exactly 1; it acts only beyond e^20, where 0.1.3 overflowed to NaN); no
-entropy (0.1.7 computes it, GRPOLearner never logs it); aux holds 0.1.7's kl, kl_loss, pg_loss, pg_clipfrac
-and ppo_kl only. Options outside the recipe (loss_algo "gspo-token", dual-clip epsilon_c, another
-policy_loss_fn) are refused; a per-token ``sampler_is_weights`` is applied as 0.1.7 applies it.
+The loss is the PUBLISHED one (Tunix 0.1.3's ``grpo_loss_fn``: "low_var_kl", "token-mean") via 0.1.7's
+``GRPOConfig``. Differences, none mattering at the published settings: float32 log-softmax, logits / a rollout
+temperature != 1 (as 0.1.7; here the old-policy pass too); log-ratio clamped to +-20 before exp (as 0.1.7; acts
+only beyond e^20, where 0.1.3 gave NaN); no entropy (GRPOLearner never logs it); aux holds only kl, kl_loss,
+pg_loss, pg_clipfrac, ppo_kl. Refused: loss_algo "gspo-token", dual-clip epsilon_c, another policy_loss_fn;
+a per-token ``sampler_is_weights`` is applied as 0.1.7 applies it.
 """
 
 from __future__ import annotations
@@ -33,14 +29,11 @@ DEFAULT_CHUNK_SIZE = 256  # token positions whose float32 logits exist at once: 
 LOG_RATIO_CLAMP = 20.0  # on the log importance ratio before exp, as Tunix 0.1.7
 
 
-# ----------------------------------------------------------------------------------------------
-# Per-token log-probs of the completion, chunked
-# ----------------------------------------------------------------------------------------------
+# ---- Per-token log-probs of the completion, chunked ------------------------------------------
 
 def hidden_states(model, tokens, positions, attention_mask, shared_prompt=None) -> jax.Array:
-    """The model's final-normed hidden states [B, L, D], through its own ``__call__`` (so qwix LoRA applies);
-    the returned logits are dead code, so XLA drops the [B, L, V] unembedding. ``shared_prompt`` (prompt length,
-    group): each run of `group` rows shares its prompt, which runs once (model.py's ``_shared_prompt_call``)."""
+    """Final-normed hidden states [B, L, D] via the model's own ``__call__`` (LoRA applies; XLA drops the
+    logits). ``shared_prompt`` (prompt length, group): see model.py's ``_shared_prompt_call``."""
     forward = nnx.capture(model, nnx.Intermediate)
     _, intermediates = forward(tokens, positions=positions, cache=None, attention_mask=attention_mask,
                                output_hidden_states=True, **({"shared_prompt": shared_prompt} if shared_prompt else {}))
@@ -49,9 +42,8 @@ def hidden_states(model, tokens, positions, attention_mask, shared_prompt=None) 
 
 
 def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int, group: int = 1) -> jax.Array:
-    """Hidden states [B, T, D] of the positions that predict completion tokens 0..T-1 (Tunix keeps the logits
-    ``[:, -T-1:-1]``), from inputs built as Tunix builds them (``common.process_ids``). group > 1: each run of
-    `group` rows shares its prompt (GRPO's G completions of one prompt), computed once."""
+    """Hidden states [B, T, D] predicting completion tokens (Tunix's logits ``[:, -T-1:-1]``; inputs
+    by ``common.process_ids``). group > 1: each run of `group` rows shares its prompt, computed once."""
     tokens, positions, attention_mask, _ = common.process_ids(prompt_ids, completion_ids, pad_id, pad_id)
     shared = (prompt_ids.shape[1], group) if group > 1 else None
     return hidden_states(model, tokens, positions, attention_mask, shared)[:, -completion_ids.shape[1] - 1:-1, :]
@@ -59,10 +51,8 @@ def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int, gro
 
 def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         temperature: float = 1.0, mask=None) -> jax.Array:
-    """log softmax(unembed(hidden) / temperature)[target] -> [B, T] float32, for hidden [B, T, D], targets
-    [B, T]: the B*T positions ``chunk_size`` at a time, so one chunk's float32 logits exist at once.
-    ``mask`` [B, T]: the positions the loss counts, sorted first (stably); chunks with none of them skip
-    the vocabulary projection (``lax.cond``) and read 0, e.g. an SFT example's prompt and padding."""
+    """log softmax(unembed(hidden) / temperature)[target] -> [B, T] float32, ``chunk_size`` positions at a
+    time. ``mask``: counted positions, sorted first; chunks with none skip the projection (``lax.cond``), read 0."""
     batch, length, width = hidden.shape
     n = batch * length
     n_chunks = -(-n // chunk_size)
@@ -91,15 +81,9 @@ def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUN
 
 
 def unembedding(model):
-    """The model's unembedding (``Embedder.decode``, hidden [.., D] -> logits [.., V]) for the chunk loop, its
-    table laid out ONCE before the loop so that no chunk moves anything vocabulary-sized between devices.
-
-    Tunix shards the table [V, D] as (tp, fsdp). Contracting over a split D, every chunk would all-reduce
-    [chunk, V / tp] partial logits, forward and again in the backward recomputation (256 MiB per 256-position
-    chunk in float32 under fsdp=8). Instead the fsdp axes move from D onto V (one all-to-all, outside the
-    loop): each device computes its own slice of the vocabulary, and a chunk exchanges per-position numbers
-    only (max, sum of exp, picked logit) and [chunk, D] for its hidden states; test_mesh.py reads these loops
-    in the compiled programs. (A whole table on every device would cost a [V, D] copy each: 604 MB, 1B bf16.)"""
+    """The unembedding (hidden -> logits) for the chunk loop, its [V, D] table re-laid out ONCE before it: Tunix
+    shards it (tp, fsdp), so a split D would all-reduce [chunk, V / tp] logits per chunk (256 MiB under fsdp=8);
+    with fsdp moved onto V a chunk exchanges per-position numbers (test_mesh.py). A whole table per device: 604 MB."""
     param = model.embedder.input_embedding
     mesh = jax.typeof(param[...]).sharding.mesh  # abstract (axis names and sizes); empty without a mesh
     names = param.sharding_names or (None, None)  # as Tunix declared them: (vocabulary axes, D axes)
@@ -114,8 +98,7 @@ def unembedding(model):
 
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
                     temperature: float = 1.0, mask=None, group: int = 1) -> jax.Array:
-    """Tunix's ``common.compute_per_token_logps``, chunked: [B, T] float32 log-probs of the completion tokens
-    (pad positions meaningless, as in Tunix; outside ``mask`` not computed)."""
+    """Tunix's ``compute_per_token_logps``, chunked: [B, T] float32 (pads meaningless; outside ``mask``: unset)."""
     hidden = completion_hidden_states(model, prompt_ids, completion_ids, pad_id, group)
     return chunked_token_logps(unembedding(model), hidden, completion_ids, chunk_size, temperature, mask)
 
@@ -129,11 +112,8 @@ def _logps_no_grad(graphdef, state, prompt_ids, completion_ids, pad_id, chunk_si
 
 
 def rematerialized(model, remat: str):
-    """The same model, whose backward pass recomputes activations (Tunix's ``RematConfig``: "decoder" each
-    decoder layer, "block" each attention and MLP block; "none": ``model`` itself). Not set at load time:
-    Tunix's sampler cannot decode through a rematerialized layer (flax's TraceContextError), so this is a
-    second set of modules over the SAME arrays (the gradient still reaches the policy's LoRA weights).
-    Gemma3, its decoder layers and MLPs read ``config.remat_config``; attention modules keep their own."""
+    """The same model, its backward pass recomputing activations (Tunix's ``RematConfig``; "none": ``model``),
+    as new modules over the SAME arrays: Tunix's sampler cannot decode through remat (flax's TraceContextError)."""
     if remat == "none":
         return model
     view = nnx.merge(*nnx.split(model))
@@ -146,15 +126,11 @@ def rematerialized(model, remat: str):
     return view
 
 
-# ----------------------------------------------------------------------------------------------
-# The policy loss
-# ----------------------------------------------------------------------------------------------
+# ---- The policy loss -------------------------------------------------------------------------
 
 def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
               remat: str = "none", group: int = 1):
-    """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) from chunked log-probs -> (loss, aux), for
-    Tunix's TrainExample and GRPOConfig (beta, epsilon[_high], kl_loss_mode, kl_clamp_value, loss_agg_mode
-    and the rollout temperature decide everything). group: rows per shared prompt (per_token_logps)."""
+    """The published GRPO loss (Tunix 0.1.3's ``grpo_loss_fn``) on chunked log-probs -> (loss, aux)."""
     model = rematerialized(model, remat)
     mask = train_example.completion_mask
     logps = per_token_logps(model, train_example.prompt_ids, train_example.completion_ids, pad_id, chunk_size,
@@ -189,9 +165,7 @@ def grpo_loss(model, train_example, algo_config, pad_id: int, chunk_size: int = 
     return loss, aux
 
 
-# ----------------------------------------------------------------------------------------------
-# Installing it into a Tunix GRPOLearner
-# ----------------------------------------------------------------------------------------------
+# ---- Installing it into a Tunix GRPOLearner --------------------------------------------------
 
 def check_supported(algo_config) -> None:
     """Refuse the GRPOConfig options this loss does not implement (rather than ignore them)."""
@@ -208,9 +182,8 @@ def check_supported(algo_config) -> None:
 
 
 def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str = "none") -> None:
-    """Make a Tunix ``GRPOLearner`` compute every log-prob in chunks (call it before ``learner.train``): the
-    policy loss through ``actor_trainer.with_loss_fn`` (the hook GRPOLearner itself uses), and the reference
-    and old-policy (num_iterations > 1) log-probs, for which Tunix 0.1.7 has no hook, through ``_override``."""
+    """Make a Tunix ``GRPOLearner`` compute all log-probs chunked (before ``learner.train``): the loss by
+    ``with_loss_fn``, the reference/old-policy log-probs (no hook in Tunix 0.1.7) by ``_override``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if remat.upper() not in gemma3_lib.RematConfig.__members__:  # fail now, not at the first update

@@ -1,13 +1,10 @@
 """Gemma 3 for this project through Tunix: loading, LoRA, generation and checkpoints.
 
-``load(name) -> (model, tokenizer, config)``: ``gemma-3-1b-it`` (the published run's; a local Hugging Face-
-format directory, else the Hugging Face hub or Kaggle), ``gemma-3-270m`` (the offline default, converted once
-by gemma3_270m.py, then loaded the same way) or ``tiny`` (random, for tests). The log names weights and
-tokenizer with their sha256; missing weights are an error saying how to get them, never a fallback.
-Also ``make_mesh``, ``apply_lora`` (qwix, the published pattern), ``generate`` (Tunix's Sampler) and
-``restore_checkpoint`` / ``load_run`` (what Tunix's trainers write under RUN_DIR/checkpoints).
-
-Try: ``python model.py --model gemma-3-270m --prompt "The capital of France is"``.
+``load(name) -> (model, tokenizer, config)``: ``gemma-3-1b-it`` (the published run's; local Hugging Face-format
+directory, else the hub or Kaggle), ``gemma-3-270m`` (offline default, converted once by gemma3_270m.py) or
+``tiny`` (random, tests). Weights and tokenizer are logged with sha256; missing weights are an error, never a
+fallback. Also ``make_mesh``, ``apply_lora`` (qwix, the published pattern), ``generate`` (Tunix's Sampler),
+``restore_checkpoint`` / ``load_run``. Try: ``python model.py --model gemma-3-270m --prompt "The capital of"``.
 """
 
 from __future__ import annotations
@@ -43,8 +40,7 @@ from gemma3_270m import WeightsUnavailable, cache_dir, ensure_gemma3_270m, file_
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("gemma-3-1b-it", "gemma-3-270m", "tiny")
-# The published run put LoRA on every attention and MLP projection. In Tunix's Gemma 3 these are
-# layers.N.attn.{q_einsum,kv_einsum,attn_vec_einsum} and layers.N.mlp.{gate,up,down}_proj.
+# The published run's LoRA: every attention and MLP projection (Tunix: attn.{q,kv,attn_vec}_einsum, mlp.*_proj).
 LORA_PATTERN = ".*(attn|mlp).*(einsum|proj).*"
 
 # Which Tunix config describes each named model, and where its weights can come from.
@@ -56,9 +52,7 @@ KAGGLE_HANDLES = {"gemma-3-1b-it": "google/gemma-3/transformers/gemma-3-1b-it"}
 CHECKPOINT_SUBDIR = "checkpoints"  # RUN_DIR/checkpoints, also what the Tunix trainers are given
 
 
-# ----------------------------------------------------------------------------------------------
-# Devices, tokenizer, loading
-# ----------------------------------------------------------------------------------------------
+# ---- Devices, tokenizer, loading -------------------------------------------------------------
 
 def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
     """A (fsdp, tp) device mesh with the axis names Tunix's Gemma 3 gives its weights: fsdp splits
@@ -68,15 +62,13 @@ def make_mesh(fsdp: int = 1, tp: int = 1) -> jax.sharding.Mesh:
         raise ValueError(f"mesh fsdp={fsdp} x tp={tp} needs {fsdp * tp} devices but jax sees {len(devices)} "
                          f"({devices[0].platform}); ask for fewer (on CPU, XLA_FLAGS="
                          f"--xla_force_host_platform_device_count=N simulates N devices)")
-    # Tunix's helper makes the axes "Auto" (the compiler places activations); plain
-    # jax.make_mesh now defaults to "Explicit" axes, which Tunix's models do not support.
+    # Tunix's helper makes "Auto" axes; plain jax.make_mesh defaults to "Explicit", unsupported by Tunix's models.
     return mesh_lib.create_mesh((fsdp, tp), ("fsdp", "tp"), devices=devices[: fsdp * tp])
 
 
 def load_tokenizer(path: str | Path) -> tokenizer_adapter.TokenizerAdapter:
-    """A Tunix TokenizerAdapter over a SentencePiece model file. We build the processor ourselves: Tunix's
-    ``Tokenizer(tokenizer_path=...)`` calls ``SetEncodeExtraOptions``, gone from current sentencepiece.
-    ``encode`` adds no <bos>; the Sampler prepends it."""
+    """A Tunix TokenizerAdapter over a SentencePiece file, built here (Tunix's ``Tokenizer`` calls
+    ``SetEncodeExtraOptions``, gone from current sentencepiece). ``encode`` adds no <bos>; the Sampler does."""
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(Path(path).read_bytes())
     if sp.bos_id() < 0 or sp.pad_id() < 0 or sp.eos_id() < 0:
@@ -178,14 +170,11 @@ def _count(model, kind) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, kind)))
 
 
-# ----------------------------------------------------------------------------------------------
-# LoRA
-# ----------------------------------------------------------------------------------------------
+# ---- LoRA ------------------------------------------------------------------------------------
 
 class LoraKeepsComputeDtype(qwix.LoraProvider):
-    """qwix's LoRA, except that an adapted layer returns the dtype it returns without LoRA: qwix adds
-    ``x @ lora_a @ lora_b`` in the adapters' dtype, so float32 adapters (``--lora-dtype``) over bfloat16
-    weights would turn the whole model float32: slower, more memory, not the published computation."""
+    """qwix's LoRA, but an adapted layer returns its non-LoRA dtype: else float32 adapters over bfloat16
+    weights turn the whole model float32 (slower, more memory, not the published computation)."""
 
     def einsum(self, einsum_str, *operands, **kwargs):
         out_dtype = kwargs.get("preferred_element_type") or jnp.result_type(*operands)
@@ -198,10 +187,8 @@ class LoraKeepsComputeDtype(qwix.LoraProvider):
 
 def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: str = LORA_PATTERN, seed: int = 0,
                dtype: str = "base"):
-    """Wrap the projections matching ``pattern`` with qwix LoRA adapters, as the published run did:
-    ``lora_a`` random, ``lora_b`` zeros (the model computes what it did before), both ``nnx.LoRAParam``.
-    ``dtype``: "base" (the base weights' dtype, as qwix makes them) or "float32"; the model computes
-    in the base weights' dtype either way (``LoraKeepsComputeDtype``)."""
+    """Wrap projections matching ``pattern`` in qwix LoRA as the published run did (``lora_a`` random, ``lora_b``
+    zeros). ``dtype``: "base" or "float32"; compute stays in the base dtype (``LoraKeepsComputeDtype``)."""
     provider = LoraKeepsComputeDtype(module_path=pattern, rank=rank, alpha=alpha)
     inputs = model.get_model_input()
 
@@ -214,8 +201,7 @@ def apply_lora(model, rank: int = 64, alpha: float = 64.0, mesh=None, pattern: s
     if dtype != "base":  # qwix makes the adapters in the base weights' dtype; same values, cast
         lora = nnx.state(lora_model, nnx.LoRAParam)
         nnx.update(lora_model, jax.tree.map(lambda x: x.astype(dtype), lora))
-    # jit hands back copies of the base weights: use the originals, one copy shared with the base model
-    # (and a frozen reference model).
+    # jit hands back copies of the base weights: use the originals, shared with the base (and reference) model.
     nnx.update(lora_model, nnx.state(model, nnx.Param))
     if mesh is not None:
         # qwix makes the adapters whole on every device (Tunix leaves a model already on `mesh` alone): split them
@@ -235,14 +221,11 @@ def is_lora(model) -> bool:
     return len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) > 0
 
 
-# ----------------------------------------------------------------------------------------------
-# Generation
-# ----------------------------------------------------------------------------------------------
+# ---- Generation ------------------------------------------------------------------------------
 
-# Prefill needs each prompt's last logits only, but Tunix 0.1.7's Gemma 3 computes [batch, prompt, 262,144]
-# float32, most of the prefill's work. Its Sampler asks for less from a model that accepts
-# `decode_only_last_token` (later Tunix Gemma 3s do): ours gets it here, the one override of a Tunix class.
-# The full logits become dead code XLA removes (test_prefill_unembeds_the_last_token_only; README section 3).
+# Prefill needs only last logits, but Tunix 0.1.7's Gemma 3 computes [batch, prompt, 262,144] float32. Its Sampler
+# asks for less from a model accepting `decode_only_last_token` (as later Tunix Gemma 3s do): ours gets it here, the
+# one override of a Tunix class; XLA drops the full logits (test_prefill_unembeds_the_last_token_only; README s. 3).
 _tunix_gemma3_call = gemma3_lib.Gemma3.__call__
 
 
@@ -264,10 +247,8 @@ def _gemma3_call(self, last_tokens, positions=None, cache=None, attention_mask=N
 
 
 def _shared_prompt_call(self, tokens, positions, attention_mask, p: int, group: int):
-    """The forward pass (no cache) of rows whose first p tokens hold one prompt per run of `group` rows (GRPO's G
-    completions): each prompt's layers run once, its keys and values serve its group; the same values up to float
-    rounding. Inside the model's own __call__ (LoRA applies). Tunix's sliding window counts rows of the query
-    block, so here the completions' mask holds it and Tunix's window is lifted."""
+    """Forward pass (no cache, inside __call__) where each run of `group` rows shares its first p (prompt) tokens,
+    run once (same values up to rounding). The completions' mask holds the sliding window; Tunix's is lifted."""
     one, length = slice(None, None, group), tokens.shape[1]
     x_prompt, x = self._encode_and_get_inputs(tokens=tokens[one, :p]), self._encode_and_get_inputs(tokens=tokens[:, p:])
     distance = jnp.arange(p, length)[:, None] - jnp.arange(length)[None, :]  # query's index - key's index
@@ -327,10 +308,8 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
              top_k: int | None = None, seed: int = 0, batch_size: int = 8, max_prompt_length: int | None = None,
              progress: bool = True, desc: str = "generate",
              stop_tokens=("<eos>", "<end_of_turn>")) -> list[dict]:
-    """Complete each prompt (in Gemma's turn format; the Sampler prepends <bos>) -> [{"text", "n_tokens"}] in
-    order, stopping at ``stop_tokens`` (excluded); temperature 0 is greedy. Shapes are static, so the Sampler
-    compiles once per call pattern: batches of min(batch_size, len(prompts)) rows (the last padded with
-    copies), prompts left-padded to ``padded_prompt_length`` (or ``max_prompt_length``)."""
+    """Complete each prompt (Gemma turn format) -> [{"text", "n_tokens"}], stopping at ``stop_tokens``; temperature
+    0 is greedy. Static shapes: batches of min(batch_size, len(prompts)), prompts padded to ``padded_prompt_length``."""
     prompts = [str(p) for p in prompts]  # numpy.str_ from datasets is rejected by SentencePiece
     if not prompts:
         return []
@@ -362,14 +341,11 @@ def generate(model, tokenizer, prompts, max_new_tokens: int, temperature: float 
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
+# ---- Checkpoints -----------------------------------------------------------------------------
 
 def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
                        checkpoint_dir: str = CHECKPOINT_SUBDIR) -> tuple[int, dict]:
-    """Load RUN_DIR/``checkpoint_dir`` (GRPO's policy: checkpoints/actor) at ``step`` (None: the latest) into
-    ``model`` (and ``optimizer``) in place -> (step, metadata)."""
+    """Restore RUN_DIR/``checkpoint_dir`` at ``step`` (None: latest) into ``model`` (and optimizer) -> (step, meta)."""
     import orbax.checkpoint as ocp
     from tunix.sft import checkpoint_manager
 
@@ -402,9 +378,8 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
 
 def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: str = "float32",
              step: int | None = None):
-    """A training run's model, its base model + LoRA checkpoint -> (model, tokenizer, metadata), as
-    RUN_DIR/metadata.json describes it. ``model_path`` overrides the recorded one. The adapters are rebuilt
-    in the run's ``lora_dtype`` (older runs: "base"), so float32 adapters are not rounded to bfloat16."""
+    """A training run's base model + LoRA checkpoint -> (model, tokenizer, metadata), per RUN_DIR/metadata.json;
+    adapters in the run's ``lora_dtype`` (older runs: "base"). ``model_path`` overrides the recorded one."""
     run_dir = Path(run_dir).expanduser()
     metadata = runs.read_metadata(run_dir)
     if metadata is None:
@@ -420,9 +395,7 @@ def load_run(run_dir, model_path: str | Path | None = None, mesh=None, dtype: st
     return model, tokenizer, dict(metadata, checkpoint_step=restored)
 
 
-# ----------------------------------------------------------------------------------------------
-# For tests only: `tiny`, a random two-layer Gemma 3 with the real tokenizer, built in seconds
-# ----------------------------------------------------------------------------------------------
+# ---- For tests only: `tiny`, a random two-layer Gemma 3 with the real tokenizer, built in seconds ----
 
 def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
     """A small Gemma 3 (2 layers, width 64) with the full 262,144-token vocabulary."""
@@ -434,9 +407,8 @@ def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
 
 
 def _load_tiny(model_path, mesh, dtype: str, seed: int):
-    """``load("tiny")``. Weights are drawn with numpy (no compilation) at std 1/sqrt(width): Tunix's own
-    initialisers (MLP kernels 0, the rest std 0.01) make all logits nearly equal, so greedy decoding would
-    not be reproducible across meshes. Norm scales stay 0 (Gemma norms multiply by 1 + scale)."""
+    """``load("tiny")``: numpy weights, std 1/sqrt(width) (Tunix's initialisers make logits near-equal, so greedy
+    decoding would differ across meshes); norm scales 0 (Gemma norms multiply by 1 + scale)."""
     if model_path is not None:
         raise ValueError("tiny is randomly initialised; it takes no --model-path")
     config = tiny_config(dtype)
@@ -458,9 +430,7 @@ def _load_tiny(model_path, mesh, dtype: str, seed: int):
     return model, load_tokenizer(tok_path), config
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line: greedy continuation of a prompt, and the speed of producing it
-# ----------------------------------------------------------------------------------------------
+# ---- Command line: greedy continuation of a prompt, and the speed of producing it ------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
