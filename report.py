@@ -169,8 +169,7 @@ def _errorbars(values, cis, scale=1):
 
 
 def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=(), steps=(), criteria=None):
-    """Save the curriculum figure (PNG): rates and mean reward with 95% intervals per RL step, blocks shaded;
-    comparisons add the paired change per column; GSM8K: steps draw each training step, criteria the exit lines."""
+    """Save the curriculum figure (PNG): rates, mean reward and paired changes per step (README section 5)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt

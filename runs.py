@@ -216,12 +216,16 @@ def restoring(root: Path):
     try:
         yield
         quiet.disabled = False
+    except (ValueError, KeyError, TypeError):  # the saved tree is not this model's: restore_checkpoint says so
+        raise
     except Exception as e:
         if not has_checkpoint(root) or os.environ.get("TRAIN_DEBUG"):
             raise
         step = max(int(p.name) for p in root.iterdir() if p.name.isdigit())
-        sys.exit(f"error: {root / str(step)}: this checkpoint cannot be read ({str(e.__cause__ or e).splitlines()[0][:200]}); "
-                 "remove that directory to go on from the one before, or start the block again with --overwrite")
+        print(f"error: {root / str(step)}: this checkpoint cannot be read ({str(e.__cause__ or e).splitlines()[0][:200]}); "
+              "remove it to go on from the one before, or start the block again with --overwrite", file=sys.stderr, flush=True)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # orbax's reads still in flight print tracebacks as we exit
+        sys.exit(1)
 
 
 def has_checkpoint(root: Path) -> bool:  # orbax renames a checkpoint's directory to its step once it is whole
@@ -409,8 +413,7 @@ class MetricsLog:
 
 
 def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
-    """Have Tunix log a step's metrics, and `metrics` write its row, before the step's checkpoint: Tunix 0.1.7 logs them
-    a step later (PeftTrainer) or buffered (RLCluster), so a kill after a save lost the row (private names, checked)."""
+    """A step's row is written before its checkpoint (Tunix 0.1.7 logs it later; private names, checked)."""
     for owner, name in ((trainer, "_write_train_metrics"), (cluster, "_log_metrics"), (cluster, "_buffered_train_metrics")):
         if owner is not None and not hasattr(owner, name):
             raise AttributeError(f"{type(owner).__name__}.{name} not found: this Tunix version buffers its "
