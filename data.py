@@ -3,8 +3,7 @@
 A row is one chat exchange, {"messages": [user, assistant]}, in this layout:
     user:      <context>...</context>\n\n<question>...</question>
     assistant: <think>...</think><proof>...</proof><answer>...</answer>   (the gold response)
-Rows come from vignettes.py (generated, NOT the published data: the loaders log which), the hub or a file.
-"""
+Rows come from vignettes.py (generated, NOT the published data: the loaders log which), the hub or a file."""
 
 import argparse
 import collections

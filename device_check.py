@@ -3,8 +3,7 @@
     python3 device_check.py --out /tmp/device_check --budget 540 --report "$OUT"   # the GPU window
     python device_check.py --model tiny --preset cpu --out /tmp/dc ...             # this CPU, tiny sizes (test_device.py)
 
-The parts and OUT/summary.json: README "One command for a GPU window"; run again, it skips parts done.
-"""
+The parts and OUT/summary.json: README "One command for a GPU window"; run again, it skips parts done."""
 
 from __future__ import annotations
 

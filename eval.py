@@ -1,6 +1,5 @@
 """Evaluation: the published table, for your own runs (README, "Evaluation": outputs and flags).
-Greedy, scored by rewards.EVAL_CONFIG in mode="eval" (NOT training's), with 95% intervals, under one of two PROTOCOLS.
-"""
+Greedy, scored by rewards.EVAL_CONFIG in mode="eval" (NOT training's), 95% intervals, under one of two PROTOCOLS."""
 
 import argparse
 import json

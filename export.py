@@ -1,8 +1,7 @@
 """The trained model leaves the project: a Hugging Face folder, a PEFT adapter and a GGUF.
 
 ``python export.py RUN_DIR --out DIR [--step N] [--peft] [--gguf f32|q8_0]``: DIR holds the checkpoint merged into its
-base (Tunix's merge) and all a Hugging Face folder needs; ``--peft``: DIR/peft/, ``--gguf``: a GGUF (test_export.py).
-"""
+base (Tunix's merge) and all a Hugging Face folder needs; ``--peft``: DIR/peft/, ``--gguf``: a GGUF (test_export.py)."""
 
 from __future__ import annotations
 

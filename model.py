@@ -4,8 +4,7 @@
 directory, else the hub or Kaggle), ``gemma-3-270m`` (offline default, converted once by gemma3_270m.py) or
 ``tiny`` (random, tests). Weights and tokenizer are logged with sha256; missing weights are an error, never a
 fallback. Also ``make_mesh``, ``apply_lora`` (qwix, the published pattern), ``generate`` (Tunix's Sampler),
-``restore_checkpoint`` / ``load_run``. Try: ``python model.py --model gemma-3-270m --prompt "The capital of"``.
-"""
+``restore_checkpoint`` / ``load_run``. Try: ``python model.py --model gemma-3-270m --prompt "The capital of"``."""
 
 from __future__ import annotations
 
@@ -402,8 +401,7 @@ def tiny_config(dtype: str = "float32") -> gemma3_lib.ModelConfig:
     return gemma3_lib.ModelConfig(
         num_layers=2, num_embed=262144, embed_dim=64, hidden_dim=128, num_heads=2, head_dim=32,
         num_kv_heads=1, sliding_window_size=16, local_base_frequency=10_000,
-        global_base_frequency=1_000_000, param_dtype=jnp.dtype(dtype),
-    )
+        global_base_frequency=1_000_000, param_dtype=jnp.dtype(dtype))
 
 
 def _load_tiny(model_path, mesh, dtype: str, seed: int):

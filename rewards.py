@@ -4,8 +4,7 @@ A port of `openenv-dipg-safety` 0.1.18's scoring (the package the published bloc
 reward and metrics for every string, quirks included, each marked "QUIRK" (the ladder: README section 1).
 The modes differ only on unparseable text: mode="train" (the published GRPO reward): any exception -> -15.0;
 mode="eval" (`DIPGEnvironment.step`, which scored the published table): a ValueError falls back to the legacy
-channel-tag scorer, any other exception gives missing_answer_penalty. GSM8K has its own rewards (gsm8k.py).
-"""
+channel-tag scorer, any other exception gives missing_answer_penalty. GSM8K has its own rewards (gsm8k.py)."""
 
 from __future__ import annotations
 

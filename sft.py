@@ -1,8 +1,7 @@
 """The SFT block: teach the output format <think> plan </think><proof> quotes </proof><answer> answer </answer>.
 
 Tunix's PeftTrainer on a GRPO block's LoRA policy and optimizer (grpo.py), the loss on the response tokens only,
-examples in the published row order. build(): all but the training (tests read it); run(): train, -> last step.
-"""
+examples in the published row order. build(): all but the training (tests read it); run(): train, -> last step."""
 
 from __future__ import annotations
 

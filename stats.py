@@ -1,8 +1,7 @@
 """What a number is worth: an evaluation's aggregates with 95% intervals, and paired comparisons.
 
 A leaf module; the method is in README ("What a difference is worth"): pairs by the vignette's text (the
-published blocks were each evaluated on a different random 50), exact McNemar tests, a seeded paired bootstrap.
-"""
+published blocks were each evaluated on a different random 50), exact McNemar tests, a seeded paired bootstrap."""
 
 from __future__ import annotations
 

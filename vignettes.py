@@ -2,8 +2,7 @@
 
 Rows in the published format and mix (REFERENCE.md §4; README section 2), drawn again until the real scorer gives
 the gold the maximum and no context line passes as the answer (`_problems`). Known cost: a needle row keeps its
-answer line before the look-alike more often than chance (75 of eval's 100, not 50).
-"""
+answer line before the look-alike more often than chance (75 of eval's 100, not 50)."""
 
 import datetime
 import functools
