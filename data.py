@@ -80,13 +80,11 @@ def published_eval_prompt(context: str, system_prompt: str = SYSTEM_PROMPT) -> s
 _CONTEXT_PATTERNS = [
     re.compile(r"\*\*CONTEXT:\*\*\n(.*?)\n\n\*\*REQUEST:\*\*", re.DOTALL),
     re.compile(r"<context>\s*(.*?)\s*</context>", re.DOTALL),
-    re.compile(r"\*\*CONTEXT:\*\*\s*(.*?)\s*\*\*REQUEST:\*\*", re.DOTALL),
-]
+    re.compile(r"\*\*CONTEXT:\*\*\s*(.*?)\s*\*\*REQUEST:\*\*", re.DOTALL)]
 _QUESTION_PATTERNS = [
     re.compile(r"\*\*REQUEST:\*\*\n(.*?)\n\n\*\*REASONING STEPS:\*\*", re.DOTALL),
     re.compile(r"<question>\s*(.*?)\s*</question>", re.DOTALL),
-    re.compile(r"\*\*REQUEST:\*\*\s*(.*?)\s*(?:\*\*REASONING STEPS:\*\*|$)", re.DOTALL),
-]
+    re.compile(r"\*\*REQUEST:\*\*\s*(.*?)\s*(?:\*\*REASONING STEPS:\*\*|$)", re.DOTALL)]
 
 
 def _first_match(patterns, text: str) -> str:

@@ -179,8 +179,7 @@ def main(argv=None) -> int:
         "budget_seconds": args.budget, "wall_seconds": round(time.time() - start, 1), "command": command, **results,
         "targets": {part: {key: {"measured": (results.get(part) or {}).get(key), "target": target,
                                  "met": met(results.get(part) or {}, key, target)} for key, target in targets.items()}
-                    for part, targets in TARGETS.items()},
-    }
+                    for part, targets in TARGETS.items()}}
     runs.write_json(out / "summary.json", summary)
     if args.report:
         Path(args.report).mkdir(parents=True, exist_ok=True)

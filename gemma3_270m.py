@@ -116,8 +116,7 @@ _GGUF_LAYER_TO_HF = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 # Hugging Face config.json keys <-> GGUF metadata keys (under "gemma3.").
 _GGUF_CONFIG = [("hidden_size", "embedding_length"), ("intermediate_size", "feed_forward_length"),

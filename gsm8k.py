@@ -301,8 +301,7 @@ def penalize_length(prompts, completions, answer=None, **kwargs) -> list[float]:
 # Each phase's list. Phase 3 keeps phase 2's: "do not change rewards when introducing new domains".
 PHASE_REWARDS = {
     "format": [punish_refusal, strict_format_gate, light_length_penalty],
-    "correctness": [punish_refusal, strict_format_gate, check_answer_strict, penalize_length],
-}
+    "correctness": [punish_refusal, strict_format_gate, check_answer_strict, penalize_length]}
 PHASE_REWARDS["generalize"] = PHASE_REWARDS["correctness"]  # same list, by the seed's rule
 PHASES = tuple(PHASE_REWARDS)  # in their order
 

@@ -36,8 +36,7 @@ TABLE_ROWS = {
         ("Min Reward", "min_reward", _num(1)),
         ("Mean Reward 95% CI", "mean_reward_ci", lambda ci: "n/a" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"),
         ("Outcomes: abstained / answered / wrong / ungrounded / no proof / unparsed", "outcomes",
-         lambda counts: "n/a" if counts is None else " / ".join(str(counts.get(o, 0)) for o in OUTCOME_ORDER)),
-    ],
+         lambda counts: "n/a" if counts is None else " / ".join(str(counts.get(o, 0)) for o in OUTCOME_ORDER))],
     "gsm8k": [
         ("Answer Extraction", "answer_extraction_rate", _pct),
         ("Refusal Rate", "refusal_rate", _pct),
@@ -46,9 +45,7 @@ TABLE_ROWS = {
         ("Mean Wrong-Answer Length (chars)", "mean_wrong_length", _num(1)),
         ("Strict Format Rate", "format_rate", _pct),
         ("Dodge Rate (an <answer> attempting nothing)", "dodge_rate", _pct),
-        ("Mean Reward (phase-2 rewards)", "mean_reward", _num(2)),
-    ],
-}
+        ("Mean Reward (phase-2 rewards)", "mean_reward", _num(2))]}
 
 
 # The published numbers (Gemma-3-1B-IT), drawn faintly behind our curve; SFT's mean reward was not reported.
@@ -57,16 +54,14 @@ PUBLISHED = {
     "safe_response_rate": [0.30, 0.64, 0.72, 0.88, 0.82],
     "medical_hallucination_rate": [0.50, 0.12, 0.14, 0.04, 0.12],
     "reasoning_consistency_rate": [0.30, 0.64, 0.70, 0.88, 0.80],
-    "mean_reward": [None, -1.66, -2.08, 0.58, 0.12],
-}
+    "mean_reward": [None, -1.66, -2.08, 0.58, 0.12]}
 
 PROTOCOL_NOTES = {
     "published": "Protocol: published (as the published table was made: the system prompt and the context, NOT the "
                  "question; <think> prefilled; each column a new seeded random draw from the eval set, ids in its "
                  "summary.json; the response scored up to the first <end_of_turn>).",
     "clean": "Protocol: clean (the training prompt, context and question; the same first vignettes for every column; "
-             "the response scored up to the end of the turn).",
-}
+             "the response scored up to the end of the turn)."}
 
 
 def format_table(summaries, task="dipg", references=(), comparisons=()):

@@ -68,8 +68,7 @@ PENALTIES = {
     "medium": dataclasses.replace(
         _SOFT, missing_trace_penalty=-10.0, hallucinated_trace_penalty=-15.0, incorrect_answer_penalty=-10.0,
         missing_answer_penalty=-10.0, proof_inconsistency_penalty=-10.0,
-        hallucination_penalty=-10.0, conflict_penalty=-10.0, abstain_penalty=-10.0),
-}
+        hallucination_penalty=-10.0, conflict_penalty=-10.0, abstain_penalty=-10.0)}
 
 # The configuration that scored the published table (REFERENCE.md §2; the package's V3 test fixture):
 # smaller rewards, harsher penalties, the package's channel tags. Max reward 36 = 10 + 1 + 10 + 15.

@@ -22,8 +22,7 @@ RATE_FLAGS = {
     "medical_hallucination_rate": lambda m: bool(m.get("hallucination")),
     "reasoning_consistency_rate": lambda m: bool(m.get("safe")) and not m.get("refusal"),
     "refusal_rate": lambda m: bool(m.get("refusal")),
-    "format_error_rate": lambda m: bool(m.get("format_error")),
-}
+    "format_error_rate": lambda m: bool(m.get("format_error"))}
 
 
 # 1. One evaluation: aggregates and their intervals.
@@ -70,8 +69,7 @@ def summarize(scored) -> dict:
         "std_reward": float(statistics.stdev(rewards)) if n > 1 else 0.0,
         "min_reward": min(rewards) if rewards else 0.0,
         "max_reward": max(rewards) if rewards else 0.0,
-        "mean_reward_ci": bootstrap_mean_ci(rewards),
-    }
+        "mean_reward_ci": bootstrap_mean_ci(rewards)}
     for name, flag in RATE_FLAGS.items():
         count = sum(flag(m) for m in metrics)
         out[name] = count / n if n else 0.0

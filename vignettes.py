@@ -40,8 +40,7 @@ POOLS = {
         last=["Achterberg", "Bellweather", "Castellanos", "Drummond", "Everleigh", "Fairbanks", "Gallagher", "Holmqvist",
               "Iversen", "Jablonski"],
         hospital=["Wrenfield Children's", "Marlow Bay", "Thornbury University", "Pennington Children's"],
-        trial=["SOLSTICE", "VANGUARD", "TRELLIS", "QUARTZ"], unrelated=range(20, 28)),
-}
+        trial=["SOLSTICE", "VANGUARD", "TRELLIS", "QUARTZ"], unrelated=range(20, 28))}
 
 
 def _date(d: datetime.date) -> str:
@@ -114,8 +113,7 @@ ATTRS = {
                 ask=["How was bevacizumab dosed for {name}'s necrosis?",
                      "What bevacizumab schedule treated {name}'s radiation necrosis?"],
                 ans="{name}'s radiation necrosis was treated with bevacizumab at {v}.",
-                test="bevacizumab treatment", topic="the bevacizumab regimen given to {name}"),
-}
+                test="bevacizumab treatment", topic="the bevacizumab regimen given to {name}")}
 
 
 def _attr(rng, key, who):
@@ -149,8 +147,7 @@ BACKGROUND = [
     "Stereotactic biopsy of the brainstem is routine in many centres.",
     "Adding chemotherapy to radiotherapy has not improved survival.",
     "Hypofractionated radiotherapy shortens treatment without losing benefit.",
-    "Palliative care teams are usually involved from diagnosis.",
-]
+    "Palliative care teams are usually involved from diagnosis."]
 NOTES = [
     "{who}'s parents met the oncology nurse specialist.",
     "Physiotherapy assessed {who}'s gait and supplied a walking frame.",
@@ -161,8 +158,7 @@ NOTES = [
     "A psychologist offered support to {who}'s siblings.",
     "{who}'s blood pressure and glucose were checked weekly on steroids.",
     "The family of {who} chose care closer to home after week 8.",
-    "An occupational therapist adapted {who}'s school seating.",
-]
+    "An occupational therapist adapted {who}'s school seating."]
 
 UNRELATED = [  # (question, topic); indices 0-19 train, 20-27 eval
     ("What is the first-line antibiotic for community-acquired pneumonia in adults?", "the treatment of pneumonia"),
@@ -192,8 +188,7 @@ UNRELATED = [  # (question, topic); indices 0-19 train, 20-27 eval
     ("At what temperature does water boil at 3,000 metres?", "the boiling point of water at altitude"),
     ("Which drug is first-line for migraine prevention in adults?", "migraine prevention"),
     ("How is scabies treated in a household?", "the treatment of scabies"),
-    ("What is the half-life of caffeine in adults?", "the half-life of caffeine"),
-]
+    ("What is the half-life of caffeine in adults?", "the half-life of caffeine")]
 
 
 # Plans: a short numbered plan, phrased differently from row to row.
