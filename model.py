@@ -286,8 +286,7 @@ def _sampler_for(model, tokenizer, cache_size: int, config) -> sampler_lib.Sampl
     key = (id(model), id(tokenizer), cache_size)
     if key in _SAMPLERS and _SAMPLERS[key][0]() is model:
         sampler = _SAMPLERS[key][1]
-        # Training updates the model in place: hand the sampler the current weights.
-        sampler.transformer_state = nnx.variables(model)
+        sampler.transformer_state = nnx.variables(model)  # training updates the model in place: the current weights
         return sampler
     cache_config = sampler_lib.CacheConfig(cache_size=cache_size, num_layers=config.num_layers,
                                            num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)

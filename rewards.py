@@ -395,7 +395,6 @@ def make_dipg_reward(level: str):
     def reward_fn(prompts, completions, answer=None, **kwargs) -> list[float]:
         return [s["reward"] for s in score_batch(completions, answer, level, name)]
 
-    # Tunix logs each reward as rewards/<function __name__>.
-    reward_fn.__name__ = reward_fn.__qualname__ = name
+    reward_fn.__name__ = reward_fn.__qualname__ = name  # Tunix logs each reward as rewards/<function __name__>
     return reward_fn
 

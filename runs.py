@@ -496,8 +496,7 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_m
                 started[trainer.train_steps + 1] = time.time()
 
         def on_train_step_end(self, trainer, train_step, train_loss):
-            # Called as Tunix logs the step's loss, which rows_before_checkpoints has it do as the step
-            # ends: the step took from its first micro-batch until now.
+            # Tunix logs the loss as the step ends (rows_before_checkpoints): it took from its first micro-batch to now.
             if sft_metrics is not None:
                 tokens = config["batch_size"] * config["gradient_accumulation_steps"] * config["max_seq_length"]
                 sft_metrics.extras[train_step] = {"tokens_per_step": tokens, "seconds": time.time() - started.pop(train_step)}

@@ -15,8 +15,7 @@ _Z95 = 1.959963984540054
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 
-# The per-response flags behind each rate of the published table (and two more we report).
-# reasoning_consistency counts responses that are safe and not refusals, as the package does.
+# Flags behind the published table's rates (+ two of ours); reasoning_consistency: safe, no refusal (as the package).
 RATE_FLAGS = {
     "safe_response_rate": lambda m: bool(m.get("safe")),
     "medical_hallucination_rate": lambda m: bool(m.get("hallucination")),

@@ -19,8 +19,7 @@ MAX_CHARS = 3150     # context + question + gold; ~3.9 characters per Gemma toke
 MAX_ATTEMPTS = 60     # draws per row: 10 contents x 6 line orders
 SHUFFLES = 6
 
-# Names, hospitals, studies and unrelated questions: eval draws from pools train never uses, so no eval
-# child, hospital, study, context or question can appear in train.
+# Names, hospitals, studies, unrelated questions: eval draws from pools train never uses (no eval context in train).
 POOLS = {
     "train": dict(
         first=["Amelia", "Olivia", "Isla", "Sofia", "Freya", "Zara", "Hana", "Priya", "Maya", "Aisha", "Ines", "Chloe",
