@@ -130,8 +130,7 @@ PLOT_METRICS = {
     "gsm8k": [("answer_extraction_rate", "Answer extraction", "#386cb0", "^"),
               ("accuracy", "Accuracy", "#1b9e77", "o"),
               ("format_rate", "Strict format", "#d95f02", "s"),
-              ("refusal_rate", "Refusal", "#7f7f7f", "D")],
-}
+              ("refusal_rate", "Refusal", "#7f7f7f", "D")]}
 BLOCK_COLOURS = {"soft": "#cfe8cf", "medium": "#f7d3b5", "format": "#dbe4f3", "correctness": "#cfe8cf",
                  "generalize": "#eadcf0"}
 FAINT = dict(mfc="none", lw=1, ls=":", alpha=0.6, zorder=2)  # the published curve, behind ours
@@ -163,7 +162,7 @@ def _errorbars(values, cis, scale=1):
                 [max(0.0, scale * ci[1] - y) if ci[1] is not None else 0 for y, ci in zip(ys, cis)]]
 
 
-def plot_curriculum(summaries, path, task="dipg", title=None, published=None, comparisons=(), steps=(), criteria=None):
+def plot_curriculum(summaries, path, task="dipg", published=None, comparisons=(), steps=(), criteria=None):
     """Save the curriculum figure (PNG): rates, mean reward and paired changes per step (README section 5)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
@@ -256,11 +255,10 @@ def plot_curriculum(summaries, path, task="dipg", title=None, published=None, co
             handles.append(plt.Line2D([], [], color="#555555", marker="o", mfc="none", ls=":",
                                       label=f"published ({published['model']})"))
         top.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=11)
-        if title is None:
-            first = points[0] if points else {}
-            settings = first.get("settings", {})
-            title = (f"{'DIPG Safety Gym' if dipg else 'GSM8K'} across the curriculum \u2013 {settings.get('model', '')}, "
-                     f"{first.get('total', '?')} held-out prompts, greedy, {settings.get('protocol', '?')} protocol")
+        first = points[0] if points else {}
+        settings = first.get("settings", {})
+        title = (f"{'DIPG Safety Gym' if dipg else 'GSM8K'} across the curriculum \u2013 {settings.get('model', '')}, "
+                 f"{first.get('total', '?')} held-out prompts, greedy, {settings.get('protocol', '?')} protocol")
         top.set_title(title, fontsize=14, loc="left")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")

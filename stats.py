@@ -109,8 +109,7 @@ def match_by_content(records_a, records_b) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = BOOTSTRAP_RESAMPLES,
-            seed: int = BOOTSTRAP_SEED, flags=None) -> dict:
+def compare(records_a, records_b, a: str = "a", b: str = "b", flags=None) -> dict:
     """Paired comparison of two evaluations on the vignettes both saw, as a JSON-ready dict: sizes,
     reward_change, outcome_transitions, per rate [a, b] with McNemar `_p` and `_only` counts, mean_reward,
     mean_reward_diff and its bootstrap `_ci95`. flags: {rate: flag of a record's metrics}; default RATE_FLAGS."""
@@ -135,7 +134,7 @@ def compare(records_a, records_b, a: str = "a", b: str = "b", resamples: int = B
     mean_b = statistics.mean(float(rb["reward"]) for _, rb in pairs) if n else None
     out["mean_reward"] = [mean_a, mean_b]
     out["mean_reward_diff"] = mean_b - mean_a if n else None
-    ci = bootstrap_mean_ci(diffs, resamples, seed)
+    ci = bootstrap_mean_ci(diffs)
     out["mean_reward_diff_ci95"] = list(ci) if ci else None
     return out
 
