@@ -132,7 +132,6 @@ def is_local(source: str) -> bool:
 def load_table(source: str, split: str, **hub_kwargs):
     """A `datasets.Dataset` from a local .jsonl/.json/.parquet file or a hub id (the real loader)."""
     import datasets  # heavy; only needed here
-
     if is_local(source):
         path = Path(source)
         if not path.is_file():
@@ -238,7 +237,6 @@ def prompt_order(rows: list[dict], batch_size: int, shuffle_seed: int, start: in
     """The rows' training order as the published pipeline built it (REFERENCE section 3): grain's
     source(rows).shuffle(seed=42).repeat(100).batch(1); `start` skips rows earlier blocks trained on."""
     import grain
-
     if start % batch_size:
         raise ValueError(f"start position {start} is not a whole number of batches of {batch_size}")
     epochs = 100 + start // len(rows)  # the published 100 epochs after the start (same order, only longer)
@@ -311,7 +309,6 @@ def write_rows(rows: list[dict], out: str) -> None:
     path = Path(out)
     if path.suffix == ".parquet":
         import datasets
-
         datasets.Dataset.from_list(rows).to_parquet(str(path))
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
@@ -379,7 +376,6 @@ def main(argv=None) -> int:
         import sentencepiece as spm
 
         from gemma3_270m import ensure_gemma3_270m
-
         split = args.split or "eval"
         rows = load_dipg(args.source, split, n=args.n, seed=args.seed)
         try:  # the Gemma tokenizer, for token counts (the one the embedded 270M carries)

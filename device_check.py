@@ -156,7 +156,6 @@ def main(argv=None) -> int:
     print(f"device: {json.dumps(device)}", flush=True)
     if device["backend"] == "cpu" and args.model != "tiny":
         import train  # its install lines; train imports no JAX
-
         sys.exit("error: JAX sees only a CPU here, so this would measure nothing the check is for; install JAX for "
                  "the accelerator (" + "; ".join(f"{k}: {v}" for k, v in train.INSTALL.items()) + "), or run the "
                  "test: --model tiny")

@@ -146,7 +146,6 @@ def load_eval_rows(task="dipg", dataset=None, n=EVAL_N, protocol="clean", draw=N
     """The held-out rows with the chat `prompt` the model sees -> (rows, dataset_id). "clean" and GSM8K: the first n;
     DIPG "published": n of the first `pool` drawn by Random(f"{draw}") (draw None: the whole pool)."""
     import data  # imported here so that --responses needs neither datasets nor JAX
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     if task == "gsm8k":
@@ -184,7 +183,6 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
                    desc="generating"):
     """Generate for every row (greedy) and score. A model already in memory (e.g. inside train.py) starts here."""
     import model as model_lib
-
     prompts = [r["prompt"] for r in rows]
     # One padded prompt length for every batch, so the sampler compiles once for the whole set.
     longest, prompt_length = model_lib.padded_prompt_length(tokenizer, prompts)
@@ -207,7 +205,6 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
 def reference_summaries(rows):
     """One summary per scripted policy (vignettes.REFERENCE_POLICIES), scored on `rows` like a model's."""
     import vignettes
-
     summaries = []
     for name, policy in vignettes.REFERENCE_POLICIES.items():
         _, summary = score_dipg_rows(rows, [policy(row) for row in rows])
@@ -288,7 +285,6 @@ def read_results(out_dir):
 def read_json(path, text=None):
     """A file (or one line of it) eval.py wrote; a damaged one stops us in one line naming it."""
     import data
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8") if text is None else text)
     except ValueError as e:
@@ -352,7 +348,6 @@ def evaluate_run(run, *, task="dipg", protocol="published", dataset=None, n=EVAL
     import jax
 
     import model as model_lib
-
     metadata, rows, settings = prepare_evaluation(
         run, task=task, protocol=protocol, dataset=dataset, n=n, system_prompt=system_prompt,
         model_name=model_name, model_path=model_path, max_new_tokens=max_new_tokens)

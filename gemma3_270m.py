@@ -74,7 +74,6 @@ def _tokenizer_proto_from_gguf(reader) -> bytes:
     (<start_of_turn>=105, <end_of_turn>=106, <mask>, ...) are USER_DEFINED so they encode from text, (3) whitespace-run
     pieces get "▁" back. Types then count as Gemma 3's: 3 control, 1 unknown, 6,410 user-defined, 256 byte."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-
     tokens_f, scores_f, types_f = (reader.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))
     pieces = [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data]
     scores = [float(scores_f.parts[i][0]) for i in scores_f.data]
@@ -141,7 +140,6 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> dict:
     ``complete_hf_folder``'s files for a Gemma 3 GGUF into out_dir. Returns the provenance record."""
     import gguf
     from safetensors.numpy import save_file
-
     reader = gguf.GGUFReader(str(gguf_path))
     tensors = {}
     for t in tqdm(reader.tensors, desc="dequantize gguf", unit="tensor"):
@@ -165,7 +163,6 @@ def write_gguf(path: Path, tensors: dict, config: dict, tokenizer_model: Path, q
     float32 tensors, the matrices quantized when ``qtype`` is "q8_0"."""
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as pb
-
     to_gguf = {hf: g for g, hf in _GGUF_TO_HF.items()} | {f"{hf}.weight": f"{g}.weight" for g, hf in _GGUF_LAYER_TO_HF.items()}
     w, q8 = gguf.GGUFWriter(str(path), "gemma3"), gguf.GGMLQuantizationType.Q8_0
     for name, key in _GGUF_CONFIG:
@@ -206,7 +203,6 @@ def complete_hf_folder(out_dir: Path, config: dict) -> None:
     """For transformers/vLLM beside weights and tokenizer.model: config.json (``config`` over Gemma 3's defaults,
     else 131,072 positions), tokenizer_config.json (<bos>, chat template), generation_config.json (stops)."""
     import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id()}
     config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "max_position_embeddings": 32768,

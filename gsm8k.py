@@ -70,7 +70,6 @@ def parse_gsm8k_gold(answer_text) -> str:
 def _rg_items(task: str, seed: int, count: int, start: int = 0) -> list[dict]:
     """Entries start..start+count-1 of a reasoning-gym task (its generators print progress dots: silenced)."""
     import reasoning_gym  # imported late: ~3 s
-
     with contextlib.redirect_stdout(io.StringIO()):
         ds = reasoning_gym.create_dataset(task, seed=seed, size=start + count)
         return [ds[i] for i in range(start, start + count)]

@@ -90,7 +90,6 @@ def _download(name: str) -> Path:
     errors = []
     try:
         from huggingface_hub import snapshot_download
-
         path = snapshot_download(HF_REPOS[name], allow_patterns=["*.safetensors", "*.json", "tokenizer.model"])
         log.info("downloaded %s from the Hugging Face hub (%s)", name, HF_REPOS[name])
         return Path(path)
@@ -98,7 +97,6 @@ def _download(name: str) -> Path:
         errors.append(f"Hugging Face {HF_REPOS[name]}: {type(e).__name__}")
     try:
         import kagglehub
-
         path = kagglehub.model_download(KAGGLE_HANDLES[name])
         log.info("downloaded %s from Kaggle (%s)", name, KAGGLE_HANDLES[name])
         return Path(path)
@@ -346,7 +344,6 @@ def restore_checkpoint(run_dir, model, step: int | None = None, optimizer=None,
     """Restore RUN_DIR/``checkpoint_dir`` at ``step`` (None: latest) into ``model`` (and optimizer) -> (step, meta)."""
     import orbax.checkpoint as ocp
     from tunix.sft import checkpoint_manager
-
     root = Path(run_dir).expanduser().resolve() / checkpoint_dir
     if not root.is_dir():  # checked first: orbax would create the directory
         raise FileNotFoundError(f"no checkpoint in {root} (no such directory); check the run directory or train first")

@@ -168,7 +168,6 @@ def plot_curriculum(summaries, path, task="dipg", published=None, comparisons=()
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-
     points = sorted(summaries, key=lambda s: (s.get("phase") != "base", s.get("phase") != "sft", rl_step(s)))
     max_step = max([_x(s, 0) for s in points] + (published["steps"] if published else []) + [1])
     has_sft = published is not None or any(s.get("phase") == "sft" for s in points)

@@ -58,7 +58,6 @@ def read_metadata(run_dir) -> dict | None:
 def join_processes() -> int:
     """Join a multi-process launch before JAX touches a device (JAX_NUM_PROCESSES, SLURM, Open MPI, TPU slices)."""
     import jax
-
     if "JAX_NUM_PROCESSES" in os.environ:
         jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))
@@ -71,7 +70,6 @@ def join_processes() -> int:
 def mesh_axes(text: str) -> dict:
     """--mesh, widened over every device of a multi-process launch: fsdp = devices // tp."""
     import jax
-
     axes = parse_mesh(text)
     if jax.process_count() > 1 and axes["fsdp"] * axes["tp"] < jax.device_count():
         axes["fsdp"] = jax.device_count() // axes["tp"]
@@ -83,7 +81,6 @@ def mesh_axes(text: str) -> dict:
 def is_main_process() -> bool:
     """On a multi-process launch (a TPU pod slice, several GPU hosts) one process writes the files."""
     import jax
-
     return jax.process_index() == 0
 
 
@@ -91,7 +88,6 @@ def wait_for_all_processes(name: str) -> None:
     """A multi-process launch: no process goes past this point before every one has reached it."""
     import jax
     from jax.experimental import multihost_utils
-
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
@@ -100,7 +96,6 @@ def check_inputs_agree(config: dict, steps: list, first_step: int) -> None:
     """Several processes: compare digests of the configuration and of every step's inputs (one collective)."""
     import jax
     from jax.experimental import multihost_utils
-
     digests = np.array([zlib.crc32(pickle.dumps(x)) for x in [json.dumps(config, default=str), *steps]], np.uint32)
     differ = np.flatnonzero((multihost_utils.process_allgather(digests) != digests).any(axis=0))
     if jax.process_count() > 1 and differ.size:
@@ -294,13 +289,11 @@ class MetricsLog:
             # and a kill loses its tail), first dropping the events of the steps redone (purged at a START).
             from tensorboardX.event_file_writer import EventsWriter
             from tensorboardX.proto.event_pb2 import Event, SessionLog
-
             (self.run_dir / "tensorboard").mkdir(exist_ok=True)
             self.events = EventsWriter(str(self.run_dir / "tensorboard" / "events"))
             self.events.write_event(Event(wall_time=time.time(), step=first, session_log=SessionLog(status=SessionLog.START)))
             if config.get("wandb"):
                 from tunix.sft.metrics_logger import WandbBackend
-
                 # One W&B run per block (resumed: a new run of the same name), grouped by the journey's directory.
                 self.wandb = WandbBackend(project=config["wandb"], name=self.run_dir.name, config=config,
                                           group=self.run_dir.resolve().parent.name, dir=self.run_dir)
@@ -309,7 +302,6 @@ class MetricsLog:
     def options(self, run_dir: Path):
         """The MetricsLoggerOptions to hand to a Tunix trainer: this object is its only backend."""
         from tunix.sft import metrics_logger
-
         return metrics_logger.MetricsLoggerOptions(log_dir=str(Path(run_dir) / "tunix_logs"),
                                                    backend_kwargs={"custom_backend": [lambda: self]})
 
@@ -374,13 +366,11 @@ class MetricsLog:
         """To TensorBoard (written through) and W&B (a step's values until a later step's: in step order)."""
         from tensorboardX import summary
         from tensorboardX.proto.event_pb2 import Event
-
         for s in [summary.scalar(*x) for x in scalars.items()] + [summary.text(t, f"```\n{x}\n```") for t, x in samples]:
             self.events.write_event(Event(wall_time=time.time(), step=step, summary=s))
         self.events.flush()
         if self.wandb is not None:
             import wandb
-
             for tag, value in scalars.items():
                 self.wandb.log_scalar(tag, value, step=step)
             for tag, text in samples:
@@ -421,7 +411,6 @@ def rows_before_checkpoints(metrics: MetricsLog, trainer, cluster=None) -> None:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-
     save = trainer.checkpoint_manager.save
     finite = jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(t)])))
 
@@ -478,7 +467,6 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_m
                until=None):
     """Tunix TrainingHooks: --stop-after or until() act as a Ctrl-C in that step; SFT: each step's time and tokens."""
     from tunix.sft import hooks
-
     started = {}  # SFT: local step -> when the host began it (its first micro-batch)
 
     class Hooks(hooks.TrainingHooks):
@@ -507,7 +495,6 @@ def stop_hooks(stopper: StopRequest, config: dict, stop_after: int | None, sft_m
 def checkpointing(config: dict, root: Path) -> dict:
     """Tunix trainers' checkpoint options: every save_every steps, keep the newest few."""
     import orbax.checkpoint as ocp
-
     return dict(checkpoint_root_directory=str(root.resolve()),
                 checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=config["save_every"],
                                                                    max_to_keep=config["keep_checkpoints"]))
@@ -540,7 +527,6 @@ def _call_and_send(conn, parent: int, fn, args, kwargs):
 def in_child_process(fn, *args, **kwargs):
     """fn's result from a fresh process (five blocks outgrow 24 GB); a signal passes to it, then exits 128 + it."""
     import jax
-
     if jax.process_count() > 1:  # several hosts: run here (a child would need its own coordinator; TPUs stay taken)
         return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("spawn")

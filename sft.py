@@ -19,7 +19,6 @@ log = logging.getLogger("train")
 def sft_model_inputs(x):
     """TrainingInput -> the arguments of Tunix's default loss (positions, causal mask)."""
     from tunix.sft import utils
-
     pad_mask = x.input_tokens != 0
     return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
             "positions": utils.build_positions_from_mask(pad_mask),
@@ -30,7 +29,6 @@ def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_s
     """Tunix's SFT loss (mean NLL of the response tokens, input_mask 1) without its float32 [batch, length,
     262,144] logits (2.1 GB per copy at the published 2 x 1,024): grpo_loss.py's pieces; same value (tested)."""
     from grpo_loss import chunked_token_logps, hidden_states, rematerialized, unembedding
-
     model = rematerialized(model, remat)
     hidden = hidden_states(model, input_tokens, positions, attention_mask)[:, :-1]
     mask = input_mask[:, 1:].astype("float32")  # position t predicts token t+1; only these are computed
@@ -41,7 +39,6 @@ def sft_loss(model, input_tokens, input_mask, positions, attention_mask, chunk_s
 def sft_trainer(policy, config: dict, training, optimizer):
     """Tunix's PeftTrainer for the LoRA policy: our optimizer, inputs and (--logps-chunk-size) loss."""
     from tunix.sft import peft_trainer
-
     trainer = peft_trainer.PeftTrainer(policy, optimizer, training).with_gen_model_input_fn(sft_model_inputs)
     if config["logps_chunk_size"]:  # the same loss, without the full-vocabulary logits
         chunk_size, remat = config["logps_chunk_size"], config["remat"]
@@ -57,7 +54,6 @@ def sft_trainer(policy, config: dict, training, optimizer):
 def build(config: dict, run_dir: Path, new_run: dict | None = None) -> dict:
     """Everything an SFT block hands to Tunix (new_run: runs.prepare_run_dir's metadata, written once loaded)."""
     from tunix.sft import peft_trainer
-
     rows = load_rows(config)
     policy, tokenizer, mesh = load_policy(config)
     log.info("SFT on %d examples of %s; model %s, %s", len(rows), config["dataset"],
