@@ -33,8 +33,7 @@ EVAL_DATASET = "builtin"  # offline default; the published eval set is surfiniab
 #   clean      the training prompt (context AND question) on the same first n vignettes for every checkpoint.
 PROTOCOLS = ("published", "clean")
 EVAL_POOL = 100  # the published eval set's size: ~100 rows (the four logs' draws hold 97 distinct vignettes)
-# Published: stop at <eos>, cut at the first <end_of_turn>. Greedy decoding is causal, so stopping at
-# <end_of_turn> as well scores the same text without generating the rest of the 512 tokens.
+# Published: stop at <eos>, cut at the first <end_of_turn>; greedy is causal: stopping at both scores the same, sooner.
 EVAL_STOP_TOKENS = ("<eos>", "<end_of_turn>")
 
 # 2. Reading saved responses. Anyone can score any model's outputs: one JSON object per line.
@@ -184,8 +183,7 @@ def evaluate_model(model, tokenizer, rows, task="dipg", max_new_tokens=EVAL_MAX_
     """Generate for every row (greedy) and score. A model already in memory (e.g. inside train.py) starts here."""
     import model as model_lib
     prompts = [r["prompt"] for r in rows]
-    # One padded prompt length for every batch, so the sampler compiles once for the whole set.
-    longest, prompt_length = model_lib.padded_prompt_length(tokenizer, prompts)
+    longest, prompt_length = model_lib.padded_prompt_length(tokenizer, prompts)  # same length for all: compiles once
     if prompt_length + max_new_tokens > EVAL_KV_CACHE:
         tqdm.write(f"[eval] note: prompts up to {longest} tokens + {max_new_tokens} new tokens exceed the "
                    f"published {EVAL_KV_CACHE}-token KV cache; the published setup could not have run them")

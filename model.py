@@ -274,8 +274,7 @@ def give_gemma3_decode_only_last_token() -> None:
         gemma3_lib.Gemma3.__call__ = _gemma3_call
 
 
-# One compiled Sampler per (model, tokenizer, cache size): compiling it is generation's slow part.
-_SAMPLERS: dict = {}
+_SAMPLERS: dict = {}  # one compiled Sampler per (model, tokenizer, cache size): compiling is generation's slow part
 
 
 def _sampler_for(model, tokenizer, cache_size: int, config) -> sampler_lib.Sampler:

@@ -81,8 +81,7 @@ EVAL_CONFIG = RewardConfig(
     analysis_channel_start="<|channel|>analysis<|message|>", proof_channel_start="<|channel|>proof<|message|>",
     final_channel_start="<|channel|>final<|message|>", channel_end="<|end|>")
 
-# The published GRPO reward returned this whenever parsing (or scoring) raised, whatever the level.
-TRAIN_PARSE_FAILURE_REWARD = -15.0
+TRAIN_PARSE_FAILURE_REWARD = -15.0  # what the published GRPO reward gave when parsing (or scoring) raised, at any level
 
 
 # 2. Parsing a response into (analysis, proof, final), as FormatParser (AUTO). Exception TYPES matter: step()
