@@ -6,6 +6,7 @@ which model.py loads like gemma-3-1b-it. ``write_gguf`` is the way back (export.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,11 +54,9 @@ def file_sha256(path: str | Path, known_digest: str | None = None) -> str:
         known = {}
     if key not in known:
         known[key] = known_digest or _hash_file(path)
-        try:
+        with contextlib.suppress(OSError):  # a read-only cache only costs us the hashing time next load
             index.parent.mkdir(parents=True, exist_ok=True)
             runs.write_json(index, known)
-        except OSError:  # a read-only cache only costs us the hashing time next load
-            pass
     return known[key]
 
 
