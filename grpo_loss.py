@@ -3,7 +3,7 @@
 Tunix 0.1.7 builds float32 logits [G, prompt + completion, 262,144] (6.4 GB per copy at the published sizes;
 REFERENCE.md section 7, README section 8), yet a completion position needs one number. So the model's own
 ``__call__`` (qwix LoRA applies) sows its final-normed hidden states, and completion positions are unembedded
-``chunk_size`` at a time (``lax.map``, ``jax.checkpoint``), skipping chunks with no counted position.
+``chunk_size`` at a time (``lax.map``, the backward pass written out), skipping chunks with no counted position.
 ``use_chunked_logps`` installs this into a Tunix ``GRPOLearner``; sft.py's loss reuses the pieces.
 
 The loss is the PUBLISHED one (Tunix 0.1.3's ``grpo_loss_fn``: "low_var_kl", "token-mean") via 0.1.7's
@@ -49,10 +49,11 @@ def completion_hidden_states(model, prompt_ids, completion_ids, pad_id: int, gro
     return hidden_states(model, tokens, positions, attention_mask, shared)[:, -completion_ids.shape[1] - 1:-1, :]
 
 
-def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
+def chunked_token_logps(table, hidden, targets, chunk_size: int = DEFAULT_CHUNK_SIZE,
                         temperature: float = 1.0, mask=None) -> jax.Array:
-    """log softmax(unembed(hidden) / temperature)[target] -> [B, T] float32, ``chunk_size`` positions at a
-    time. ``mask``: counted positions, sorted first; chunks with none skip the projection (``lax.cond``), read 0."""
+    """log softmax(hidden @ table.T / temperature)[target] -> [B, T] float32, ``chunk_size`` positions at a time
+    (``table``: ``unembedding``'s). ``mask``: counted positions, sorted first; chunks with none skip the projection
+    (``lax.cond``), read 0."""
     batch, length, width = hidden.shape
     n = batch * length
     n_chunks = -(-n // chunk_size)
@@ -63,37 +64,67 @@ def chunked_token_logps(unembed, hidden, targets, chunk_size: int = DEFAULT_CHUN
     flat_hidden = jnp.pad(flat_hidden[order], ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
     flat_targets = jnp.pad(flat_targets[order], (0, pad)).reshape(n_chunks, chunk_size)
     needed = jnp.pad(counted[order], (0, pad)).reshape(n_chunks, chunk_size).any(axis=1)
-
-    def one_chunk(h, t):
-        logits = unembed(h).astype(jnp.float32)  # [chunk_size, V]: the only vocabulary-sized array
-        if temperature not in (0.0, 1.0):  # Tunix's rule: T=0 (greedy) and T=1 leave logits alone
-            logits = logits / temperature
-        picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    @jax.checkpoint  # around the cond: what the backward pass keeps of a chunk is its inputs
-    def chunk_or_skip(args):
-        needed, h, t = args
-        return jax.lax.cond(needed, one_chunk, lambda h, t: jnp.zeros(chunk_size, jnp.float32), h, t)
-
-    logps = jax.lax.map(chunk_or_skip, (needed, flat_hidden, flat_targets))
+    logps = _chunks_logps(flat_hidden, flat_targets, needed, table, temperature)
     return jnp.zeros(n, jnp.float32).at[order].set(logps.reshape(-1)[:n]).reshape(batch, length)
 
 
+def _logits(h, table, temperature: float) -> jax.Array:
+    """[chunk, V] float32, the only vocabulary-sized array: Embedder.decode's product, / temperature by Tunix's rule
+    (T=0, greedy, and T=1 leave logits alone)."""
+    logits = jnp.einsum("nd,vd->nv", h, table).astype(jnp.float32)
+    return logits / temperature if temperature not in (0.0, 1.0) else logits
+
+
+def _each_needed_chunk(fn, needed, *chunks, skipped):
+    """fn over the chunks (``lax.map``), ``skipped``'s zeros where a chunk holds no counted position."""
+    return jax.lax.map(lambda a: jax.lax.cond(a[0], fn, lambda *x: jnp.zeros_like(skipped(*x)), *a[1:]), (needed, *chunks))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunks_logps(h, t, needed, table, temperature):
+    """[chunks, size] log-probs of the targets. The backward pass is written out (below): JAX's own keeps the
+    table as a residual of the cond, copied (and zero-filled for skipped chunks): 1.3 GiB at 270M fp32."""
+    def logps(h, t):
+        z = _logits(h, table, temperature)
+        return jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+    return _each_needed_chunk(logps, needed, h, t, skipped=lambda h, t: t.astype(jnp.float32))
+
+
+def _chunks_logps_fwd(h, t, needed, table, temperature):
+    if table.perturbed:  # LoRA never trains the embedding; a change that does must not get a zero gradient
+        raise NotImplementedError("grpo_loss's chunked log-probs give no gradient to the unembedding table")
+    h, t, needed, table = h.value, t.value, needed.value, table.value
+    return _chunks_logps(h, t, needed, table, temperature), (h, t, needed, table)
+
+
+def _chunks_logps_bwd(temperature, residuals, g):
+    """d logp[t] / d logits = (onehot(t) - softmax) / temperature, per chunk from its recomputed logits; then
+    through the table back to the hidden states (in their dtype, as autodiff would)."""
+    h, t, needed, table = residuals
+    scale = 1.0 / temperature if temperature not in (0.0, 1.0) else 1.0
+
+    def grad_h(h, t, g):
+        z = _logits(h, table, temperature)  # one elementwise pass below: no second [chunk, V] float32 buffer
+        dz = (jax.nn.one_hot(t, z.shape[-1], dtype=z.dtype) - jax.nn.softmax(z, axis=-1)) * (g * scale)[:, None]
+        return jnp.einsum("nv,vd->nd", dz.astype(table.dtype), table).astype(h.dtype)
+    return _each_needed_chunk(grad_h, needed, h, t, g, skipped=lambda h, t, g: h), None, None, None
+
+
+_chunks_logps.defvjp(_chunks_logps_fwd, _chunks_logps_bwd, symbolic_zeros=True)
+
+
 def unembedding(model):
-    """The unembedding (hidden -> logits) for the chunk loop, its [V, D] table re-laid out ONCE before it: Tunix
-    shards it (tp, fsdp), so a split D would all-reduce [chunk, V / tp] logits per chunk (256 MiB under fsdp=8);
-    with fsdp moved onto V a chunk exchanges per-position numbers (test_mesh.py). A whole table per device: 604 MB."""
+    """The [V, D] table the chunk loop projects onto. Tunix shards it (tp, fsdp): a split D would all-reduce
+    [chunk, V / tp] logits per chunk (256 MiB under fsdp=8), so it is re-laid out ONCE, fsdp moved onto V: a chunk
+    exchanges per-position numbers (test_mesh.py). A whole table per device: 604 MB."""
     param = model.embedder.input_embedding
-    mesh = jax.typeof(param[...]).sharding.mesh  # abstract (axis names and sizes); empty without a mesh
+    mesh, table = jax.typeof(param[...]).sharding.mesh, param[...]  # mesh: abstract; empty without one
     names = param.sharding_names or (None, None)  # as Tunix declared them: (vocabulary axes, D axes)
     vocab_axes, model_axes = (() if n is None else (n,) if isinstance(n, str) else tuple(n) for n in names)
-    if all(mesh.shape.get(axis, 1) == 1 for axis in model_axes):  # D whole on every device: nothing to sum
-        return model.embedder.decode
-    # The vocabulary axes first: each device's new rows lie inside its old slice of the vocabulary.
-    layout = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(vocab_axes + model_axes, None))
-    table = jax.lax.with_sharding_constraint(param[...], layout)
-    return lambda h: jnp.dot(h, table.T)  # Embedder.decode's product, on the re-laid-out table
+    if any(mesh.shape.get(axis, 1) > 1 for axis in model_axes):  # the vocabulary axes first: each device's new
+        layout = jax.sharding.PartitionSpec(vocab_axes + model_axes, None)  # rows lie in its old slice
+        table = jax.lax.with_sharding_constraint(table, jax.sharding.NamedSharding(mesh, layout))
+    return table
 
 
 def per_token_logps(model, prompt_ids, completion_ids, pad_id: int, chunk_size: int = DEFAULT_CHUNK_SIZE,

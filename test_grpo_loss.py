@@ -107,24 +107,29 @@ def test_chunked_logps_equal_tunix_full_logits(tiny, batch, chunk_size):
         np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
 
 
-def test_positions_outside_the_mask_are_not_computed(tiny, batch):
-    """With a mask (the loss's), only chunks holding counted positions run the vocabulary projection:
-    15 counted of 21 positions, chunks of 4 -> 4 of 6 chunks. Counted positions equal Tunix's."""
+def test_positions_outside_the_mask_are_not_computed(tiny, batch, monkeypatch):
+    """With a mask (the loss's), only chunks holding counted positions run the vocabulary projection, forward and
+    backward: 15 counted of 21 positions, chunks of 4 -> 4 of 6 chunks. Counted positions equal Tunix's."""
     _, policy, pad = tiny
     mask = np.asarray(batch["completion_mask"])
     hidden = G.completion_hidden_states(policy, batch["prompt_ids"], batch["completion_ids"], pad)
-    runs = []
+    runs, projection = [], G._logits
 
-    def unembed(h):  # the model's own unembedding, counting the chunks that execute it
+    def counted(h, table, temperature):  # the real projection, counting the chunks that execute it
         jax.debug.callback(lambda: runs.append(1))
-        return policy.embedder.decode(h)
+        return projection(h, table, temperature)
 
-    got = np.asarray(G.chunked_token_logps(unembed, hidden, batch["completion_ids"], 4, mask=batch["completion_mask"]))
+    monkeypatch.setattr(G, "_logits", counted)
+    logps = lambda h: G.chunked_token_logps(G.unembedding(policy), h, batch["completion_ids"], 4, mask=mask)
+    got, pullback = jax.vjp(logps, hidden)
     jax.effects_barrier()
     assert mask.sum() == 15 and len(runs) == 4
     expected = np.asarray(tunix_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad))
-    np.testing.assert_allclose(got[mask == 1], expected[mask == 1], atol=2e-5, rtol=1e-5)
-    assert (got[mask == 0] == 0).sum() == 5  # the 6th uncounted position shares the 4th chunk
+    np.testing.assert_allclose(np.asarray(got)[mask == 1], expected[mask == 1], atol=2e-5, rtol=1e-5)
+    assert (np.asarray(got)[mask == 0] == 0).sum() == 5  # the 6th uncounted position shares the 4th chunk
+    (grad,) = pullback(jnp.ones_like(got))
+    jax.effects_barrier()
+    assert len(runs) == 8 and np.isfinite(np.asarray(grad)).all()
 
 
 def test_lora_is_applied(tiny, batch):
@@ -139,6 +144,11 @@ def test_temperature_divides_logits_as_tunix_does(tiny, batch):
     expected = tunix_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad, temperature=0.7)
     got = G.per_token_logps(policy, batch["prompt_ids"], batch["completion_ids"], pad, 8, temperature=0.7)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+    # and so does the written-out backward pass: the same LoRA gradients as autodiff through Tunix's full logits
+    ids, weights = (batch["prompt_ids"], batch["completion_ids"], pad), jnp.linspace(-1, 2, got.size).reshape(got.shape)
+    grads = [nnx.grad(lambda m: (f(m) * weights).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(policy) for f in (
+        lambda m: G.per_token_logps(m, *ids, 8, temperature=0.7), lambda m: tunix_logps(m, *ids, temperature=0.7))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), *grads)
 
 
 # ---------------------------------------------------------------- the loss
