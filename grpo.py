@@ -201,6 +201,14 @@ def build(config: dict, run_dir: Path, reward_fns=None, new_run: dict | None = N
         cluster = rl.RLCluster(actor=policy, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config,
                                perf_config=perf)
 
+    # Tunix 0.1.7 copies the whole actor ("pinned_host") at every weight sync for agentic learners' old log-probs;
+    # GRPOLearner never reads it, and on CPU it is a second copy of every weight (1.07 GB at 270M fp32): dropped.
+    def sync_weights(sync=cluster.sync_weights):
+        sync()
+        cluster._anchor_policy_state = None
+    grpo_loss._override(cluster, "sync_weights", sync_weights)
+    cluster._anchor_policy_state = None
+
     # Learner: GRPO with the published loss (see GRPO above for kl_loss_mode and loss_agg_mode).
     algo = grpo_learner.GRPOConfig(num_generations=config["num_generations"], num_iterations=config["num_iterations"],
                                    beta=config["beta"], epsilon=config["epsilon"], kl_loss_mode=config["kl_loss_mode"],
