@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +81,42 @@ def random_weights_dir(name: str, seed: int = 0) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def peak_rss_by_phase(peaks: dict):
+    """Fills peaks {rollout, reference, update: GiB}: resident memory sampled every 20 ms by a thread while
+    RLCluster runs each phase (Linux; memory an earlier phase frees late is counted where it is freed)."""
+    from tunix.rl import rl_cluster
+
+    phases = {"generate": "rollout", "get_ref_per_token_logps": "reference", "update_actor": "update"}
+    now, done = [], threading.Event()
+    originals = {name: getattr(rl_cluster.RLCluster, name) for name in phases}
+
+    def sample():
+        while not done.wait(0.02):
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+            for phase in now[-1:]:
+                peaks[phase] = round(max(peaks.get(phase, 0), rss), 2)
+
+    def inside(name):
+        def call(*args, **kwargs):
+            now.append(phases[name])
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                now.pop()
+        return call
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        for name in phases:
+            setattr(rl_cluster.RLCluster, name, inside(name))
+        yield peaks
+    finally:
+        done.set()
+        for name, method in originals.items():
+            setattr(rl_cluster.RLCluster, name, method)
+
+
 def timing(args, train_args: list[str]) -> dict:
     """train.py's GRPO in this process (our --out last wins): medians over steps after the first (compiles), peak memory
     (on CPU: peak RSS, model loading included) and the rollout's floor (a decode step reads every weight once)."""
@@ -87,7 +124,7 @@ def timing(args, train_args: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         start = time.time()
-        with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext():
+        with jax.profiler.trace(args.profile) if args.profile else contextlib.nullcontext(), peak_rss_by_phase({}) as by_phase:
             train.main([*train_args, "--out", str(Path(tmp) / "run")])
         wall, rows = time.time() - start, runs.read_rows(Path(tmp) / "run")
         config = runs.read_metadata(Path(tmp) / "run")["config"]
@@ -98,7 +135,8 @@ def timing(args, train_args: list[str]) -> dict:
     medians["seconds_per_token"] = statistics.median(r["seconds"] / (args.num_generations * r["completion_len_mean"])
                                                      for r in later) if medians["completion_len_mean"] else None
     if device.platform == "cpu":
-        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+                "peak_rss_gib_by_phase": by_phase}
     else:
         stats = device.memory_stats() or {}
         peak = {"peak_device_bytes": stats.get("peak_bytes_in_use"), "device_bytes_limit": stats.get("bytes_limit")}
