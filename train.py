@@ -121,13 +121,14 @@ PRESETS = {
             "eval": {"protocol": "published", "n": 50, "max_new_tokens": 512, "batch_size": 25}},
     # 2 CPU cores, ~20 minutes, ~12 GB: base vs SFT shows SFT teaching the format; one short soft block shows GRPO
     # groups whose rewards differ. Why each value differs from the published one (measured here): README "The whole
-    # journey"; in short, 12 SFT steps at 2e-4 are the fewest that ground a proof, G=4 peaked at 17 GB, 256 tokens hold
-    # a whole answer, 6 vignettes need the same rows in every column, XLA:CPU drops remat's barriers (no memory saved).
+    # journey"; in short, 12 SFT steps at 2e-4 are the fewest that ground a proof, 2 GRPO steps (G=4, as published) fit
+    # the time, 256 tokens hold a whole answer, 6 vignettes need the same rows in every column, XLA:CPU drops remat's
+    # barriers (no memory saved).
     "cpu": {"schedule": "sft,soft",
             "sft": {"model": "gemma-3-270m", "max_steps": 12, "learning_rate": 2e-4, "batch_size": 1,
                     "gradient_accumulation_steps": 2, "max_seq_length": 768, "max_tokens_to_generate": 0,
                     "save_every": 12, "remat": "none"},
-            "grpo": {"model": "gemma-3-270m", "max_steps": 2, "num_generations": 2, "max_prompt_length": 768,
+            "grpo": {"model": "gemma-3-270m", "max_steps": 2, "max_prompt_length": 768,
                      "max_tokens_to_generate": 160, "kv_cache_size": 1024, "save_every": 2,
                      "remat": "none"},
             "eval": {"protocol": "clean", "n": 6, "max_new_tokens": 256, "batch_size": 6}},
