@@ -237,7 +237,8 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass(tmp_path):
 
 # ---------------------------------------------------------------- installed into Tunix
 
-def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path):
+@pytest.mark.parametrize("remat", ["decoder", "none"])  # the policy loss's prompt: each row's, shared (loss_group)
+def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path, remat):
     base, policy, pad = tiny
     _, tokenizer, _ = M.load("tiny")  # the tokenizer only; the models are the fixture's
     mesh = M.make_mesh(1, 1)
@@ -250,7 +251,7 @@ def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path):
                                         rollout_engine="vanilla", offload_to_cpu=False, training_config=training,
                                         rollout_config=rollout))
     learner = grpo_learner.GRPOLearner(rl_cluster=cluster, algo_config=config(), reward_fns=lambda prompts, completions, **_: [0.0] * len(prompts))
-    G.use_chunked_logps(learner, chunk_size=4, remat="decoder")
+    G.use_chunked_logps(learner, chunk_size=4, remat=remat)
 
     # GRPO's rows: G completions of one prompt (row 1's), which the passes below run once.
     batch = {**batch, "prompt_ids": jnp.repeat(batch["prompt_ids"][1:2], B, axis=0)}
