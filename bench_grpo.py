@@ -187,7 +187,7 @@ def loss_memory(args, model_path) -> dict:
         graphdef, lora, rest = nnx.split(policy, nnx.LoRAParam, ...)
 
         def step(lora, rest):
-            loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat, grpo_loss.loss_group(g, remat))[0]
+            loss = lambda m: grpo_loss.grpo_loss(m, example, algo, 0, c["logps_chunk_size"], remat, g)[0]
             return nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(nnx.merge(graphdef, lora, rest))
 
         x = jax.jit(step).lower(lora, rest).compile().memory_analysis()

@@ -211,11 +211,6 @@ def check_supported(algo_config) -> None:
                          f"unsupported: {', '.join(unsupported)}")
 
 
-def loss_group(num_generations: int, remat: str) -> int:
-    """The policy loss's prompt group: shared, except under decoder remat, where it plans more (BENCHMARKS.md)."""
-    return 1 if remat == "decoder" else num_generations
-
-
 def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str = "none") -> None:
     """Make a Tunix ``GRPOLearner`` compute all log-probs chunked (before ``learner.train``): the loss by
     ``with_loss_fn``, the reference/old-policy log-probs (no hook in Tunix 0.1.7) by ``_override``."""
@@ -232,7 +227,7 @@ def use_chunked_logps(learner, chunk_size: int = DEFAULT_CHUNK_SIZE, remat: str 
     # GRPOLearner closes over its config for the same reason: jax transforms reject partials with kwargs.
     cluster.actor_trainer.with_loss_fn(
         lambda model, train_example, algo_config: grpo_loss(model, train_example, config, pad_id, chunk_size, remat,
-                                                            loss_group(config.num_generations, remat)),
+                                                            config.num_generations),
         has_aux=True)
 
     worker = cluster.inference_worker

@@ -77,6 +77,18 @@ def test_tunix_runs_the_published_grpo_loss(published_block):
     assert block["learner"].rl_cluster is block["cluster"]
 
 
+def test_the_actor_is_not_copied_at_each_weight_sync(published_block):
+    """Tunix 0.1.7 copies the whole actor ("pinned_host": on CPU a second copy of every weight) at each weight
+    sync, for agentic learners only; grpo.build drops it, so each base weight is held once."""
+    _, block = published_block
+    cluster, step = block["cluster"], block["cluster"].global_steps
+    assert cluster._anchor_policy_state is None
+    before = sum(a.nbytes for a in jax.live_arrays())
+    cluster.sync_weights()  # as GRPOLearner calls it after each step
+    assert cluster._anchor_policy_state is None and sum(a.nbytes for a in jax.live_arrays()) <= before
+    cluster.global_steps = step
+
+
 def test_tunix_rollout_stops_at_eos_only(published_block, tmp_path):
     """The published RolloutConfig set no eos_tokens: Tunix stopped at <eos> only (REFERENCE section 3).
     --stop-tokens "<eos>,<end_of_turn>" stops at the end of the turn too."""

@@ -237,7 +237,7 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass(tmp_path):
 
 # ---------------------------------------------------------------- installed into Tunix
 
-@pytest.mark.parametrize("remat", ["decoder", "none"])  # the policy loss's prompt: each row's, shared (loss_group)
+@pytest.mark.parametrize("remat", ["decoder", "none"])
 def test_use_chunked_logps_installs_into_a_grpo_learner(tiny, batch, tmp_path, remat):
     base, policy, pad = tiny
     _, tokenizer, _ = M.load("tiny")  # the tokenizer only; the models are the fixture's
